@@ -1,0 +1,44 @@
+# Two commands for a fresh machine (Python 3.11 and access to PyPI are all they need):
+#   make demo   preprocess Shakespeare -> train -> evaluate -> sample, a few minutes on a CPU
+#   make test   the test suite (what CI runs)
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+DATA := data/shakespeare
+JOB := job/%JOB%
+TB := tensorboard-data/%JOB%
+DEMO_MODEL := --layers 2 --lstm_state_size 256 --embedding_size 64 --unroll_steps 64 --batch_size 32
+
+.PHONY: install demo test lint bench clean
+
+install: $(INSTALLED)
+
+$(INSTALLED): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/pip check
+	touch $(INSTALLED)
+
+demo: install
+	$(PY) -m preprocessing.corpora shakespeare --dest training-data
+	$(PY) -m preprocessing.run --input 'training-data/shakespeare/*.txt' --output_dir $(DATA) \
+	    --data_prefix shakespeare --tokenizer char
+	$(PY) -m trainer.task --data_dir $(DATA) --data_prefix shakespeare --job-dir $(JOB) \
+	    --summary_dir $(TB) $(DEMO_MODEL) --max_steps 600 --eval_every 200 --eval_steps 50
+	$(PY) -m trainer.evaluate --data_dir $(DATA) --data_prefix shakespeare --job-dir $(JOB) \
+	    $(DEMO_MODEL) --split test --eval_steps 100
+	$(PY) -m trainer.babble --data_dir $(DATA) --data_prefix shakespeare --job-dir $(JOB) \
+	    $(DEMO_MODEL) --prime 'ROMEO.' --length 400 --temperature 0.8 --seed 7
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir tensorboard-data"
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf data job tensorboard-data pipeline-root

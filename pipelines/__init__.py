@@ -1,0 +1,1 @@
+"""Kubeflow / Vertex AI pipelines chaining preprocess, train, evaluate and sample."""

@@ -1,0 +1,1 @@
+"""Raw books to TFRecord shards (Apache Beam), plus the data contract the trainer reads."""

@@ -1,0 +1,177 @@
+"""The data contract between `preprocessing` (the writer) and `trainer` (the reader).
+
+Everything both sides must agree on lives here and nowhere else: file names, the TFRecord
+feature, the metadata schema and its validation. Importing this module is cheap (no Beam, no
+TensorFlow at import time) so the trainer can use it on machines without Beam.
+
+Layout of a data directory for prefix NAME::
+
+    DIR/NAME.train-00000-of-00004.tfrecord.gz   GZIP TFRecords of tf.train.Example
+    DIR/NAME.valid-00000-of-00001.tfrecord.gz   with one int64 list feature `tokens`:
+    DIR/NAME.test-00000-of-00001.tfrecord.gz    a long contiguous run of token ids
+    DIR/NAME.metadata.json                      written last: it is the commit marker
+    DIR/NAME.vocab.txt                          the vocabulary for people, one token a line
+
+Records are long runs, not training windows, so the trainer can pick its unroll length later.
+Within a split, records in shard order and then file order are the token stream in text order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Sequence
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid", "test")
+TOKENIZERS = ("char", "byte", "word")
+TOKENS_FEATURE = "tokens"
+UNK = "<unk>"
+EOS = "<eos>"
+NEWLINE = "\n"
+SHARD_SUFFIX = ".tfrecord.gz"
+# Beam's shard_name_template; the trainer globs for the same shape.
+SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
+# Tokens per record: long enough that per-record overhead vanishes, short enough that a
+# record never strains memory. The trainer concatenates records, so the value is free to change.
+DEFAULT_RECORD_TOKENS = 65536
+
+
+class ContractError(ValueError):
+    """Data on disk does not follow this contract; the message says which file and why."""
+
+
+def _join(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name
+
+
+def shard_prefix(data_dir: str, prefix: str, split: str) -> str:
+    """Path prefix handed to Beam's WriteToTFRecord (it appends SHARD_TEMPLATE + SHARD_SUFFIX)."""
+    _check_split(split)
+    return _join(data_dir, f"{prefix}.{split}")
+
+
+def shard_glob(data_dir: str, prefix: str, split: str) -> str:
+    """Glob matching every shard of one split."""
+    return shard_prefix(data_dir, prefix, split) + "-*-of-*" + SHARD_SUFFIX
+
+
+def metadata_path(data_dir: str, prefix: str) -> str:
+    return _join(data_dir, f"{prefix}.metadata.json")
+
+
+def vocab_path(data_dir: str, prefix: str) -> str:
+    return _join(data_dir, f"{prefix}.vocab.txt")
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitStats:
+    tokens: int
+    records: int
+    shards: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """What `NAME.metadata.json` holds. `vocab[i]` is the token with id i."""
+
+    tokenizer: str
+    vocab: tuple[str, ...]
+    splits: dict[str, SplitStats]
+    lowercase: bool = False
+    line_eos: bool = False
+    documents: int = 0
+    skipped: tuple[dict[str, str], ...] = ()
+    sources: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    @property
+    def unk_id(self) -> int | None:
+        """Id of `<unk>`, or None for tokenizers that cannot meet an unknown (byte)."""
+        try:
+            return self.vocab.index(UNK)
+        except ValueError:
+            return None
+
+
+def metadata_to_json(metadata: Metadata) -> str:
+    body = dataclasses.asdict(metadata)
+    body["vocab"] = list(metadata.vocab)
+    return json.dumps(body, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
+
+
+def metadata_from_json(text: str, source: str = "metadata") -> Metadata:
+    """Parses and validates metadata; any problem is a ContractError naming `source`."""
+    try:
+        body: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ContractError(f"{source}: not valid JSON ({err})") from None
+    version = body.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ContractError(
+            f"{source}: format_version {version!r}, this verne reads {FORMAT_VERSION}; "
+            "rerun preprocessing.run with this version")
+    known = {f.name for f in dataclasses.fields(Metadata)}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise ContractError(f"{source}: unknown keys {unknown}")
+    try:
+        splits = {name: SplitStats(**stats) for name, stats in body.pop("splits").items()}
+        metadata = Metadata(
+            splits=splits,
+            vocab=tuple(body.pop("vocab")),
+            skipped=tuple(body.pop("skipped", ())),
+            sources={k: tuple(v) for k, v in body.pop("sources", {}).items()},
+            **body,
+        )
+    except (KeyError, TypeError) as err:
+        raise ContractError(f"{source}: missing or malformed field ({err})") from None
+    _validate(metadata, source)
+    return metadata
+
+
+def _validate(metadata: Metadata, source: str) -> None:
+    if metadata.tokenizer not in TOKENIZERS:
+        raise ContractError(f"{source}: tokenizer {metadata.tokenizer!r} not in {TOKENIZERS}")
+    if len(set(metadata.vocab)) != len(metadata.vocab):
+        raise ContractError(f"{source}: vocabulary has duplicate tokens")
+    if metadata.tokenizer == "byte" and metadata.vocab_size != 256:
+        raise ContractError(f"{source}: a byte vocabulary has 256 entries, not {metadata.vocab_size}")
+    missing = [s for s in SPLITS if s not in metadata.splits]
+    if missing:
+        raise ContractError(f"{source}: no stats for splits {missing}")
+
+
+def escape_token(token: str) -> str:
+    """One-line, readable form of a token for NAME.vocab.txt (newline becomes \\n, etc.)."""
+    return token.encode("unicode_escape").decode("ascii") if not token.isprintable() or "\\" in token else token
+
+
+def vocab_text(vocab: Sequence[str]) -> str:
+    return "".join(escape_token(token) + "\n" for token in vocab)
+
+
+def serialize_example(token_ids: Sequence[int]) -> bytes:
+    """One record: a tf.train.Example with the int64 list feature `tokens`."""
+    import tensorflow as tf  # deferred: the contract must import without TensorFlow
+
+    feature = tf.train.Feature(int64_list=tf.train.Int64List(value=token_ids))
+    example = tf.train.Example(features=tf.train.Features(feature={TOKENS_FEATURE: feature}))
+    return example.SerializeToString()
+
+
+def parse_example(serialized: Any) -> Any:
+    """tf.data map function: a serialized record to a 1-D int64 tensor of token ids."""
+    import tensorflow as tf
+
+    spec = {TOKENS_FEATURE: tf.io.RaggedFeature(tf.int64)}
+    return tf.io.parse_single_example(serialized, spec)[TOKENS_FEATURE]

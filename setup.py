@@ -1,0 +1,37 @@
+"""verne: train text-generating language models on books, locally or on Google Cloud.
+
+One distribution ships to every place the code runs: this machine, Dataflow workers
+(`--setup_file ./setup.py`) and Vertex AI (`python -m trainer.submit` stages its sdist).
+Versions are pinned so `pip check` stays clean; constraints.txt pins the whole closure.
+"""
+
+from setuptools import find_packages, setup
+
+STACK = [
+    "tensorflow-cpu==2.21.0",
+    "keras==3.15.1",
+    "apache-beam[gcp]==2.77.0",
+    "google-cloud-storage==3.17.1",
+    "google-cloud-aiplatform==1.165.1",
+    "kfp==2.17.0",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "tqdm==4.70.1",
+    "pyyaml==6.0.3",
+]
+
+DEV = [
+    "pytest==9.2.0",
+    "ruff==0.17.6",
+]
+
+setup(
+    name="verne",
+    version="0.1.0",
+    description="Train text-generating language models on books, locally or on Google Cloud.",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["preprocessing", "preprocessing.*", "trainer", "trainer.*",
+                                    "pipelines", "pipelines.*"]),
+    install_requires=STACK,
+    extras_require={"dev": DEV},
+)

@@ -1,0 +1,127 @@
+"""Command-line surface: absl flags for every HParams field, the seed tools' aliases, and the
+single conversion flags -> HParams. Entry points call `define_hparams_flags()` at import and
+`hparams_from_flags()` in main; library code never touches FLAGS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from absl import flags
+
+from trainer.hparams import HParams
+
+_HELP = {
+    "data_dir": "Directory (local or gs://) holding the shards written by preprocessing.run.",
+    "data_prefix": "The --data_prefix given to preprocessing.run.",
+    "language_model": "char, byte or word; read from the data's metadata when not given.",
+    "vocab_size": "Set from the data's metadata; giving it is an error if it disagrees.",
+    "cell": "Model: lstm, gru, rnn, mlstm, mogrifier, qrnn or transformer.",
+    "layers": "Number of stacked recurrent (or transformer) layers.",
+    "lstm_state_size": "Hidden state size of each recurrent layer.",
+    "embedding_size": "Size of the token embedding.",
+    "layer_norm": "Layer-normalise the recurrent cells.",
+    "tie_embeddings": "Share the input embedding with the output projection.",
+    "weight_norm": "Weight-normalise the mLSTM matrices.",
+    "mogrify_rounds": "Mogrifier rounds (0 reduces to an LSTM).",
+    "mogrify_rank": "Low-rank factorisation of the Mogrifier matrices (0: full rank).",
+    "d_model": "Transformer width.",
+    "heads": "Transformer attention heads.",
+    "pos_encoding": "Transformer positional encoding: none, sinusoidal or learned.",
+    "max_context": "Transformer attention window (tokens).",
+    "dropout": "Dropout between layers and before the output.",
+    "embed_dropout": "AWD embedding dropout (drops whole words).",
+    "input_dropout": "AWD locked dropout on the embedded input.",
+    "weight_drop": "AWD DropConnect on the hidden-to-hidden weights.",
+    "ar_alpha": "AWD activation regularisation weight.",
+    "tar_beta": "AWD temporal activation regularisation weight.",
+    "batch_size": "Number of parallel token streams (global batch).",
+    "unroll_steps": "Tokens per training window (truncated back-propagation length).",
+    "epochs": "Passes over the training split.",
+    "max_steps": "Stop after this many global steps (0: as many as --epochs take).",
+    "learning_rate": "Peak learning rate.",
+    "optimizer": "adam, rmsprop, sgd or ntasgd.",
+    "lr_schedule": "constant, linear (decay to 0) or cosine.",
+    "warmup_steps": "Linear warm-up steps before the schedule.",
+    "grad_clip": "Clip the global gradient norm to this (0: off).",
+    "seed": "Random seed for initialisation, dropout and sampling.",
+    "precision": "float32 or bfloat16 (bf16 matmuls, fp32 state and weights).",
+    "init_from": "Job dir whose weights start this run (fine-tuning; same vocabulary).",
+    "word2vec_embedding": "word2vec/GloVe file to initialise a word model's embedding.",
+    "freeze_embedding": "Keep the embedding fixed during training.",
+    "job_dir": "Where checkpoints go; %JOB% becomes a name built from the model's shape.",
+    "summary_dir": "TensorBoard directory; %JOB% as in --job-dir. Default: JOB_DIR/tensorboard.",
+    "save_checkpoints_steps": "Checkpoint every N steps.",
+    "keep_checkpoint_max": "Checkpoints kept (the best one is kept apart in best/).",
+    "eval_every": "Evaluate on the validation split every N steps.",
+    "eval_steps": "Validation windows per evaluation (0: the whole split).",
+    "log_every": "Log and write train summaries every N steps.",
+    "sample_every": "Write a generated sample every N steps (0: only at the end).",
+    "sample_length": "Tokens per periodic sample.",
+}
+
+# Names used by the seed tools, so their users can switch without relearning.
+ALIASES = {
+    "job-dir": "job_dir",
+    "rnn_size": "lstm_state_size",
+    "num_layers": "layers",
+    "model": "cell",
+    "seq_length": "unroll_steps",
+    "num_epochs": "epochs",
+    "save_every": "save_checkpoints_steps",
+    "print_every": "log_every",
+    "init_lr": "learning_rate",
+    "summary_frequency": "log_every",
+    "sampling_frequency": "sample_every",
+    "num_chars": "sample_length",
+}
+# Seed flags whose meaning differs enough to need a conversion rather than an alias.
+_CONVERTED = {
+    "decay_rate": "char-rnn's per-epoch exponential decay; verne maps any value < 1 to --lr_schedule=cosine",
+    "lr_decay": "Tensorflow_mLSTM's switch for linear decay to zero (--lr_schedule=linear)",
+}
+
+
+def define_hparams_flags() -> None:
+    """Defines one flag per HParams field plus the aliases. Safe to call twice."""
+    if "cell" in flags.FLAGS:
+        return
+    for field in dataclasses.fields(HParams):
+        _define(field.name, field.default, _HELP.get(field.name, field.name))
+    for alias, target in ALIASES.items():
+        flags.DEFINE_alias(alias, target)
+    flags.DEFINE_float("decay_rate", None, _CONVERTED["decay_rate"])
+    flags.DEFINE_boolean("lr_decay", None, _CONVERTED["lr_decay"])
+
+
+def _define(name: str, default: Any, help_text: str) -> None:
+    if isinstance(default, bool):
+        flags.DEFINE_boolean(name, default, help_text)
+    elif isinstance(default, int):
+        flags.DEFINE_integer(name, default, help_text)
+    elif isinstance(default, float):
+        flags.DEFINE_float(name, default, help_text)
+    else:
+        flags.DEFINE_string(name, default, help_text)
+
+
+def hparams_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
+    """The one place flags become hyperparameters. Raises ValueError naming a bad flag."""
+    values = {f.name: flag_values[f.name].value for f in dataclasses.fields(HParams)}
+    if values["language_model"] == "":
+        values["language_model"] = None
+    if flag_values["lr_decay"].value:
+        values["lr_schedule"] = "linear"
+    decay = flag_values["decay_rate"].value
+    if decay is not None and decay < 1.0:
+        values["lr_schedule"] = "cosine"
+    return HParams(**values).validate()
+
+
+def explicitly_set(flag_values: flags.FlagValues = flags.FLAGS) -> set[str]:
+    """HParams fields the user gave on the command line (aliases count for their target)."""
+    names = {f.name for f in dataclasses.fields(HParams)}
+    given = {name for name in names if flag_values[name].present}
+    given |= {target for alias, target in ALIASES.items() if flag_values[alias].present}
+    return given

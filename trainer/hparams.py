@@ -1,0 +1,208 @@
+"""The one hyperparameter object every part of the trainer reads.
+
+Flags (trainer/flags.py) build it, code receives it, nothing reads flags directly. It is frozen,
+written next to the checkpoints as `hparams.json`, and read back by evaluate/babble/serve so a
+job dir explains itself.
+
+Fields fall in two groups:
+- SHAPE_FIELDS fix the checkpoint's variables. They name the job dir (`%JOB%`) and must match
+  an existing checkpoint.
+- Everything else (learning rate, unroll length, epochs, ...) may change between runs of the
+  same job dir: a rerun with another learning rate continues the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+JOB_PLACEHOLDER = "%JOB%"
+HPARAMS_FILE = "hparams.json"
+
+CELLS = ("lstm", "gru", "rnn", "mlstm", "mogrifier", "qrnn", "transformer")
+LANGUAGE_MODELS = ("char", "byte", "word")
+OPTIMIZERS = ("adam", "rmsprop", "sgd", "ntasgd")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+POS_ENCODINGS = ("none", "sinusoidal", "learned")
+PRECISIONS = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class HParams:
+    # --- data ---
+    data_dir: str = ""
+    data_prefix: str = ""
+    # None until resolved from the data's metadata.
+    language_model: str | None = None
+    vocab_size: int = 0
+
+    # --- model shape: these fix the checkpoint (see SHAPE_FIELDS) ---
+    cell: str = "lstm"
+    layers: int = 2
+    lstm_state_size: int = 512
+    embedding_size: int = 128
+    layer_norm: bool = False
+    tie_embeddings: bool = False
+    weight_norm: bool = False
+    mogrify_rounds: int = 5
+    mogrify_rank: int = 0
+    d_model: int = 256
+    heads: int = 4
+    pos_encoding: str = "none"
+    max_context: int = 256
+
+    # --- regularisation (AWD-LSTM); free to change between runs ---
+    dropout: float = 0.0
+    embed_dropout: float = 0.0
+    input_dropout: float = 0.0
+    weight_drop: float = 0.0
+    ar_alpha: float = 0.0
+    tar_beta: float = 0.0
+
+    # --- optimisation ---
+    batch_size: int = 64
+    unroll_steps: int = 128
+    epochs: int = 1
+    max_steps: int = 0  # 0: as many as `epochs` take
+    learning_rate: float = 2e-3
+    optimizer: str = "adam"
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    grad_clip: float = 5.0
+    seed: int = 1
+    precision: str = "float32"
+
+    # --- fine-tuning and embeddings ---
+    init_from: str = ""
+    word2vec_embedding: str = ""
+    freeze_embedding: bool = False
+
+    # --- bookkeeping ---
+    job_dir: str = ""
+    summary_dir: str = ""
+    save_checkpoints_steps: int = 500
+    keep_checkpoint_max: int = 5
+    eval_every: int = 500
+    eval_steps: int = 0  # 0: the whole validation split
+    log_every: int = 50
+    sample_every: int = 500
+    sample_length: int = 200
+
+    def replace(self, **changes: Any) -> HParams:
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> HParams:
+        """Raises ValueError naming the flag for any value out of range; returns self."""
+        choices = {
+            "cell": CELLS, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
+            "pos_encoding": POS_ENCODINGS, "precision": PRECISIONS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.language_model is not None and self.language_model not in LANGUAGE_MODELS:
+            raise ValueError(f"--language_model={self.language_model!r}: choose char, byte or word")
+        positive = ("layers", "lstm_state_size", "embedding_size", "batch_size", "unroll_steps",
+                    "d_model", "heads", "max_context", "keep_checkpoint_max")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be positive")
+        for name in ("dropout", "embed_dropout", "input_dropout", "weight_drop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
+        if self.cell == "transformer" and self.d_model % self.heads:
+            raise ValueError(f"--d_model={self.d_model} must be divisible by --heads={self.heads}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = HPARAMS_FILE) -> HParams:
+        body = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown hyperparameters {unknown}")
+        return cls(**body)
+
+
+# Fields that fix the variables of a checkpoint, per cell. `vocab_size` and `language_model`
+# come from the data and are checked separately (a clearer error names the data).
+_COMMON_SHAPE = ("embedding_size", "tie_embeddings")
+_RECURRENT_SHAPE = ("layers", "lstm_state_size", "layer_norm") + _COMMON_SHAPE
+SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
+    "lstm": _RECURRENT_SHAPE,
+    "gru": _RECURRENT_SHAPE,
+    "rnn": _RECURRENT_SHAPE,
+    "qrnn": _RECURRENT_SHAPE,
+    "mlstm": _RECURRENT_SHAPE + ("weight_norm",),
+    "mogrifier": _RECURRENT_SHAPE + ("mogrify_rounds", "mogrify_rank"),
+    "transformer": ("layers", "d_model", "heads", "pos_encoding", "max_context", "layer_norm")
+    + _COMMON_SHAPE,
+}
+
+_DEFAULTS = HParams()
+
+
+def shape_of(hparams: HParams) -> dict[str, Any]:
+    """The hyperparameters that fix the checkpoint's variables, plus cell and data kind."""
+    fields = ("cell", "language_model", "vocab_size") + SHAPE_FIELDS[hparams.cell]
+    return {name: getattr(hparams, name) for name in fields}
+
+
+def job_name(hparams: HParams) -> str:
+    """`{prefix}-{state}-states-{layers}-layers[-norm]-{lm}` plus what differs from the defaults.
+
+    The seed's form, extended only for shape hyperparameters that are not at their defaults,
+    so the names users already have keep meaning the same model.
+    """
+    if hparams.language_model is None:
+        raise ValueError("job_name needs language_model; resolve it from the data first")
+    width = hparams.d_model if hparams.cell == "transformer" else hparams.lstm_state_size
+    parts = [hparams.data_prefix or "model", f"{width}-states", f"{hparams.layers}-layers"]
+    if hparams.layer_norm:
+        parts.append("norm")
+    parts.append(hparams.language_model)
+    if hparams.cell != _DEFAULTS.cell:
+        parts.append(hparams.cell)
+    for name in SHAPE_FIELDS[hparams.cell]:
+        if name in ("layers", "lstm_state_size", "d_model", "layer_norm"):
+            continue
+        value = getattr(hparams, name)
+        if value != getattr(_DEFAULTS, name):
+            parts.append(_name_part(name, value))
+    return "-".join(parts)
+
+
+_NAME_ABBREVIATIONS = {
+    "embedding_size": "emb", "tie_embeddings": "tied", "weight_norm": "wn",
+    "mogrify_rounds": "mog", "mogrify_rank": "rank", "heads": "heads",
+    "pos_encoding": "pos", "max_context": "ctx",
+}
+
+
+def _name_part(name: str, value: Any) -> str:
+    short = _NAME_ABBREVIATIONS.get(name, name)
+    if isinstance(value, bool):
+        return short if value else f"no{short}"
+    return f"{short}{value}"
+
+
+def resolve_job_dirs(hparams: HParams) -> HParams:
+    """Replaces %JOB% in job_dir and summary_dir by job_name(hparams)."""
+    name = job_name(hparams)
+    return hparams.replace(
+        job_dir=hparams.job_dir.replace(JOB_PLACEHOLDER, name),
+        summary_dir=hparams.summary_dir.replace(JOB_PLACEHOLDER, name),
+    )
+
+
+def shape_mismatches(saved: HParams, wanted: HParams) -> list[str]:
+    """Human-readable `--flag: saved X, given Y` for every shape field that differs."""
+    a, b = shape_of(saved), shape_of(wanted)
+    return [f"--{k}: job dir has {a.get(k)!r}, flags give {b.get(k)!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
