@@ -13,7 +13,8 @@ Layout of a data directory for prefix NAME::
     DIR/NAME.vocab.txt                          the vocabulary for people, one token a line
 
 Records are long runs, not training windows, so the trainer can pick its unroll length later.
-Within a split, records in shard order and then file order are the token stream in text order.
+Each record is contiguous text from one document; the order of records within a split carries
+no meaning (Beam does not keep it), so readers may interleave shards freely.
 """
 
 from __future__ import annotations
