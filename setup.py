@@ -18,6 +18,10 @@ STACK = [
     "numpy==2.4.6",
     "tqdm==4.70.1",
     "pyyaml==6.0.3",
+    # TensorBoard summaries (HParams plugin) and `make demo`'s viewer; not a dependency of TF 2.21.
+    "tensorboard==2.21.0",
+    # Reports the tuning metric where Vertex AI hyperparameter tuning reads it.
+    "cloudml-hypertune==0.1.0.dev6",
 ]
 
 DEV = [

@@ -176,3 +176,52 @@ def parse_example(serialized: Any) -> Any:
 
     spec = {TOKENS_FEATURE: tf.io.RaggedFeature(tf.int64)}
     return tf.io.parse_single_example(serialized, spec)[TOKENS_FEATURE]
+
+
+def encode_example(token_ids: Any) -> bytes:
+    """The same bytes as `serialize_example`, built with numpy instead of TensorFlow.
+
+    The Beam job uses this: importing TensorFlow costs each Beam worker seconds and hundreds of
+    MB just to build a message of one packed int64 list, and the varint encoding below is
+    several times faster than protobuf's. tests/test_preprocessing.py checks both byte for byte.
+    """
+    import numpy as np
+
+    values = np.asarray(token_ids, dtype=np.int64).ravel()
+    if values.size and values.min() < 0:
+        raise ValueError("token ids are non-negative")
+    packed = _varints(values.astype(np.uint64))
+    int64_list = (b"\x0a" + _varint(len(packed)) + packed) if packed else b""
+    feature = b"\x1a" + _varint(len(int64_list)) + int64_list            # Feature.int64_list = 3
+    key = TOKENS_FEATURE.encode()
+    entry = b"\x0a" + _varint(len(key)) + key + b"\x12" + _varint(len(feature)) + feature
+    features = b"\x0a" + _varint(len(entry)) + entry                    # Features.feature map
+    return b"\x0a" + _varint(len(features)) + features                  # Example.features = 1
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _varints(values: Any) -> bytes:
+    """Protobuf base-128 varints of non-negative uint64s, vectorised over the whole array."""
+    import numpy as np
+
+    if not values.size:
+        return b""
+    lengths = np.ones(values.shape, dtype=np.int64)
+    for k in range(1, 10):
+        lengths += values >= np.uint64(1 << (7 * k))
+    starts = np.cumsum(lengths) - lengths
+    out = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for k in range(int(lengths.max())):
+        has = lengths > k
+        group = (values[has] >> np.uint64(7 * k)) & np.uint64(0x7F)
+        more = (lengths[has] > k + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[has] + k] = (group | more).astype(np.uint8)
+    return out.tobytes()

@@ -23,7 +23,7 @@ _HELP = {
     "embedding_size": "Size of the token embedding.",
     "layer_norm": "Layer-normalise the recurrent cells.",
     "tie_embeddings": "Share the input embedding with the output projection.",
-    "weight_norm": "Weight-normalise the mLSTM matrices.",
+    "weight_norm": "Weight-normalise the mLSTM matrices (on by default for --cell=mlstm).",
     "mogrify_rounds": "Mogrifier rounds (0 reduces to an LSTM).",
     "mogrify_rank": "Low-rank factorisation of the Mogrifier matrices (0: full rank).",
     "d_model": "Transformer width.",
@@ -83,27 +83,30 @@ _CONVERTED = {
 }
 
 
-def define_hparams_flags() -> None:
-    """Defines one flag per HParams field plus the aliases. Safe to call twice."""
-    if "cell" in flags.FLAGS:
+def define_hparams_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """Defines one flag per HParams field plus the aliases. Safe to call twice.
+
+    `flag_values` lets trainer.submit parse the trainer's arguments apart from its own flags.
+    """
+    if "cell" in flag_values:
         return
     for field in dataclasses.fields(HParams):
-        _define(field.name, field.default, _HELP.get(field.name, field.name))
+        _define(field.name, field.default, _HELP.get(field.name, field.name), flag_values)
     for alias, target in ALIASES.items():
-        flags.DEFINE_alias(alias, target)
-    flags.DEFINE_float("decay_rate", None, _CONVERTED["decay_rate"])
-    flags.DEFINE_boolean("lr_decay", None, _CONVERTED["lr_decay"])
+        flags.DEFINE_alias(alias, target, flag_values=flag_values)
+    flags.DEFINE_float("decay_rate", None, _CONVERTED["decay_rate"], flag_values=flag_values)
+    flags.DEFINE_boolean("lr_decay", None, _CONVERTED["lr_decay"], flag_values=flag_values)
 
 
-def _define(name: str, default: Any, help_text: str) -> None:
+def _define(name: str, default: Any, help_text: str, flag_values: flags.FlagValues) -> None:
     if isinstance(default, bool):
-        flags.DEFINE_boolean(name, default, help_text)
+        flags.DEFINE_boolean(name, default, help_text, flag_values=flag_values)
     elif isinstance(default, int):
-        flags.DEFINE_integer(name, default, help_text)
+        flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
     elif isinstance(default, float):
-        flags.DEFINE_float(name, default, help_text)
+        flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
     else:
-        flags.DEFINE_string(name, default, help_text)
+        flags.DEFINE_string(name, default, help_text, flag_values=flag_values)
 
 
 def hparams_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
@@ -116,6 +119,10 @@ def hparams_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
     decay = flag_values["decay_rate"].value
     if decay is not None and decay < 1.0:
         values["lr_schedule"] = "cosine"
+    if values["cell"] == "mlstm" and not flag_values["weight_norm"].present:
+        # The mLSTM seed weight-normalises by default; resolving it here keeps hparams.json and
+        # %JOB% true to the model (`--noweight_norm` turns it off).
+        values["weight_norm"] = True
     return HParams(**values).validate()
 
 

@@ -1,0 +1,92 @@
+"""The PyTorch reference of bench/train.py, run in its own venv (torch is never a verne dependency).
+
+A small line protocol on stdin/stdout, so the parent can interleave timed blocks of both frameworks
+in one run without paying torch's start-up and warm-up each time:
+    -> "run STEPS fp32|bf16"   <- one JSON line: per-step seconds and the forward/backward/optimizer split
+    -> "quit"                  <- one JSON line: peak RSS
+The model is the issue's: nn.Embedding -> nn.LSTM/nn.GRU (batch_first) -> nn.Linear, Adam, cross-entropy,
+and global-norm gradient clipping like verne's default, so both sides do the same work per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+import torch
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    rnn_class = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[args.cell]
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = torch.nn.Embedding(args.vocab, args.embedding)
+            self.rnn = rnn_class(args.embedding, args.state, args.layers, batch_first=True)
+            self.output = torch.nn.Linear(args.state, args.vocab)
+
+        def forward(self, tokens: torch.Tensor, state: object) -> tuple[torch.Tensor, object]:
+            hidden, state = self.rnn(self.embedding(tokens), state)
+            return self.output(hidden), state
+
+    torch.manual_seed(1)
+    model = Model()
+    return model, torch.optim.Adam(model.parameters(), lr=2e-3)
+
+
+def detach(state: object) -> object:
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    for name, default in (("layers", 2), ("state", 512), ("embedding", 128), ("vocab", 65),
+                          ("batch", 64), ("unroll", 128)):
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--cell", default="lstm")
+    args = parser.parse_args()
+    model, optimizer = build(args)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.unroll))
+    labels = torch.randint(0, args.vocab, (args.batch, args.unroll))
+    state = None
+
+    def step(bf16: bool) -> tuple[float, float, float]:
+        nonlocal state
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        # Stateful truncated BPTT, as verne trains: the state carries over, detached.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, new_state = model(tokens, state)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab), labels.reshape(-1))
+        forward = time.perf_counter()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        backward = time.perf_counter()
+        optimizer.step()
+        state = detach(new_state)
+        end = time.perf_counter()
+        return forward - start, backward - forward, end - backward
+
+    for bf16 in (False, True):  # warm-up: oneDNN primitive caches, allocator
+        for _ in range(2):
+            step(bf16)
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}),
+          flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if words[0] == "quit":
+            break
+        steps, bf16 = int(words[1]), words[2] == "bf16"
+        step(bf16)  # one untimed step after switching precision
+        splits = [step(bf16) for _ in range(steps)]
+        print(json.dumps({"splits": splits}), flush=True)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak_kib / 1024}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

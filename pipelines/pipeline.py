@@ -1,0 +1,148 @@
+"""The one pipeline factory: preprocess → train → evaluate → (quality gate) → sample + publish.
+
+`create_pipeline(...)` takes what must be fixed when the pipeline is compiled (the image, the
+train step's machine, which metric the gate reads); everything a user changes from run to run
+is a pipeline parameter. The local runner (kfp.local) and the Vertex AI runner use the same
+pipeline and differ only in where things go (pipelines/run.py).
+
+No `from __future__ import annotations` here: KFP reads the pipeline's annotations as live types.
+"""
+
+import dataclasses
+from typing import Any
+
+from kfp import dsl
+
+from pipelines.components import Components, build_components
+from pipelines.steps import GATE_METRICS
+from trainer.hparams import HParams
+
+PIPELINE_NAME = "verne-train"
+DEFAULT_IMAGE = "verne:latest"
+_DEFAULTS = HParams()
+
+
+@dataclasses.dataclass(frozen=True)
+class Resources:
+    """Machine for the train step on Vertex AI (kfp.local ignores it). Empty means the default.
+
+    accelerator_type takes Vertex's names, e.g. NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V5_LITEPOD.
+    """
+
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    accelerator_type: str = ""
+    accelerator_limit: int = 0
+
+    def validate(self) -> "Resources":
+        if self.accelerator_limit < 0:
+            raise ValueError(f"--train_accelerator_limit={self.accelerator_limit}: must be ≥ 0")
+        if self.accelerator_limit and not self.accelerator_type:
+            raise ValueError("--train_accelerator_limit needs --train_accelerator_type "
+                             "(e.g. NVIDIA_TESLA_T4)")
+        return self
+
+
+def apply_resources(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
+    if resources.cpu_limit:
+        task.set_cpu_limit(resources.cpu_limit)
+    if resources.memory_limit:
+        task.set_memory_limit(resources.memory_limit)
+    if resources.accelerator_type:
+        task.set_accelerator_type(resources.accelerator_type)
+        task.set_accelerator_limit(resources.accelerator_limit or 1)
+    return task
+
+
+def add_quality_gate(components: Components, model: Any, scores: dict[str, Any],
+                     gate_metric: str, quality_threshold: Any, sample_args: dict[str, Any],
+                     publish_uri: Any) -> None:
+    """Sample and publish only when the evaluated `gate_metric` is below the threshold.
+
+    Lower is better for every gate metric (loss, perplexity, bits per token). The Else branch
+    writes a report saying why nothing was published, so a run always explains itself.
+    """
+    value = scores[gate_metric]
+    with dsl.If(value < quality_threshold, name="quality-passed"):
+        components.sample(model=model, **sample_args, **scores)
+        components.publish(model=model, publish_uri=publish_uri,
+                           run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **scores)
+    with dsl.Else(name="quality-failed"):
+        components.not_published(model=model, metric=gate_metric, value=value,
+                                 threshold=quality_threshold)
+
+
+def create_pipeline(image: str = DEFAULT_IMAGE, resources: Resources = Resources(),
+                    gate_metric: str = "bpc", name: str = PIPELINE_NAME) -> Any:
+    """Returns the pipeline function (compile it, run it under kfp.local, or submit it)."""
+    if gate_metric not in GATE_METRICS:
+        raise ValueError(f"--gate_metric={gate_metric!r}: choose one of {', '.join(GATE_METRICS)}")
+    resources.validate()
+    components = build_components(image)
+
+    @dsl.pipeline(name=name, description="verne: preprocess → train → evaluate → sample/publish")
+    def verne_pipeline(
+        corpus: str,
+        publish_uri: str,
+        data_prefix: str = "corpus",
+        tokenizer: str = "char",
+        preprocess_args: list = [],  # noqa: B006 - KFP reads defaults from the signature
+        cell: str = _DEFAULTS.cell,
+        layers: int = _DEFAULTS.layers,
+        lstm_state_size: int = _DEFAULTS.lstm_state_size,
+        embedding_size: int = _DEFAULTS.embedding_size,
+        unroll_steps: int = _DEFAULTS.unroll_steps,
+        batch_size: int = _DEFAULTS.batch_size,
+        epochs: int = _DEFAULTS.epochs,
+        max_steps: int = _DEFAULTS.max_steps,
+        learning_rate: float = _DEFAULTS.learning_rate,
+        hparams: dict = {},  # noqa: B006 - any other HParams field, e.g. {"dropout": 0.2}
+        eval_split: str = "test",
+        eval_best: bool = False,
+        quality_threshold: float = 4.0,
+        num_samples: int = 3,
+        sample_length: int = 500,
+        temperature: float = 0.8,
+        prime: str = "",
+        seed: int = 1,
+    ):
+        data = components.preprocess(corpus=corpus, data_prefix=data_prefix, tokenizer=tokenizer,
+                                     preprocess_args=preprocess_args)
+        training = apply_resources(components.train(
+            dataset=data.outputs["dataset"], cell=cell, layers=layers,
+            lstm_state_size=lstm_state_size, embedding_size=embedding_size,
+            unroll_steps=unroll_steps, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
+            learning_rate=learning_rate, seed=seed, hparams=hparams), resources)
+        model = training.outputs["model"]
+        evaluation = components.evaluate(model=model, split=eval_split, best=eval_best)
+        sample_args = {"num_samples": num_samples, "length": sample_length,
+                       "temperature": temperature, "prime": prime, "seed": seed}
+        scores = {name: evaluation.outputs[name] for name in GATE_METRICS}
+        add_quality_gate(components, model, scores, gate_metric, quality_threshold,
+                         sample_args, publish_uri)
+
+    return verne_pipeline
+
+
+def create_gate_pipeline(image: str = DEFAULT_IMAGE, gate_metric: str = "bpc") -> Any:
+    """The quality gate alone, on an existing job dir and given scores.
+
+    Re-runs the gate of a finished run with another threshold without retraining (and lets the
+    tests drive both branches cheaply); `add_quality_gate` is the same code the full pipeline uses.
+    """
+    components = build_components(image)
+
+    @dsl.pipeline(name=f"{PIPELINE_NAME}-gate")
+    def gate_pipeline(job_dir: str, job_name: str, publish_uri: str, loss: float,
+                      perplexity: float, bpc: float, quality_threshold: float,
+                      num_samples: int = 3, sample_length: int = 500, temperature: float = 0.8,
+                      prime: str = "", seed: int = 1):
+        model = dsl.importer(artifact_uri=job_dir, artifact_class=dsl.Model, reimport=False,
+                             metadata={"job_name": job_name}).output
+        scores = {"loss": loss, "perplexity": perplexity, "bpc": bpc}
+        sample_args = {"num_samples": num_samples, "length": sample_length,
+                       "temperature": temperature, "prime": prime, "seed": seed}
+        add_quality_gate(components, model, scores, gate_metric, quality_threshold,
+                         sample_args, publish_uri)
+
+    return gate_pipeline

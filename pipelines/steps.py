@@ -1,0 +1,225 @@
+"""What each pipeline step does, as plain functions that the KFP components call.
+
+The components (pipelines/components.py) only move values between KFP artifacts and these
+functions; these functions only translate between the pipeline's parameters and the real entry
+points (`preprocessing.run`, `trainer.runner`, `trainer.evaluate`, `trainer.sampling`). Nothing
+here trains, evaluates or generates by itself, so a pipeline run and a command-line run give the
+same results. Heavy imports (TensorFlow, Beam) happen inside the functions: a step pays only
+for what it uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import posixpath
+from typing import Any
+
+from trainer.errors import UsageError
+from trainer.hparams import HParams
+
+# Written last into a published model directory: readers trust a directory only when it is there.
+PUBLISHED_MANIFEST = "PUBLISHED.json"
+# The pipeline decides where data and checkpoints go; users choose everything else.
+PIPELINE_OWNED_HPARAMS = ("data_dir", "data_prefix", "job_dir", "vocab_size")
+GATE_METRICS = ("loss", "perplexity", "bpc")
+
+
+def location(uri: str, path: str) -> str:
+    """Where a step reads or writes an artifact.
+
+    On Vertex AI an artifact's `uri` is gs://… and its `path` the same object through a GCS
+    FUSE mount (/gcs/…); TensorFlow and Beam speak gs:// natively and faster than FUSE, so they
+    get the uri. Locally (kfp.local) both are the same directory.
+    """
+    return uri if uri.startswith("gs://") else path
+
+
+def preprocess_argv(corpus: str, data_prefix: str, tokenizer: str, extra_args: list[str],
+                    output_dir: str) -> list[str]:
+    """The `python -m preprocessing.run` command line of the preprocess step."""
+    return ["--input", corpus, "--output_dir", output_dir, "--data_prefix", data_prefix,
+            "--tokenizer", tokenizer, *extra_args]
+
+
+def preprocess(corpus: str, data_prefix: str, tokenizer: str, extra_args: list[str],
+               output_dir: str) -> dict[str, Any]:
+    """Runs the Beam job exactly as `python -m preprocessing.run` would; returns artifact metadata."""
+    from preprocessing.run import run_preprocessing
+
+    metadata = run_preprocessing(preprocess_argv(corpus, data_prefix, tokenizer, extra_args,
+                                                 output_dir))
+    return {
+        "data_prefix": data_prefix,
+        "tokenizer": metadata.tokenizer,
+        "vocab_size": metadata.vocab_size,
+        "documents": metadata.documents,
+        **{f"{split}_tokens": stats.tokens for split, stats in metadata.splits.items()},
+    }
+
+
+def coerce_hparams(values: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline values (JSON: every number may arrive as a float) typed as HParams declares them.
+
+    Unknown names and pipeline-owned names are a UsageError naming them.
+    """
+    fields = {f.name: f for f in dataclasses.fields(HParams)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UsageError(f"hparams: unknown hyperparameters {unknown}; see python -m trainer.task --help")
+    owned = sorted(set(values) & set(PIPELINE_OWNED_HPARAMS))
+    if owned:
+        raise UsageError(f"hparams: {owned} are set by the pipeline; drop them")
+    typed = {}
+    for name, value in values.items():
+        default = fields[name].default
+        typed[name] = _coerce(name, value, type(default) if default is not None else str)
+    return typed
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, str):
+            return value.lower() in ("1", "true", "yes")
+        return bool(value)
+    if kind is int:
+        if float(value) != int(float(value)):
+            raise UsageError(f"hparams: {name}={value!r} must be a whole number")
+        return int(float(value))
+    return kind(value)
+
+
+def build_hparams(data_dir: str, data_prefix: str, job_dir: str, values: dict[str, Any]) -> HParams:
+    """The HParams a `python -m trainer.task` run with the same flags would get."""
+    try:
+        return HParams(**coerce_hparams(values), data_dir=data_dir, data_prefix=data_prefix,
+                       job_dir=job_dir).validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def train(hparams: HParams) -> dict[str, Any]:
+    """Trains into hparams.job_dir with the trainer's own runner; returns artifact metadata.
+
+    A run stopped by SIGTERM (preemption) raises, so the step fails and is retried (resuming
+    from the job dir) rather than handing a half-trained model to evaluation.
+    """
+    from trainer import checkpoints, runner
+    from trainer.hparams import job_name
+
+    result = runner.train(hparams)
+    print(runner.describe(result), flush=True)
+    if result.stopped != "finished":
+        raise RuntimeError(f"training {result.stopped} at step {result.step}; rerun to resume")
+    saved = checkpoints.saved_hparams(result.job_dir)
+    return {"job_name": job_name(saved), "language_model": result.language_model,
+            "step": result.step, "epoch": result.epoch, "cell": saved.cell,
+            "layers": saved.layers, "vocab_size": saved.vocab_size,
+            "tokens_per_second": round(result.tokens_per_second, 1)}
+
+
+def evaluate(job_dir: str, split: str, best: bool) -> dict[str, float]:
+    """trainer.evaluate's numbers for a whole split, plus `bpc` for the quality gate.
+
+    trainer.evaluate names the bits `bpc` for char/byte models and `bits_per_token` for word
+    models; the gate reads one name, so `bpc` carries bits per token whatever the token is.
+    """
+    from trainer.evaluate import evaluate as run_evaluation
+
+    result = run_evaluation(job_dir, split=split, best=best)
+    numbers = {name: float(value) for name, value in result.items()
+               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    numbers.setdefault("bpc", numbers.get("bits_per_token", math.nan))
+    missing = [name for name in GATE_METRICS if math.isnan(numbers.get(name, math.nan))]
+    if missing:
+        raise RuntimeError(f"trainer.evaluate gave no {missing} for {job_dir}: {sorted(result)}")
+    return numbers
+
+
+def sample(job_dir: str, num_samples: int, length: int, temperature: float, prime: str,
+           seed: int) -> list[str]:
+    """num_samples texts from the job dir's latest checkpoint, as trainer.babble writes them."""
+    from trainer import checkpoints, sampling
+
+    _, metadata, model = checkpoints.load_job(job_dir)
+    options = sampling.SamplingOptions(temperature=temperature, seed=seed)
+    try:
+        options.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    return sampling.TextGenerator(model, metadata).generate(prime, length, options, num_samples)
+
+
+def samples_markdown(samples: list[str], job_dir: str, metrics: dict[str, float]) -> str:
+    """The samples as a Markdown page (the Vertex AI console renders Markdown artifacts)."""
+    scores = ", ".join(f"{name} {value:.4g}" for name, value in sorted(metrics.items()))
+    lines = [f"# Samples from `{job_dir}`", "", f"Evaluation: {scores}", ""]
+    for number, text in enumerate(samples, 1):
+        # A fence longer than any run of backticks in the text keeps the text verbatim.
+        fence = "`" * max(3, _longest_backtick_run(text) + 1)
+        lines += [f"## Sample {number}", "", fence + "text", text, fence, ""]
+    return "\n".join(lines)
+
+
+def _longest_backtick_run(text: str) -> int:
+    longest = run = 0
+    for char in text:
+        run = run + 1 if char == "`" else 0
+        longest = max(longest, run)
+    return longest
+
+
+def rejection_markdown(metric: str, value: float, threshold: float, job_dir: str) -> str:
+    """Why the quality gate kept a model from being published."""
+    return (f"# Not published\n\nThe evaluated {metric} {value:.6g} of `{job_dir}` does not beat "
+            f"the quality threshold {threshold:.6g} (publishing needs {metric} < {threshold:.6g}).\n")
+
+
+def publish_destination(publish_uri: str, model_name: str, run_name: str) -> str:
+    if not publish_uri:
+        raise UsageError("publish_uri is empty; give --publish_uri (default PIPELINE_ROOT/models)")
+    return "/".join([publish_uri.rstrip("/"), model_name, run_name])
+
+
+def publish(job_dir: str, destination: str, metrics: dict[str, float]) -> dict[str, Any]:
+    """Copies the job dir to `destination`, then writes PUBLISHED.json as the commit marker.
+
+    A copy that dies half-way leaves no manifest, so nothing trusts it; an existing manifest is
+    never overwritten (a published model is immutable).
+    """
+    import tensorflow as tf
+
+    manifest_path = posixpath.join(destination, PUBLISHED_MANIFEST)
+    if tf.io.gfile.exists(manifest_path):
+        raise UsageError(f"{destination} is already a published model; publish to a new place")
+    files = []
+    root = job_dir.rstrip("/")
+    for directory, _, names in tf.io.gfile.walk(root):
+        relative_dir = directory.rstrip("/")[len(root):].lstrip("/")
+        for name in names:
+            relative = posixpath.join(relative_dir, name) if relative_dir else name
+            target = posixpath.join(destination, relative)
+            tf.io.gfile.makedirs(posixpath.dirname(target))
+            tf.io.gfile.copy(posixpath.join(directory, name), target, overwrite=True)
+            files.append(relative)
+    manifest = {"source": job_dir, "files": sorted(files), "metrics": metrics,
+                "published": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    temporary = manifest_path + ".tmp"
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tf.io.gfile.rename(temporary, manifest_path, overwrite=True)
+    return {"source": job_dir, "files": len(files), **metrics}
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a file artifact (a local path, or GCS FUSE on Vertex) through a temporary name."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = path + ".tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)

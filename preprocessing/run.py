@@ -1,0 +1,567 @@
+"""The Beam job: raw books → cleaned text → token ids → GZIP TFRecord shards + vocab + metadata.
+
+    python -m preprocessing.run --input 'books/*.txt' --output_dir DIR --data_prefix NAME \\
+        --tokenizer char|byte|word [options] [Beam pipeline options]
+
+Our options are parsed here; everything else goes to Beam's PipelineOptions, so the same command
+runs on Dataflow with `--runner DataflowRunner --project … --region … --temp_location gs://…
+--setup_file ./setup.py`. Without `--runner` (or with `--runner DirectRunner`) the job runs on
+Beam's FnApiRunner directly — what DirectRunner falls back to — so an offline machine does not
+first try to download the Prism runner. `--direct_running_mode multi_processing
+--direct_num_workers N` is allowed; `multi_threading` is refused (it silently dropped records
+in our measurements, see FINDINGS.md).
+
+Shape of the job (per-element overhead dominates in Beam, so elements are whole files and
+records are long): two passes over the files, each file one element.
+1. survey: read, clean, count tokens per document → vocabulary (a combiner) and the split plan
+   (document sizes only, see splits.py).
+2. encode: read, clean, encode with the vocabulary (side input), cut into records along the plan,
+   write each split with WriteToTFRecord.
+Reading twice instead of carrying cleaned text between the passes keeps memory flat: no stage
+ever holds more than one document's text.
+
+Everything is written into a hidden temporary directory next to the output; only after the
+pipeline succeeds does the driver replace the previous run's files: old metadata first (the
+commit marker), old shards of every split, then the new shards are moved in, then the vocab and
+the metadata are written last, each to a temporary name and renamed. A crash at any point
+leaves either the old complete data set or no metadata at all — never metadata that points at
+missing or mixed shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+
+from preprocessing import cleaning, contract, splits, tokenizers
+
+LOG = logging.getLogger("preprocessing.run")
+_DIRECT_RUNNERS = ("", "directrunner", "direct", "fnapirunner")
+_STATS_FILE = "stats.json"
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobOptions:
+    output_dir: str
+    data_prefix: str
+    tokenizer: str
+    sources: dict[str, tuple[str, ...]]  # "input" → patterns, or split name → patterns
+    lowercase: bool = False
+    min_count: int = 1
+    vocab_size: int = 10000
+    line_eos: bool = False
+    valid_fraction: float = 0.05
+    test_fraction: float = 0.05
+    seed: int = 0
+    record_tokens: int = contract.DEFAULT_RECORD_TOKENS
+    vocab: tuple[str, ...] | None = None  # fixed by --vocab_from
+
+    @property
+    def presplit(self) -> bool:
+        return "input" not in self.sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def _patterns(values: list[str] | None) -> tuple[str, ...]:
+    return tuple(p.strip() for v in values or () for p in v.split(",") if p.strip())
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # allow_abbrev=False: otherwise argparse would take Beam flags as abbreviations of ours.
+    parser = _ArgumentParser(
+        prog="python -m preprocessing.run", allow_abbrev=False,
+        description="Raw books → TFRecord shards, vocabulary and metadata (Apache Beam). "
+                    "Unrecognised flags are Beam pipeline options (--runner, --project, …).")
+    parser.add_argument("--input", action="append", metavar="PATTERN[,PATTERN…]",
+                        help="Files to read (local or gs://, globs allowed); split into "
+                             "train/valid/test by --valid_fraction/--test_fraction.")
+    for split in contract.SPLITS:
+        parser.add_argument(f"--{split}", action="append", metavar="PATTERN[,PATTERN…]",
+                            help=f"Pre-split input: files that form the {split} split as given.")
+    parser.add_argument("--output_dir", required=True, help="Directory (local or gs://) for the outputs.")
+    parser.add_argument("--data_prefix", required=True, help="NAME in NAME.train-…tfrecord.gz etc.")
+    parser.add_argument("--tokenizer", choices=contract.TOKENIZERS)
+    parser.add_argument("--lowercase", action="store_true", help="Lower-case the text.")
+    parser.add_argument("--min_count", type=int, default=1,
+                        help="char/word: tokens seen fewer times become <unk>.")
+    parser.add_argument("--vocab_size", type=int, default=10000,
+                        help="word: keep this many most frequent words (plus <unk> and newline/<eos>).")
+    parser.add_argument("--line_eos", action="store_true",
+                        help="word: every line end is an <eos> token (PTB/WikiText style).")
+    parser.add_argument("--valid_fraction", type=float, default=0.05)
+    parser.add_argument("--test_fraction", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the train/valid/test assignment.")
+    parser.add_argument("--record_tokens", type=int, default=contract.DEFAULT_RECORD_TOKENS,
+                        help="Tokens per TFRecord record (the trainer cuts its own windows).")
+    parser.add_argument("--vocab_from", metavar="DATA_DIR/PREFIX",
+                        help="Reuse an existing vocabulary (and tokenizer settings), e.g. for "
+                             "fine-tuning: DIR/NAME or DIR/NAME.metadata.json.")
+    return parser
+
+
+def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
+    """Our flags → JobOptions; the rest are returned for Beam. Raises UsageError."""
+    args, beam_args = _parser().parse_known_args(list(argv))
+    sources = {"input": _patterns(args.input)} if args.input else {}
+    presplit = {s: _patterns(getattr(args, s)) for s in contract.SPLITS if getattr(args, s)}
+    if sources and presplit:
+        raise UsageError("give either --input or --train/--valid/--test, not both")
+    if not sources and not presplit:
+        raise UsageError("no input: give --input PATTERN (or pre-split --train/--valid/--test PATTERN)")
+    if presplit and "train" not in presplit:
+        raise UsageError("pre-split input needs --train PATTERN (the vocabulary is built from it)")
+    _check_names(args)
+    vocab, tokenizer, lowercase, line_eos = None, args.tokenizer, args.lowercase, args.line_eos
+    if args.vocab_from:
+        md = read_metadata(args.vocab_from)
+        for flag, given, stored in (("--tokenizer", tokenizer, md.tokenizer),
+                                    ("--lowercase", lowercase or None, md.lowercase or None),
+                                    ("--line_eos", line_eos or None, md.line_eos or None)):
+            if given is not None and given != stored:
+                raise UsageError(f"{flag} {given} conflicts with --vocab_from {args.vocab_from} "
+                                 f"({stored}); drop {flag}")
+        vocab, tokenizer, lowercase, line_eos = md.vocab, md.tokenizer, md.lowercase, md.line_eos
+    elif tokenizer is None:
+        raise UsageError("--tokenizer is required (char, byte or word) unless --vocab_from is given")
+    if line_eos and tokenizer != "word":
+        raise UsageError("--line_eos needs --tokenizer word")
+    _check_beam_args(beam_args)
+    return JobOptions(
+        output_dir=args.output_dir.rstrip("/") or "/", data_prefix=args.data_prefix, tokenizer=tokenizer,
+        sources=sources or presplit, lowercase=lowercase, min_count=args.min_count,
+        vocab_size=args.vocab_size, line_eos=line_eos, valid_fraction=args.valid_fraction,
+        test_fraction=args.test_fraction, seed=args.seed, record_tokens=args.record_tokens,
+        vocab=vocab), beam_args
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    if not args.data_prefix or "/" in args.data_prefix or args.data_prefix.startswith("."):
+        raise UsageError(f"--data_prefix {args.data_prefix!r}: a plain file name prefix, e.g. 'jules'")
+    for flag in ("min_count", "vocab_size", "record_tokens"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    for flag in ("valid_fraction", "test_fraction"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if args.valid_fraction + args.test_fraction >= 1:
+        raise UsageError("--valid_fraction + --test_fraction must leave something for train")
+
+
+def _check_beam_args(beam_args: list[str]) -> None:
+    """Unknown flags are errors here, not Beam's 'Discarding unparseable args' warning."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser  # Beam's own flag parser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)
+    try:
+        known, unknown = parser.parse_known_args(beam_args)
+    except SystemExit:
+        raise UsageError(f"bad Beam pipeline option in {' '.join(beam_args)}") from None
+    flags = [a for a in unknown if a.startswith("-")]
+    if flags:
+        raise UsageError(f"unknown flag {flags[0]} (see python -m preprocessing.run --help)")
+    if unknown:
+        raise UsageError(f"unexpected argument {unknown[0]!r}: patterns go after --input")
+    if known.direct_running_mode == "multi_threading":
+        raise UsageError("--direct_running_mode multi_threading silently drops records in Beam 2.77; "
+                         "use in_memory (default) or multi_processing")
+
+
+def read_metadata(location: str) -> contract.Metadata:
+    """DIR/NAME or DIR/NAME.metadata.json → Metadata; a UsageError if missing or invalid."""
+    path = location if location.endswith(".metadata.json") else location + ".metadata.json"
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            text = f.read().decode("utf-8")
+    except Exception as err:  # noqa: BLE001 — any failure to read is "no usable metadata here"
+        raise UsageError(f"--vocab_from: cannot read {path} ({type(err).__name__}); "
+                         "point it at DATA_DIR/PREFIX of a finished preprocessing run") from None
+    try:
+        return contract.metadata_from_json(text, path)
+    except contract.ContractError as err:
+        raise UsageError(f"--vocab_from: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class InputFile:
+    path: str
+    split: str | None
+    size: int
+
+
+def match_inputs(options: JobOptions) -> list[InputFile]:
+    """Expands the patterns in the driver: a pattern matching nothing is a user mistake."""
+    seen: dict[str, InputFile] = {}
+    for source, patterns in options.sources.items():
+        for pattern in patterns:
+            try:
+                found = FileSystems.match([pattern])[0].metadata_list
+            except Exception as err:  # noqa: BLE001 — Beam raises BeamIOError/ValueError/OSError
+                raise UsageError(f"--{source} {pattern!r}: cannot list it ({err})") from None
+            if not found:
+                raise UsageError(f"--{source} {pattern!r} matches no files")
+            split = None if source == "input" else source
+            for meta in found:
+                earlier = seen.setdefault(meta.path, InputFile(meta.path, split, meta.size_in_bytes))
+                if earlier.split != split:
+                    raise UsageError(f"{meta.path} is matched by both --{earlier.split} and --{split}")
+    return sorted(seen.values(), key=lambda f: f.path)
+
+
+def _read_clean(readable: Any, lowercase: bool) -> cleaning.Cleaned:
+    try:
+        data = readable.read()
+    except Exception as err:  # noqa: BLE001 — one unreadable file (e.g. corrupt .gz) never fails the job
+        return cleaning.Cleaned(None, skip_reason=f"unreadable: {type(err).__name__}: {err}")
+    return cleaning.clean_bytes(data, lowercase)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 1: survey
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    path: str
+    split: str | None
+    tokens: int
+    digest: str
+    encoding: str
+    counts: Counter[str]
+
+
+class _SurveyFn(beam.DoFn):
+    """One file → its Survey (token count, counts for the vocabulary) or a skipped record."""
+
+    def __init__(self, options: JobOptions) -> None:
+        self._options = options
+
+    def process(self, element: tuple[Any, str | None]) -> Iterator[Any]:
+        readable, split = element
+        path = readable.metadata.path
+        cleaned = _read_clean(readable, self._options.lowercase)
+        if cleaned.text is None:
+            LOG.warning("skipping %s: %s", path, cleaned.skip_reason)
+            beam.metrics.Metrics.counter("preprocessing", "skipped").inc()
+            yield beam.pvalue.TaggedOutput("skipped", {"path": path, "reason": cleaned.skip_reason or ""})
+            return
+        if cleaned.fallback:
+            LOG.warning("%s is not UTF-8: decoded as %s", path, cleaned.encoding)
+            beam.metrics.Metrics.counter("preprocessing", "fallback_decodes").inc()
+        text = cleaned.text
+        tokens, counts = _count(text, self._options)
+        # Pre-split data builds its vocabulary from train only: valid/test words stay unknown.
+        if self._options.vocab is not None or split not in (None, "train"):
+            counts = Counter()
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+        yield Survey(path, split, tokens, digest, cleaned.encoding or "", counts)
+
+
+def _count(text: str, options: JobOptions) -> tuple[int, Counter[str]]:
+    if options.tokenizer == "byte":
+        return len(text.encode("utf-8")), Counter()
+    if options.tokenizer == "char":
+        return len(text), Counter(text)
+    pieces = tokenizers.word_pieces(text, options.line_eos)
+    return len(pieces), Counter(pieces)
+
+
+class _MergeCounts(beam.CombineFn):
+    def create_accumulator(self) -> Counter[str]:
+        return Counter()
+
+    def add_input(self, acc: Counter[str], counts: Counter[str]) -> Counter[str]:
+        acc.update(counts)
+        return acc
+
+    def merge_accumulators(self, accs: Any) -> Counter[str]:
+        merged: Counter[str] = Counter()
+        for acc in accs:
+            merged.update(acc)
+        return merged
+
+    def extract_output(self, acc: Counter[str]) -> Counter[str]:
+        return acc
+
+
+def _vocabulary(counts: Counter[str], options: JobOptions) -> tuple[str, ...]:
+    size = options.vocab_size if options.tokenizer == "word" else None
+    return tokenizers.build_vocab(options.tokenizer, counts, options.min_count, size, options.line_eos)
+
+
+def _plan(surveys: list[Survey], options: JobOptions) -> dict[str, tuple[splits.Span, ...]]:
+    documents = [splits.Document(s.path, s.tokens, s.digest, s.split) for s in surveys]
+    return splits.plan(documents, options.valid_fraction, options.test_fraction, options.seed,
+                       options.record_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pass 2: encode
+
+
+class _EncodeFn(beam.DoFn):
+    """One file → serialized records tagged by split, plus (split, (tokens, records)) counts."""
+
+    def __init__(self, options: JobOptions) -> None:
+        self._options = options
+        self._vocab: tuple[str, ...] | None = None
+        self._tokenizer: tokenizers.Tokenizer | None = None
+
+    def _tokenizer_for(self, vocab: tuple[str, ...]) -> tokenizers.Tokenizer:
+        if self._tokenizer is None or self._vocab != vocab:
+            o = self._options
+            self._tokenizer = tokenizers.make_tokenizer(o.tokenizer, vocab, o.lowercase, o.line_eos)
+            self._vocab = vocab
+        return self._tokenizer
+
+    def process(self, element: tuple[Any, str | None], vocab: tuple[str, ...],
+                plan: dict[str, tuple[splits.Span, ...]]) -> Iterator[Any]:
+        readable, _ = element
+        path = readable.metadata.path
+        cleaned = _read_clean(readable, self._options.lowercase)
+        if cleaned.text is None:
+            return  # recorded as skipped by the survey
+        ids = self._tokenizer_for(vocab).encode_array(cleaned.text)
+        spans = plan.get(path, ())
+        if sum(end - start for _, start, end in spans) != len(ids):
+            raise RuntimeError(f"{path} changed while the job was running; rerun it")
+        for split, start, end in spans:
+            yield beam.pvalue.TaggedOutput(split, contract.serialize_example(ids[start:end].tolist()))
+            yield beam.pvalue.TaggedOutput("counts", (split, (end - start, 1)))
+
+
+def _sum_pairs(pairs: Any) -> tuple[int, int]:
+    tokens = records = 0
+    for t, r in pairs:
+        tokens, records = tokens + t, records + r
+    return tokens, records
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def _read_files(p: beam.Pipeline, files: list[InputFile], label: str) -> beam.PCollection:
+    """One element per file: (ReadableFile, split or None). Read uncompressed: bytes as stored."""
+    by_split: dict[str | None, list[str]] = {}
+    for f in files:
+        by_split.setdefault(f.split, []).append(f.path)
+    branches = []
+    for split, paths in sorted(by_split.items(), key=lambda kv: str(kv[0])):
+        branches.append(
+            p | f"{label}Files{split or ''}" >> beam.Create(paths)
+            | f"{label}Open{split or ''}" >> fileio.ReadMatches(
+                compression=CompressionTypes.UNCOMPRESSED)
+            | f"{label}Tag{split or ''}" >> beam.Map(lambda readable, s=split: (readable, s)))
+    return branches[0] if len(branches) == 1 else branches | f"{label}Flatten" >> beam.Flatten()
+
+
+def build_pipeline(p: beam.Pipeline, files: list[InputFile], options: JobOptions, work_dir: str) -> None:
+    """Adds the whole job to `p`; its last step writes WORK_DIR/stats.json."""
+    AsSingleton, AsList, AsDict = beam.pvalue.AsSingleton, beam.pvalue.AsList, beam.pvalue.AsDict
+    surveyed = (_read_files(p, files, "Survey")
+                | "Survey" >> beam.ParDo(_SurveyFn(options)).with_outputs("skipped", main="docs"))
+    docs = surveyed.docs
+    if options.vocab is None:
+        vocab = (docs | "Counts" >> beam.Map(lambda s: s.counts)
+                 | "MergeCounts" >> beam.CombineGlobally(_MergeCounts())
+                 | "Vocab" >> beam.Map(_vocabulary, options))
+    else:
+        vocab = p | "FixedVocab" >> beam.Create([options.vocab])
+    # Only the small per-document facts travel to the plan, never the counts or the text.
+    sizes = docs | "Sizes" >> beam.Map(lambda s: dataclasses.replace(s, counts=Counter()))
+    plan = sizes | "AllSizes" >> beam.combiners.ToList() | "Plan" >> beam.Map(_plan, options)
+
+    encoded = (_read_files(p, files, "Encode")
+               | "Encode" >> beam.ParDo(_EncodeFn(options), vocab=AsSingleton(vocab),
+                                        plan=AsSingleton(plan)).with_outputs(*contract.SPLITS, "counts"))
+    shards = {}
+    for split in contract.SPLITS:
+        shards[split] = (
+            encoded[split]
+            | f"Write{split}" >> beam.io.WriteToTFRecord(
+                contract.shard_prefix(work_dir, options.data_prefix, split),
+                file_name_suffix=contract.SHARD_SUFFIX, shard_name_template=contract.SHARD_TEMPLATE,
+                compression_type=CompressionTypes.GZIP)
+            | f"Shards{split}" >> beam.combiners.ToList())
+    counts = encoded.counts | "SumCounts" >> beam.CombinePerKey(_sum_pairs)
+    skipped = surveyed.skipped | "AllSkipped" >> beam.combiners.ToList()
+    (p | "Done" >> beam.Create([None])
+     | "WriteStats" >> beam.Map(
+         _write_stats, work_dir, options, vocab=AsSingleton(vocab), sizes=AsList(sizes),
+         skipped=AsSingleton(skipped), counts=AsDict(counts),
+         **{f"shards_{s}": AsSingleton(shards[s]) for s in contract.SPLITS}))
+
+
+def _write_stats(_: None, work_dir: str, options: JobOptions, vocab: tuple[str, ...],
+                 sizes: list[Survey], skipped: list[dict[str, str]], counts: dict[str, tuple[int, int]],
+                 **shards: list[str]) -> None:
+    """Runs after every write (its side inputs say so): what the driver needs to commit."""
+    stats = {
+        "metadata": contract.metadata_to_json(contract.Metadata(
+            tokenizer=options.tokenizer, vocab=tuple(vocab), lowercase=options.lowercase,
+            line_eos=options.line_eos, documents=len(sizes),
+            skipped=tuple(sorted(skipped, key=lambda s: s["path"])), sources=options.sources,
+            splits={s: contract.SplitStats(*counts.get(s, (0, 0)), len(shards[f"shards_{s}"]))
+                    for s in contract.SPLITS})),
+        "shards": {s: sorted(shards[f"shards_{s}"]) for s in contract.SPLITS},
+        "fallback_decodes": sorted(s.path for s in sizes if s.encoding in ("cp1252", "latin-1")),
+    }
+    _write_atomically(_join(work_dir, _STATS_FILE), json.dumps(stats))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver: runner, commit, summary
+
+
+def _join(directory: str, name: str) -> str:
+    return directory.rstrip("/") + "/" + name
+
+
+def _write_atomically(path: str, text: str) -> None:
+    temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(text.encode("utf-8"))
+    FileSystems.rename([temp], [path])
+
+
+def _read_text(path: str) -> str:
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read().decode("utf-8")
+
+
+def _delete_matching(pattern: str) -> None:
+    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if found:
+        FileSystems.delete(found)
+
+
+def _remove_tree(path: str) -> None:
+    """Best-effort removal of the work dir: a leftover hidden dir must not hide the real error."""
+    try:
+        if "://" not in path:
+            if FileSystems.exists(path):
+                FileSystems.delete([path])  # a local directory: removed recursively
+        else:
+            FileSystems.delete([path + "/"])  # an object-store prefix: everything under it
+    except Exception as err:  # noqa: BLE001
+        LOG.warning("could not remove the temporary directory %s: %s", path, err)
+
+
+def commit(work_dir: str, options: JobOptions, stats: dict[str, Any]) -> contract.Metadata:
+    """Replaces the previous run's outputs with this run's; the metadata file goes last."""
+    out, prefix = options.output_dir, options.data_prefix
+    metadata_file = contract.metadata_path(out, prefix)
+    if FileSystems.exists(metadata_file):
+        FileSystems.delete([metadata_file])
+    moves: list[tuple[str, str]] = []
+    for split in contract.SPLITS:
+        _delete_matching(contract.shard_glob(out, prefix, split))  # stale shards of any count
+        moves += [(src, _join(out, src.rsplit("/", 1)[-1])) for src in stats["shards"][split]]
+    if moves:
+        FileSystems.rename([m[0] for m in moves], [m[1] for m in moves])
+    metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
+    _write_atomically(contract.vocab_path(out, prefix), contract.vocab_text(metadata.vocab))
+    _write_atomically(metadata_file, stats["metadata"])
+    return metadata
+
+
+def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
+    """Beam options and the runner: our FnApiRunner for direct runs, else Beam's choice."""
+    options = PipelineOptions(beam_args)
+    if (options.view_as(StandardOptions).runner or "").lower() not in _DIRECT_RUNNERS:
+        return options, None
+    direct = options.view_as(DirectOptions)
+    if not any(a.startswith("--direct_running_mode") for a in beam_args):
+        direct.direct_running_mode = "in_memory"
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    # As DirectRunner builds its FnApiRunner, minus the attempt to start Prism first.
+    encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    info = fn_runner.ExtendedProvisionInfo(beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded))
+    return options, fn_runner.FnApiRunner(provision_info=info)
+
+
+def run_preprocessing(args: Sequence[str]) -> contract.Metadata:
+    """The whole job (what `main` and the Kubeflow component call). Raises UsageError."""
+    started = time.monotonic()
+    options, beam_args = parse_args(args)
+    files = match_inputs(options)
+    beam_options, runner = pipeline_options(beam_args)
+    work_dir = _join(options.output_dir, f".{options.data_prefix}.tmp-{uuid.uuid4().hex[:12]}")
+    if "://" not in work_dir:
+        FileSystems.mkdirs(work_dir)  # object stores have no directories to make
+    try:
+        with beam.Pipeline(runner=runner, options=beam_options) as p:
+            build_pipeline(p, files, options, work_dir)
+        stats = json.loads(_read_text(_join(work_dir, _STATS_FILE)))
+        metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
+        if metadata.documents == 0:
+            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in metadata.skipped[:3])
+            raise UsageError(f"no usable input: all {len(files)} matched files were skipped ({reasons})")
+        metadata = commit(work_dir, options, stats)
+    finally:
+        _remove_tree(work_dir)
+    print(summary(metadata, files, stats["fallback_decodes"], time.monotonic() - started, options))
+    return metadata
+
+
+def summary(metadata: contract.Metadata, files: list[InputFile], fallbacks: list[str], seconds: float,
+            options: JobOptions) -> str:
+    megabytes = sum(f.size for f in files) / 1e6
+    lines = [f"preprocessing: {len(files)} files matched, {metadata.documents} read, "
+             f"{len(metadata.skipped)} skipped, {len(fallbacks)} not UTF-8 (decoded as cp1252/latin-1)"]
+    lines += [f"  skipped {s['path']}: {s['reason']}" for s in metadata.skipped]
+    lines += [f"  {split:5s} {st.tokens:>12,d} tokens {st.records:>7,d} records {st.shards:>4d} shards"
+              for split, st in metadata.splits.items()]
+    lines.append(f"  vocab {metadata.vocab_size} ({metadata.tokenizer}); {megabytes:.1f} MB in "
+                 f"{seconds:.1f} s = {megabytes / max(seconds, 1e-9):.2f} MB/s")
+    lines.append(f"  wrote {contract.metadata_path(options.output_dir, options.data_prefix)}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run_preprocessing(sys.argv[1:] if argv is None else argv)
+    except UsageError as err:
+        print(f"preprocessing.run: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Which contiguous pieces of which document go to train, valid and test. Pure functions.
+
+Every document is cut into chunks of `chunk_tokens` consecutive tokens. Each chunk gets a score
+from a seeded hash of (seed, document digest, chunk index); the chunks with the lowest scores
+go to test, the next ones to valid, the rest to train. So the assignment depends only on the
+seed and the text (not on paths, worker counts or the order Beam delivers documents), the
+split sizes are exact fractions of the chunk count, and no token is in two splits.
+
+Chunks shrink for small corpora so that there are enough of them for the fractions to be
+honoured and for valid and test to be non-empty; consecutive chunks of one split are merged
+back into records of at most `record_tokens` tokens, so a large corpus still gets long records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+
+from preprocessing import contract
+
+# Enough chunks that the smallest positive fraction is met to within ~10% of itself.
+CHUNKS_PER_SMALLEST_FRACTION = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """What the plan needs to know about one usable input file."""
+
+    path: str
+    tokens: int
+    digest: str  # of the cleaned text: identical files get identical assignments
+    split: str | None = None  # given by --train/--valid/--test, else chosen here
+
+
+# (split, start, end): tokens [start, end) of a document form one record of that split.
+Span = tuple[str, int, int]
+
+
+def chunk_tokens(total_tokens: int, fractions: Iterable[float], record_tokens: int) -> int:
+    """Chunk length: `record_tokens`, or less when the corpus is too small for the fractions."""
+    positive = [f for f in fractions if f > 0]
+    if not positive:
+        return record_tokens
+    wanted_chunks = CHUNKS_PER_SMALLEST_FRACTION * math.ceil(1 / min(positive))
+    return max(1, min(record_tokens, total_tokens // wanted_chunks))
+
+
+def split_counts(chunks: int, valid_fraction: float, test_fraction: float) -> tuple[int, int, int]:
+    """(train, valid, test) chunk counts; valid and test get ≥1 chunk whenever train keeps one."""
+    def share(fraction: float) -> int:
+        return max(1, round(chunks * fraction)) if fraction > 0 else 0
+
+    valid, test = share(valid_fraction), share(test_fraction)
+    # Too few chunks for all three: train first, then valid, then test.
+    while valid + test > max(0, chunks - 1) and (valid or test):
+        if test:
+            test -= 1
+        else:
+            valid -= 1
+    return chunks - valid - test, valid, test
+
+
+def _score(seed: int, digest: str, chunk: int) -> bytes:
+    return hashlib.blake2b(f"{seed}\0{digest}\0{chunk}".encode(), digest_size=16).digest()
+
+
+def plan(documents: Iterable[Document], valid_fraction: float, test_fraction: float, seed: int,
+         record_tokens: int = contract.DEFAULT_RECORD_TOKENS) -> dict[str, tuple[Span, ...]]:
+    """Document path → its records as (split, start, end) spans, in document order."""
+    documents = sorted(documents, key=lambda d: d.path)
+    if any(d.split is not None for d in documents):
+        return {d.path: _cut([(d.split or "train", 0, d.tokens)], record_tokens) for d in documents}
+    size = chunk_tokens(sum(d.tokens for d in documents), (valid_fraction, test_fraction), record_tokens)
+    chunks = [(d, i) for d in documents for i in range(math.ceil(d.tokens / size))]
+    ranked = sorted(chunks, key=lambda c: (_score(seed, c[0].digest, c[1]), c[0].path))
+    _, n_valid, n_test = split_counts(len(chunks), valid_fraction, test_fraction)
+    split_of: dict[tuple[str, int], str] = {}
+    for rank, (doc, i) in enumerate(ranked):
+        split_of[doc.path, i] = "test" if rank < n_test else "valid" if rank < n_test + n_valid else "train"
+    result = {}
+    for doc in documents:
+        spans = [(split_of[doc.path, i], i * size, min(doc.tokens, (i + 1) * size))
+                 for i in range(math.ceil(doc.tokens / size))]
+        result[doc.path] = _cut(_merge(spans), record_tokens)
+    return result
+
+
+def _merge(spans: list[Span]) -> list[Span]:
+    """Joins neighbouring spans of the same split: they are contiguous text."""
+    merged: list[Span] = []
+    for split, start, end in spans:
+        if merged and merged[-1][0] == split and merged[-1][2] == start:
+            merged[-1] = (split, merged[-1][1], end)
+        else:
+            merged.append((split, start, end))
+    return merged
+
+
+def _cut(spans: list[Span], record_tokens: int) -> tuple[Span, ...]:
+    return tuple((split, s, min(end, s + record_tokens))
+                 for split, start, end in spans for s in range(start, end, record_tokens))
+
+
+def split_tokens(spans_by_path: Mapping[str, tuple[Span, ...]]) -> dict[str, int]:
+    """Tokens per split in a plan (what the job must later count in the shards)."""
+    totals = dict.fromkeys(contract.SPLITS, 0)
+    for spans in spans_by_path.values():
+        for split, start, end in spans:
+            totals[split] += end - start
+    return totals

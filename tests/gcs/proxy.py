@@ -1,0 +1,168 @@
+"""An HTTPS proxy that lets TensorFlow's own gs:// filesystem talk to the local emulator.
+
+TensorFlow has no GCS endpoint setting: it always calls https://www.googleapis.com (JSON API,
+uploads) and https://storage.googleapis.com (object reads). It does honour `https_proxy` and
+`CURL_CA_BUNDLE`, so this proxy accepts `CONNECT`, terminates TLS with a test-CA certificate
+for those two hosts, and replays each HTTP/1.1 request against fake-gcs-server over plain HTTP.
+
+What the replay has to fix, found by running TF against the emulator:
+- TF sends `Transfer-Encoding: identity` (and sometimes chunked bodies or
+  `Expect: 100-continue`); fake-gcs-server answers 501 to any transfer-encoding. We read the
+  whole body, drop those headers and send a Content-Length instead.
+- fake-gcs-server serves `Host: storage.googleapis.com` as the public XML-style object endpoint
+  (`/BUCKET/OBJECT`), so that Host is kept; JSON-API requests get the emulator's own Host.
+- Resumable-upload `Location` headers point at the emulator's plain-HTTP URL; rewriting them to
+  https://www.googleapis.com keeps the follow-up PUTs on this proxy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socketserver
+import ssl
+import threading
+from typing import BinaryIO
+
+from .certs import GOOGLE_HOSTS, Certificates
+
+_LOG = logging.getLogger(__name__)
+_MAX_LINE = 65536
+# Hop-by-hop or body-framing headers: the proxy re-frames every body with Content-Length.
+_DROP_REQUEST = {"transfer-encoding", "expect", "connection", "keep-alive", "proxy-connection",
+                 "proxy-authorization", "content-length", "host", "te", "trailer", "upgrade"}
+_DROP_RESPONSE = {"transfer-encoding", "connection", "keep-alive", "content-length"}
+
+
+def _read_chunked(rfile: BinaryIO) -> bytes:
+    parts = []
+    while True:
+        size = int(rfile.readline(_MAX_LINE).split(b";")[0].strip(), 16)
+        if size == 0:
+            while rfile.readline(_MAX_LINE) not in (b"\r\n", b"\n", b""):
+                pass  # trailers carry nothing the emulator needs
+            return b"".join(parts)
+        parts.append(rfile.read(size))
+        rfile.readline(_MAX_LINE)
+
+
+class _Request:
+    def __init__(self, method: str, target: str, headers: http.client.HTTPMessage, body: bytes):
+        self.method, self.target, self.headers, self.body = method, target, headers, body
+
+
+def _read_request(rfile: BinaryIO, wfile: BinaryIO) -> _Request | None:
+    """Reads one request (None at end of stream), answering `Expect: 100-continue` itself."""
+    line = rfile.readline(_MAX_LINE)
+    if not line.strip():
+        return None
+    method, target, _version = line.decode("latin-1").split(None, 2)
+    headers = http.client.parse_headers(rfile)
+    _LOG.debug("request %s %s %s", method, target, dict(headers))
+    if headers.get("Expect", "").lower() == "100-continue":
+        wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        wfile.flush()
+    if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        body = _read_chunked(rfile)
+    else:
+        body = rfile.read(int(headers.get("Content-Length", "0")))
+    return _Request(method, target, headers, body)
+
+
+class GoogleApisProxy:
+    """Threaded CONNECT proxy on 127.0.0.1; `url` is what `https_proxy` takes."""
+
+    def __init__(self, emulator_port: int, certificates: Certificates) -> None:
+        self.emulator_port = emulator_port
+        self.emulator_url = f"http://127.0.0.1:{emulator_port}"
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificates.server_cert, certificates.server_key)
+        proxy = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                proxy._handle(self.connection, self.rfile, self.wfile, context)
+
+        self._server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+        self._server.daemon_threads = True
+        self._server.allow_reuse_address = True
+        self._server.server_bind()
+        self._server.server_activate()
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="gcs-proxy", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _handle(self, connection, rfile: BinaryIO, wfile: BinaryIO, context: ssl.SSLContext) -> None:
+        line = rfile.readline(_MAX_LINE).decode("latin-1")
+        http.client.parse_headers(rfile)
+        parts = line.split()
+        host = parts[1].rsplit(":", 1)[0] if len(parts) == 3 else ""
+        if parts[:1] != ["CONNECT"] or host not in GOOGLE_HOSTS:
+            # Anything else would mean a test is about to reach the real internet.
+            wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            _LOG.error("gcs proxy refused %r", line.strip())
+            return
+        wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        wfile.flush()
+        try:
+            with context.wrap_socket(connection, server_side=True) as tls:
+                self._serve_tunnel(host, tls.makefile("rb"), tls.makefile("wb"))
+        except (ssl.SSLError, ConnectionError, TimeoutError) as err:
+            _LOG.info("gcs proxy: tunnel to %s closed: %s", host, err)
+
+    def _serve_tunnel(self, host: str, rfile: BinaryIO, wfile: BinaryIO) -> None:
+        upstream = http.client.HTTPConnection("127.0.0.1", self.emulator_port, timeout=120)
+        try:
+            while (request := _read_request(rfile, wfile)) is not None:
+                status, reason, headers, body = self._forward(upstream, host, request)
+                head = [f"HTTP/1.1 {status} {reason}"]
+                head += [f"{name}: {value}" for name, value in headers]
+                wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)
+                wfile.flush()
+        finally:
+            upstream.close()
+
+    def _forward(self, upstream: http.client.HTTPConnection, host: str,
+                 request: _Request) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST]
+        headers.append(("Host", host if host == "storage.googleapis.com" else f"127.0.0.1:{self.emulator_port}"))
+        if request.body or request.method in ("POST", "PUT", "PATCH"):
+            headers.append(("Content-Length", str(len(request.body))))
+        for attempt in (1, 2):
+            try:
+                upstream.putrequest(request.method, request.target, skip_host=True, skip_accept_encoding=True)
+                for name, value in headers:
+                    upstream.putheader(name, value)
+                upstream.endheaders(request.body or None)
+                response = upstream.getresponse()
+                body = response.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                # The emulator closed an idle keep-alive connection; every GCS call TF makes
+                # here is safe to resend once.
+                upstream.close()
+                if attempt == 2:
+                    raise
+        out = []
+        for name, value in response.getheaders():
+            lower = name.lower()
+            if lower == "location":
+                value = value.replace(self.emulator_url, "https://www.googleapis.com")
+            if lower not in _DROP_RESPONSE:
+                out.append((name, value))
+        if request.method == "HEAD" or response.status in (204, 304):
+            length = response.getheader("Content-Length")
+            if length is not None:
+                out.append(("Content-Length", length))
+        else:
+            out.append(("Content-Length", str(len(body))))
+        _LOG.debug("%s %s %s -> %d", host, request.method, request.target, response.status)
+        return response.status, response.reason, out, body

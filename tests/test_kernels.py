@@ -1,0 +1,120 @@
+"""The fast recurrent kernels equal the plain autodiff recurrences, and those equal Keras' layers."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer import kernels
+
+# (batch, time, units): odd sizes, a single step, a single sequence.
+SHAPES = [(3, 7, 5), (1, 1, 3), (2, 9, 17)]
+
+
+def _inputs(cell: str, batch: int, time: int, units: int, seed: int = 0) -> dict[str, tf.Tensor]:
+    rng = np.random.default_rng(seed)
+    gates = 4 if cell == "lstm" else 3
+
+    def normal(*shape: int, scale: float = 1.0) -> tf.Tensor:
+        return tf.constant(rng.normal(0.0, scale, shape).astype(np.float32))
+
+    args = {"x_proj": normal(batch, time, gates * units), "h0": normal(batch, units, scale=0.5),
+            "w_h": normal(units, gates * units, scale=units ** -0.5)}
+    if cell == "lstm":
+        args["c0"] = normal(batch, units)
+    else:
+        args["b_h"] = normal(gates * units, scale=0.3)
+    return args
+
+
+def _run(fn, cell: str, args: dict[str, tf.Tensor], dtype: tf.DType, seed: int = 1,
+         use_final: bool = True) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Outputs, and gradients w.r.t. every input of a random linear loss over all outputs."""
+    names = sorted(args)
+    with tf.GradientTape() as tape:
+        tape.watch([args[n] for n in names])
+        if cell == "lstm":
+            outs = fn(args["x_proj"], args["h0"], args["c0"], args["w_h"], compute_dtype=dtype)
+        else:
+            outs = fn(args["x_proj"], args["h0"], args["w_h"], args["b_h"], compute_dtype=dtype)
+        used = outs if use_final else outs[:1]
+        rng = np.random.default_rng(seed)
+        # Random cotangents so every output (sequence, final h, final c) contributes its own gradient.
+        loss = tf.add_n([tf.reduce_sum(o * rng.normal(size=o.shape).astype(np.float32)) for o in used])
+    grads = tape.gradient(loss, [args[n] for n in names])
+    return [o.numpy() for o in outs], [g.numpy() for g in grads]
+
+
+FAST = {"lstm": kernels.lstm_sequence, "gru": kernels.gru_sequence}
+REFERENCE = {"lstm": kernels.lstm_sequence_reference, "gru": kernels.gru_sequence_reference}
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fast_float32_equals_autodiff(cell: str, shape: tuple[int, int, int]) -> None:
+    args = _inputs(cell, *shape)
+    fast_out, fast_grad = _run(FAST[cell], cell, args, tf.float32)
+    ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32)
+    for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_fast_bfloat16_close_to_float32_autodiff(cell: str) -> None:
+    args = _inputs(cell, 4, 16, 32)
+    fast_out, fast_grad = _run(FAST[cell], cell, args, tf.bfloat16)
+    ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32)
+    for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
+        # bfloat16 keeps 8 mantissa bits: errors of a few 1e-3 relative to the tensor's scale.
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() <= 2e-2 * scale, (got.shape, np.abs(got - want).max(), scale)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_gradients_without_final_state_and_inside_tf_function(cell: str) -> None:
+    args = _inputs(cell, 2, 5, 6)
+    graph_fast = tf.function(FAST[cell])
+    fast_out, fast_grad = _run(graph_fast, cell, args, tf.float32, use_final=False)
+    ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32, use_final=False)
+    for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_final_state_gradient_reaches_initial_state() -> None:
+    # A loss on the final cell state only: its gradient must flow back to h0 and c0 through every step.
+    args = _inputs("lstm", 2, 6, 4)
+    with tf.GradientTape() as tape:
+        tape.watch([args["h0"], args["c0"]])
+        _, _, c_t = kernels.lstm_sequence(args["x_proj"], args["h0"], args["c0"], args["w_h"])
+        loss = tf.reduce_sum(c_t)
+    dh0, dc0 = tape.gradient(loss, [args["h0"], args["c0"]])
+    assert np.abs(dh0.numpy()).max() > 1e-4 and np.abs(dc0.numpy()).max() > 1e-4
+
+
+def test_reference_lstm_matches_keras() -> None:
+    x = np.random.default_rng(2).normal(size=(2, 6, 5)).astype(np.float32)
+    layer = keras.layers.LSTM(4, return_sequences=True, return_state=True)
+    layer(x)
+    kernel, recurrent, bias = layer.get_weights()
+    bias = np.random.default_rng(3).normal(size=bias.shape).astype(np.float32)
+    layer.set_weights([kernel, recurrent, bias])
+    want, want_h, want_c = layer(x)
+    zeros = tf.zeros([2, 4])
+    got, got_h, got_c = kernels.lstm_sequence_reference(x @ kernel + bias, zeros, zeros, recurrent)
+    for g, w in ((got, want), (got_h, want_h), (got_c, want_c)):
+        np.testing.assert_allclose(g.numpy(), np.asarray(w), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_gru_matches_keras_reset_after() -> None:
+    x = np.random.default_rng(4).normal(size=(2, 6, 5)).astype(np.float32)
+    layer = keras.layers.GRU(4, return_sequences=True, return_state=True, reset_after=True)
+    layer(x)
+    kernel, recurrent, bias = layer.get_weights()
+    bias = np.random.default_rng(5).normal(size=bias.shape).astype(np.float32)  # [2, 3H]: input, recurrent
+    layer.set_weights([kernel, recurrent, bias])
+    want, want_h = layer(x)
+    got, got_h = kernels.gru_sequence_reference(x @ kernel + bias[0], tf.zeros([2, 4]), recurrent, bias[1])
+    np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_h.numpy(), np.asarray(want_h), rtol=1e-5, atol=1e-6)

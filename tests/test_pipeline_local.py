@@ -1,0 +1,126 @@
+"""The whole pipeline run by kfp.local on a tiny corpus, and both branches of its quality gate.
+
+One run of preprocess → train (a few steps) → evaluate → sample + publish, shared by the tests
+of this module; each step is a subprocess that pays a TensorFlow import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from pipelines import run, steps
+from pipelines.pipeline import create_gate_pipeline
+
+NEEDED = ("preprocessing.run", "trainer.runner", "trainer.evaluate", "trainer.sampling")
+MISSING = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(bool(MISSING), reason=f"needs {', '.join(MISSING)} (not written yet)")]
+
+BOOK = ("ROMEO. But soft, what light through yonder window breaks?\n"
+        "It is the east, and Juliet is the sun.\n\n"
+        "JULIET. O Romeo, Romeo, wherefore art thou Romeo?\n"
+        "Deny thy father and refuse thy name.\n\n") * 12
+TINY_MODEL = ["--layers", "1", "--lstm_state_size", "16", "--embedding_size", "8",
+              "--unroll_steps", "16", "--batch_size", "4", "--max_steps", "3",
+              "--save_checkpoints_steps", "3", "--eval_every", "3", "--log_every", "1",
+              "--sample_every", "0"]
+
+
+def artifacts_by_task(run_dir: str) -> dict[str, run.LocalArtifact]:
+    return {f"{a.task}/{a.name}": a for a in run.local_artifacts(run_dir)}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    base = tmp_path_factory.mktemp("pipeline")
+    (base / "books").mkdir()
+    (base / "books" / "play.txt").write_text(BOOK, encoding="utf-8")
+    root = base / "root"
+    printed = io.StringIO()
+    with mock.patch.dict(os.environ), contextlib.redirect_stdout(printed):
+        run.main(["pipelines.run", "--local", "--pipeline_root", str(root),
+                  "--corpus", str(base / "books" / "*.txt"), "--data_prefix", "play",
+                  "--preprocess_arg=--valid_fraction=0.1", "--preprocess_arg=--test_fraction=0.1",
+                  *TINY_MODEL, "--quality_threshold", "1000", "--num_samples", "2",
+                  "--generate_length", "30", "--prime", "ROMEO."])
+    runs = [p for p in root.iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 1
+    return {"root": root, "run_dir": str(runs[0]), "printed": printed.getvalue()}
+
+
+def test_every_step_leaves_its_artifact(local_run: dict[str, Any]) -> None:
+    found = artifacts_by_task(local_run["run_dir"])
+    assert set(found) == {"preprocess/dataset", "train/model", "evaluate/metrics",
+                          "sample/samples", "publish/published"}
+
+    data_dir = Path(found["preprocess/dataset"].uri)
+    assert (data_dir / "play.metadata.json").is_file() and (data_dir / "play.vocab.txt").is_file()
+    assert list(data_dir.glob("play.train-*-of-*.tfrecord.gz"))
+    assert found["preprocess/dataset"].metadata["vocab_size"] > 20
+
+    job_dir = Path(found["train/model"].uri)
+    assert (job_dir / "hparams.json").is_file()
+    assert (job_dir / "checkpoint").is_file()
+    hparams = json.loads((job_dir / "hparams.json").read_text())
+    assert (hparams["layers"], hparams["lstm_state_size"], hparams["data_prefix"]) == (1, 16, "play")
+    assert found["train/model"].metadata["step"] == 3
+
+    samples = Path(found["sample/samples"].uri).read_text()
+    assert samples.count("## Sample ") == 2
+    assert samples.count("ROMEO.") >= 2  # each sample starts with the prime
+
+    # Everything the runner printed points at the artifacts.
+    for key, artifact in found.items():
+        assert f"{key}: {artifact.uri}" in local_run["printed"]
+
+
+def test_metrics_are_what_trainer_evaluate_gives(local_run: dict[str, Any]) -> None:
+    from trainer.evaluate import evaluate
+
+    found = artifacts_by_task(local_run["run_dir"])
+    logged = found["evaluate/metrics"].metadata
+    expected = evaluate(found["train/model"].uri, split="test", best=False, write=False)
+    for name in ("loss", "perplexity", "bpc"):
+        assert logged[name] == pytest.approx(expected[name], rel=1e-6)
+    assert logged["tokens"] == expected["tokens"]
+
+
+def test_a_model_that_passes_the_gate_is_published(local_run: dict[str, Any]) -> None:
+    found = artifacts_by_task(local_run["run_dir"])
+    published = Path(found["publish/published"].uri)
+    job_name = found["train/model"].metadata["job_name"]
+    assert published.parent == local_run["root"] / "models" / job_name
+    manifest = json.loads((published / steps.PUBLISHED_MANIFEST).read_text())
+    job_dir = Path(found["train/model"].uri)
+    copied = sorted(str(p.relative_to(job_dir)) for p in job_dir.rglob("*") if p.is_file())
+    assert manifest["files"] == copied
+    assert all((published / name).read_bytes() == (job_dir / name).read_bytes() for name in copied)
+    assert manifest["metrics"]["bpc"] == found["evaluate/metrics"].metadata["bpc"]
+
+
+def test_a_model_that_fails_the_gate_is_not_published(local_run: dict[str, Any],
+                                                      tmp_path: Path) -> None:
+    # The same gate as the full pipeline (add_quality_gate), on the trained model, with a
+    # threshold nothing beats.
+    found = artifacts_by_task(local_run["run_dir"])
+    scores = found["evaluate/metrics"].metadata
+    models = tmp_path / "models"
+    with mock.patch.dict(os.environ):
+        run_dir = run.run_local(create_gate_pipeline(), {
+            "job_dir": found["train/model"].uri, "job_name": found["train/model"].metadata["job_name"],
+            "publish_uri": str(models), "loss": scores["loss"], "perplexity": scores["perplexity"],
+            "bpc": scores["bpc"], "quality_threshold": 0.5}, str(tmp_path / "root"))
+    gate = artifacts_by_task(run_dir)
+    assert set(gate) == {"not-published/report"}
+    report = Path(gate["not-published/report"].uri).read_text()
+    assert "Not published" in report and "bpc" in report and "0.5" in report
+    assert not models.exists()

@@ -1,0 +1,73 @@
+"""The input pipeline: stateful-TBPTT layout, resumable positions, and its user errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from trainer import data
+from trainer.errors import UsageError
+
+
+def _train_ids(data_dir: str, prefix: str) -> np.ndarray:
+    records = data.token_stream(data.shard_files(data_dir, prefix, "train"))
+    return np.concatenate([r.numpy() for r in records])
+
+
+def _windows(files: list[str], layout: data.Layout, start: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in data.windows(files, layout, start=start)]
+
+
+def test_windows_continue_each_stream_and_labels_shift_by_one(tmp_path, make_data_dir) -> None:
+    data_dir, prefix, metadata = make_data_dir(tmp_path)
+    stream = _train_ids(data_dir, prefix)
+    assert len(stream) == metadata.splits["train"].tokens
+    layout = data.layout_for(len(stream), batch_size=3, unroll_steps=7)
+    windows = _windows(data.shard_files(data_dir, prefix, "train"), layout)
+    assert len(windows) == layout.windows_per_epoch > 1
+    inputs = np.concatenate([x for x, _ in windows], axis=1)
+    labels = np.concatenate([y for _, y in windows], axis=1)
+    row = layout.windows_per_chunk * 7 + 1  # tokens per stream, its last one only a label
+    for b in range(3):  # one chunk here: the classic [batch, tokens/batch] layout
+        expected = stream[b * row: b * row + inputs.shape[1] + 1]
+        np.testing.assert_array_equal(inputs[b], expected[:-1])
+        np.testing.assert_array_equal(labels[b], expected[1:])
+
+
+def test_chunked_layout_streams_in_pieces(tmp_path, make_data_dir) -> None:
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    stream = _train_ids(data_dir, prefix)
+    layout = data.layout_for(len(stream), batch_size=2, unroll_steps=5, max_chunk_tokens=300)
+    assert layout.chunks > 1
+    windows = _windows(data.shard_files(data_dir, prefix, "train"), layout)
+    assert len(windows) == layout.windows_per_epoch
+    # Chunk k holds the next chunk_tokens tokens of the stream, laid out as [batch, row].
+    second = windows[layout.windows_per_chunk]
+    row_length = layout.windows_per_chunk * 5 + 1
+    np.testing.assert_array_equal(second[0][1], stream[layout.chunk_tokens + row_length:][:5])
+
+
+def test_start_resumes_at_the_exact_window(tmp_path, make_data_dir) -> None:
+    data_dir, prefix, metadata = make_data_dir(tmp_path)
+    files = data.shard_files(data_dir, prefix, "train")
+    layout = data.layout_for(metadata.splits["train"].tokens, 2, 5, max_chunk_tokens=300)
+    everything = _windows(files, layout)
+    for start in (1, layout.windows_per_chunk, layout.windows_per_chunk + 2):
+        resumed = _windows(files, layout, start=start)
+        assert len(resumed) == len(everything) - start
+        np.testing.assert_array_equal(resumed[0][0], everything[start][0])
+
+
+def test_unroll_longer_than_the_data_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="--unroll_steps=500"):
+        data.layout_for(1000, batch_size=4, unroll_steps=500)
+
+
+def test_missing_data_dir_and_prefix_name_the_flag(tmp_path, make_data_dir) -> None:
+    with pytest.raises(UsageError, match="--data_dir is missing"):
+        data.read_metadata("", "tiny")
+    data_dir, _, _ = make_data_dir(tmp_path)
+    with pytest.raises(UsageError, match="prefixes there: tiny"):
+        data.read_metadata(data_dir, "other")
+    with pytest.raises(UsageError, match="no train shards"):
+        data.shard_files(str(tmp_path), "tiny", "train")

@@ -1,0 +1,211 @@
+"""The model zoo's layers against their definitions: equivalences and hand-computed formulas."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from trainer.hparams import HParams
+from trainer.models import build_model
+from trainer.models.mlstm import MLSTMLayer
+from trainer.models.mogrifier import MogrifierLayer
+from trainer.models.qrnn import QRNNLayer, fo_pool, qrnn_gates
+from trainer.models.recurrent import RecurrentLayer
+
+B, T, D, H = 3, 6, 5, 7
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _inputs(seed: int = 0) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+    rng = np.random.default_rng(seed)
+    x = tf.constant(rng.normal(size=(B, T, D)).astype(np.float32))
+    h0 = tf.constant(rng.normal(scale=0.5, size=(B, H)).astype(np.float32))
+    c0 = tf.constant(rng.normal(scale=0.5, size=(B, H)).astype(np.float32))
+    return x, (h0, c0)
+
+
+def _randomise(layer: keras.layers.Layer, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for var in layer.weights:
+        var.assign(rng.normal(scale=0.4, size=var.shape).astype(np.float32))
+
+
+def test_mlstm_matches_its_formula_step_by_step() -> None:
+    x, (h, c) = _inputs()
+    layer = MLSTMLayer(H, weight_norm=False)
+    layer(x, (h, c))
+    _randomise(layer, 1)
+    w = {k: v.numpy() for k, v in layer.effective_weights().items()}
+    b = layer.bias.numpy()
+    out, (h_t, c_t) = layer(x, (h, c))
+    h, c = h.numpy(), c.numpy()
+    for t in range(T):
+        x_t = x.numpy()[:, t]
+        m = (x_t @ w["wmx"]) * (h @ w["wmh"])
+        i, f, o, u = np.split(x_t @ w["wx"] + m @ w["wh"] + b, 4, axis=-1)
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(u)
+        h = _sigmoid(o) * np.tanh(c)
+        np.testing.assert_allclose(out.numpy()[:, t], h, atol=1e-5)
+    np.testing.assert_allclose(h_t.numpy(), h, atol=1e-5)
+    np.testing.assert_allclose(c_t.numpy(), c, atol=1e-5)
+
+
+def test_weight_norm_equals_plain_weights_with_the_same_effective_matrix() -> None:
+    x, state = _inputs()
+    normed, plain = MLSTMLayer(H, weight_norm=True), MLSTMLayer(H, weight_norm=False)
+    normed(x, state)
+    plain(x, state)
+    _randomise(normed, 2)
+    for name, var in plain.matrices.items():
+        var.assign(normed.effective_weights()[name])
+    plain.bias.assign(normed.bias)
+    # The reparametrisation is not the identity: the effective matrix differs from v.
+    assert not np.allclose(normed.matrices["wx"].numpy(), normed.effective_weights()["wx"].numpy())
+    (out_n, state_n), (out_p, state_p) = normed(x, state), plain(x, state)
+    np.testing.assert_allclose(out_n.numpy(), out_p.numpy(), atol=1e-6)
+    np.testing.assert_allclose(state_n[1].numpy(), state_p[1].numpy(), atol=1e-6)
+    column_norms = np.linalg.norm(normed.effective_weights()["wh"].numpy(), axis=0)
+    np.testing.assert_allclose(column_norms, np.abs(normed.gains["wh"].numpy()), rtol=1e-5)
+
+
+def test_mogrifier_with_zero_rounds_is_the_plain_lstm() -> None:
+    x, state = _inputs()
+    mog = MogrifierLayer(H, rounds=0)
+    lstm = RecurrentLayer("lstm", H, layer_norm=False, compute_dtype=tf.float32)
+    mog(x, state)
+    lstm(x, state)
+    _randomise(mog, 3)
+    for name in ("kernel", "recurrent_kernel", "bias"):
+        getattr(lstm, name).assign(getattr(mog, name))
+    (out_m, (h_m, c_m)), (out_l, (h_l, c_l)) = mog(x, state), lstm(x, state)
+    np.testing.assert_allclose(out_m.numpy(), out_l.numpy(), atol=1e-6)
+    np.testing.assert_allclose(h_m.numpy(), h_l.numpy(), atol=1e-6)
+    np.testing.assert_allclose(c_m.numpy(), c_l.numpy(), atol=1e-6)
+    # And through the scan path: rounds 1..n with the mogrifier gates forced to 2*sigmoid(0) = 1.
+    mog3 = MogrifierLayer(H, rounds=3)
+    mog3(x, state)
+    for name in ("kernel", "recurrent_kernel", "bias"):
+        getattr(mog3, name).assign(getattr(mog, name))
+    for (matrix,) in mog3.mogrifiers:
+        matrix.assign(tf.zeros_like(matrix))
+    np.testing.assert_allclose(mog3(x, state)[0].numpy(), out_l.numpy(), atol=1e-5)
+
+
+def test_mogrifier_rounds_match_the_paper_formula() -> None:
+    x, (h, c) = _inputs()
+    layer = MogrifierLayer(H, rounds=3)
+    layer(x, (h, c))
+    _randomise(layer, 4)
+    q1, r2, q3 = (m[0].numpy() for m in layer.mogrifiers)
+    out, _ = layer(x, (h, c))
+    x_t, h_np, c_np = x.numpy()[:, 0], h.numpy(), c.numpy()
+    x_t = 2 * _sigmoid(h_np @ q1) * x_t
+    h_np = 2 * _sigmoid(x_t @ r2) * h_np
+    x_t = 2 * _sigmoid(h_np @ q3) * x_t
+    i, f, g, o = np.split(x_t @ layer.kernel.numpy() + h_np @ layer.recurrent_kernel.numpy()
+                          + layer.bias.numpy(), 4, axis=-1)
+    c_np = _sigmoid(f) * c_np + _sigmoid(i) * np.tanh(g)
+    np.testing.assert_allclose(out.numpy()[:, 0], _sigmoid(o) * np.tanh(c_np), atol=1e-5)
+
+
+def test_low_rank_mogrifier_equals_full_rank_with_the_product_matrix() -> None:
+    x, state = _inputs()
+    low, full = MogrifierLayer(H, rounds=2, rank=2), MogrifierLayer(H, rounds=2)
+    low(x, state)
+    full(x, state)
+    _randomise(low, 5)
+    for name in ("kernel", "recurrent_kernel", "bias"):
+        getattr(full, name).assign(getattr(low, name))
+    for (left, right), (matrix,) in zip(low.mogrifiers, full.mogrifiers, strict=True):
+        assert left.shape[1] == 2
+        matrix.assign(left @ right)
+    np.testing.assert_allclose(low(x, state)[0].numpy(), full(x, state)[0].numpy(), atol=1e-5)
+
+
+def test_qrnn_window_one_gates_and_pooling_by_hand() -> None:
+    x, _ = _inputs()
+    rng = np.random.default_rng(6)
+    kernel = rng.normal(scale=0.5, size=(D, 3 * H)).astype(np.float32)
+    bias = rng.normal(scale=0.5, size=(3 * H,)).astype(np.float32)
+    z, f, o = (g.numpy() for g in qrnn_gates(x, None, kernel, bias))
+    pre = x.numpy() @ kernel + bias
+    np.testing.assert_allclose(z, np.tanh(pre[..., :H]), atol=1e-6)
+    np.testing.assert_allclose(f, _sigmoid(pre[..., H:2 * H]), atol=1e-6)
+    np.testing.assert_allclose(o, _sigmoid(pre[..., 2 * H:]), atol=1e-6)
+    c0 = rng.normal(size=(B, H)).astype(np.float32)
+    cs = fo_pool(tf.constant(z), tf.constant(f), tf.constant(c0)).numpy()
+    c = c0
+    for t in range(T):
+        c = f[:, t] * z[:, t] + (1 - f[:, t]) * c
+        np.testing.assert_allclose(cs[:, t], c, atol=1e-6)
+
+
+def test_qrnn_window_two_sees_across_window_boundaries() -> None:
+    x, _ = _inputs()
+    layer = QRNNLayer(H, D, window=2)
+    whole, _ = layer(x, layer.initial_state(B))
+    first, state = layer(x[:, :2], layer.initial_state(B))
+    second, _ = layer(x[:, 2:], state)
+    np.testing.assert_allclose(tf.concat([first, second], 1).numpy(), whole.numpy(), atol=1e-6)
+    # The first step's convolution uses the carried x_{-1}: a different one changes the output.
+    other = (state[0], state[1] + 1.0)
+    assert not np.allclose(layer(x[:, 2:], other)[0].numpy()[:, 0], second.numpy()[:, 0])
+
+
+def _transformer(pos_encoding: str, **changes: object) -> keras.Model:
+    hparams = HParams(cell="transformer", vocab_size=13, d_model=16, heads=2, layers=2,
+                      max_context=5, embedding_size=8, pos_encoding=pos_encoding, **changes)
+    model = build_model(hparams)
+    _randomise_learned_bias(model)
+    return model
+
+
+def _randomise_learned_bias(model: keras.Model) -> None:
+    # Zero-initialised distance biases would make "learned" look like "none" in these tests.
+    if hasattr(model, "distance_bias"):
+        model.distance_bias.assign(np.random.default_rng(7).normal(size=model.distance_bias.shape))
+
+
+@pytest.mark.parametrize("pos_encoding", ["none", "sinusoidal", "learned"])
+def test_transformer_output_at_t_ignores_later_tokens(pos_encoding: str) -> None:
+    model = _transformer(pos_encoding)
+    rng = np.random.default_rng(8)
+    tokens = rng.integers(0, 13, size=(2, 9)).astype(np.int32)
+    changed = tokens.copy()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 13
+    a, _ = model(tf.constant(tokens), model.initial_state(2))
+    b, _ = model(tf.constant(changed), model.initial_state(2))
+    np.testing.assert_allclose(a.numpy()[:, :6], b.numpy()[:, :6], atol=1e-6)
+    assert not np.allclose(a.numpy()[:, 6:], b.numpy()[:, 6:])
+
+
+@pytest.mark.parametrize("pos_encoding", ["none", "sinusoidal", "learned"])
+def test_transformer_cached_one_step_decoding_equals_full_forward(pos_encoding: str) -> None:
+    model = _transformer(pos_encoding, tie_embeddings=True)
+    tokens = tf.constant(np.random.default_rng(9).integers(0, 13, size=(2, 12)), tf.int32)
+    # 12 tokens through a 5-token window: the cache is truncated many times on the way.
+    full, full_state = model(tokens, model.initial_state(2))
+    state, steps = model.initial_state(2), []
+    for t in range(12):
+        logits, state = model(tokens[:, t:t + 1], state)
+        steps.append(logits)
+    np.testing.assert_allclose(tf.concat(steps, axis=1).numpy(), full.numpy(), atol=1e-5)
+    for a, b in zip(tf.nest.flatten(state), tf.nest.flatten(full_state), strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_transformer_window_limits_attention_to_max_context() -> None:
+    model = _transformer("none")
+    tokens = np.random.default_rng(10).integers(0, 13, size=(1, 12)).astype(np.int32)
+    changed = tokens.copy()
+    changed[0, 0] = (changed[0, 0] + 1) % 13
+    a, _ = model(tf.constant(tokens), model.initial_state(1))
+    b, _ = model(tf.constant(changed), model.initial_state(1))
+    # Two layers of a 5-token window reach back 8 tokens: position 9 on no longer sees token 0.
+    assert not np.allclose(a.numpy()[0, 8], b.numpy()[0, 8])
+    np.testing.assert_allclose(a.numpy()[0, 9:], b.numpy()[0, 9:], atol=1e-6)

@@ -1,0 +1,124 @@
+"""Job dirs: resolving `%JOB%`, the files that make a job dir self-contained, and loading a model.
+
+A job dir holds::
+
+    hparams.json            the resolved hyperparameters of the latest run (atomic write)
+    metadata.json           a copy of the data's metadata (vocabulary!), so the dir outlives the data
+    ckpt-N.*, checkpoint    tf.train.CheckpointManager checkpoints (model, optimizer, step, epoch,
+                            data position, carried state)
+    best/ckpt-N.*           the checkpoint with the lowest validation loss so far
+    samples/step-N.txt      generated text at each sample
+    eval-SPLIT.json         results of trainer.evaluate
+
+evaluate, babble, serve and export call `load_job(job_dir)` and need nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import tensorflow as tf
+
+from preprocessing import contract
+from trainer import data
+from trainer.errors import UsageError
+from trainer.hparams import HPARAMS_FILE, JOB_PLACEHOLDER, HParams, resolve_job_dirs
+from trainer.models import build_model
+from trainer.models.base import LanguageModel
+
+METADATA_FILE = "metadata.json"
+BEST_DIR = "best"
+SAMPLES_DIR = "samples"
+
+
+def join(directory: str, *names: str) -> str:
+    return "/".join([directory.rstrip("/"), *names])
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes `text` to `path` via a temporary name and a rename (local or gs://)."""
+    parent = os.path.dirname(path)
+    if parent:
+        tf.io.gfile.makedirs(parent)
+    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with tf.io.gfile.GFile(temporary, "w") as f:
+        f.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def _read(path: str) -> str | None:
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path) as f:
+        return f.read()
+
+
+def saved_hparams(job_dir: str) -> HParams | None:
+    path = join(job_dir, HPARAMS_FILE)
+    text = _read(path)
+    return None if text is None else HParams.from_json(text, source=path)
+
+
+def saved_metadata(job_dir: str) -> contract.Metadata | None:
+    path = join(job_dir, METADATA_FILE)
+    text = _read(path)
+    return None if text is None else contract.metadata_from_json(text, source=path)
+
+
+def resolve_hparams(hparams: HParams, metadata: contract.Metadata) -> HParams:
+    """Fills language_model and vocab_size from the data (checking any given value), resolves
+    `%JOB%` and defaults --summary_dir to JOB_DIR/tensorboard."""
+    given = hparams.language_model
+    if given is not None and given != metadata.tokenizer:
+        raise UsageError(f"--language_model={given} but the data at --data_dir is "
+                         f"{metadata.tokenizer}-level; drop --language_model or use "
+                         f"--language_model={metadata.tokenizer}")
+    if hparams.vocab_size and hparams.vocab_size != metadata.vocab_size:
+        raise UsageError(f"--vocab_size={hparams.vocab_size} but the data's vocabulary has "
+                         f"{metadata.vocab_size} tokens; drop --vocab_size")
+    if not hparams.job_dir:
+        raise UsageError("--job-dir is missing: give a directory for checkpoints, e.g. job/%JOB%")
+    resolved = resolve_job_dirs(hparams.replace(language_model=metadata.tokenizer,
+                                                vocab_size=metadata.vocab_size))
+    if not resolved.summary_dir:
+        resolved = resolved.replace(summary_dir=join(resolved.job_dir, "tensorboard"))
+    return resolved
+
+
+def resolve_job_dir(hparams: HParams) -> str:
+    """The concrete job dir for loaders: `%JOB%` is resolved from the flags and the data."""
+    if not hparams.job_dir:
+        raise UsageError("--job-dir is missing: give the job dir that training wrote")
+    if JOB_PLACEHOLDER not in hparams.job_dir:
+        return hparams.job_dir
+    return resolve_hparams(hparams, data.read_metadata(hparams.data_dir, hparams.data_prefix)).job_dir
+
+
+def checkpoint_path(job_dir: str, best: bool = False) -> str:
+    """The newest checkpoint of a job dir (or of its best/); UsageError if there is none."""
+    directory = join(job_dir, BEST_DIR) if best else job_dir
+    path = tf.train.latest_checkpoint(directory)
+    if path is None:
+        what = "best checkpoint (run with evaluation first)" if best else "checkpoint"
+        raise UsageError(f"--job-dir={job_dir}: no {what} in {directory}; train first or fix --job-dir")
+    return path
+
+
+def load_job(job_dir: str, best: bool = False) -> tuple[HParams, contract.Metadata, LanguageModel]:
+    """Restores a trained model from a concrete job dir, with its hyperparameters and metadata."""
+    hparams = saved_hparams(job_dir)
+    metadata = saved_metadata(job_dir)
+    if hparams is None or metadata is None:
+        raise UsageError(f"--job-dir={job_dir}: no {HPARAMS_FILE} / {METADATA_FILE} there; "
+                         "point --job-dir at a directory trainer.task wrote")
+    path = checkpoint_path(job_dir, best)
+    model = build_model(hparams)
+    restore_model(model, path)
+    return hparams, metadata, model
+
+
+def restore_model(model: LanguageModel, path: str) -> None:
+    """Loads only the model's weights from a training checkpoint (no optimizer slots)."""
+    status = tf.train.Checkpoint(model=model).read(path)
+    status.expect_partial().assert_existing_objects_matched()

@@ -1,0 +1,135 @@
+"""Input: the shards of one split as windows for stateful truncated back-propagation.
+
+The split's token stream (records concatenated in shard order) is cut into `batch_size` parallel
+streams, and consecutive windows of `unroll_steps` tokens continue each stream, so the state a
+window ends with is the right state for the next window of the same row (char-rnn, awd-lstm's
+`batchify`). Labels are the inputs shifted by one token.
+
+Streaming: the reader never holds the split. It cuts the stream into chunks of at most
+MAX_CHUNK_TOKENS and lays each chunk out as [batch_size, per-stream length]; a split up to that
+size is therefore exactly the classic layout, and a larger one is a sequence of such layouts, each
+row jumping to new text at a chunk boundary (as it does anyway at record boundaries, whose order
+carries no meaning). Memory is one chunk, whatever the corpus size.
+
+A position in an epoch is the number of windows consumed; `windows(..., start=n)` resumes exactly
+there. The layout depends only on the metadata's token count, batch size and unroll length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+from preprocessing import contract
+from trainer.errors import UsageError
+
+# 2M tokens: 8 MB as int32 once reshaped; large enough that chunk seams are rare.
+MAX_CHUNK_TOKENS = 1 << 21
+
+
+def read_metadata(data_dir: str, prefix: str) -> contract.Metadata:
+    """The metadata of a data dir; any problem is a one-line UsageError naming the flag."""
+    if not data_dir:
+        raise UsageError("--data_dir is missing: point it at the output_dir of preprocessing.run")
+    if not prefix:
+        raise UsageError("--data_prefix is missing: give the --data_prefix used with preprocessing.run")
+    path = contract.metadata_path(data_dir, prefix)
+    if not tf.io.gfile.exists(path):
+        found = sorted({name.split(".")[0] for name in _listdir(data_dir) if name.endswith(".metadata.json")})
+        hint = f" (prefixes there: {', '.join(found)})" if found else ""
+        raise UsageError(f"--data_dir={data_dir} --data_prefix={prefix}: no {path}{hint}; "
+                         "run preprocessing.run first or fix the flags")
+    with tf.io.gfile.GFile(path) as f:
+        return contract.metadata_from_json(f.read(), source=path)
+
+
+def _listdir(directory: str) -> list[str]:
+    try:
+        return tf.io.gfile.listdir(directory)
+    except tf.errors.NotFoundError:
+        return []
+
+
+def shard_files(data_dir: str, prefix: str, split: str) -> list[str]:
+    """The shards of a split, sorted (a fixed order makes the stream, and resuming, exact)."""
+    pattern = contract.shard_glob(data_dir, prefix, split)
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise UsageError(f"--data_dir={data_dir} --data_prefix={prefix}: no {split} shards match "
+                         f"{pattern}; rerun preprocessing.run or fix the flags")
+    return files
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How one split becomes windows: `chunks` x `windows_per_chunk` windows of [batch, unroll]."""
+
+    batch_size: int
+    unroll_steps: int
+    windows_per_chunk: int
+    chunks: int
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.chunks * self.windows_per_chunk
+
+    @property
+    def chunk_tokens(self) -> int:
+        # One extra token per row: the label of the row's last input.
+        return self.batch_size * (self.windows_per_chunk * self.unroll_steps + 1)
+
+    @property
+    def tokens_per_window(self) -> int:
+        return self.batch_size * self.unroll_steps
+
+
+def layout_for(split_tokens: int, batch_size: int, unroll_steps: int, split: str = "train",
+               max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> Layout:
+    """The layout for a split of `split_tokens` tokens; UsageError if not one window fits."""
+    pieces = max(1, -(-split_tokens // max_chunk_tokens))
+    row = split_tokens // (pieces * batch_size)
+    per_chunk = (row - 1) // unroll_steps if row > 1 else 0
+    if per_chunk <= 0:
+        most = max((split_tokens // batch_size) - 1, 0)
+        raise UsageError(
+            f"--unroll_steps={unroll_steps} with --batch_size={batch_size} needs "
+            f"{batch_size * (unroll_steps + 1)} {split} tokens, the {split} split has {split_tokens}; "
+            f"use --unroll_steps <= {most} or a smaller --batch_size")
+    chunk_tokens = batch_size * (per_chunk * unroll_steps + 1)
+    return Layout(batch_size, unroll_steps, per_chunk, split_tokens // chunk_tokens)
+
+
+def token_stream(files: list[str], shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """Records of the split as 1-D int32 tensors, in a deterministic order.
+
+    With `shuffle_seed` the shard order is shuffled (deterministically for that seed), so each
+    training epoch sees the documents in another order yet resuming reproduces it.
+    """
+    names = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle_seed is not None and len(files) > 1:
+        names = names.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=False)
+    records = names.interleave(
+        lambda name: tf.data.TFRecordDataset(name, compression_type="GZIP"),
+        cycle_length=min(4, len(files)), block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return records.map(lambda record: tf.cast(contract.parse_example(record), tf.int32),
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
+def windows(files: list[str], layout: Layout, start: int = 0,
+            shuffle_seed: int | None = None) -> tf.data.Dataset:
+    """One epoch of (inputs int32 [B, T], labels int32 [B, T]) windows, from window `start` on."""
+    batch, unroll, per_chunk = layout.batch_size, layout.unroll_steps, layout.windows_per_chunk
+    chunks = token_stream(files, shuffle_seed).rebatch(layout.chunk_tokens, drop_remainder=True)
+    chunks = chunks.take(layout.chunks).skip(start // per_chunk)
+
+    def to_windows(chunk: tf.Tensor) -> tf.data.Dataset:
+        rows = tf.reshape(chunk, [batch, per_chunk * unroll + 1])
+
+        def cut(matrix: tf.Tensor) -> tf.Tensor:  # [B, K*T] -> [K, B, T]
+            return tf.transpose(tf.reshape(matrix, [batch, per_chunk, unroll]), [1, 0, 2])
+
+        return tf.data.Dataset.from_tensor_slices((cut(rows[:, :-1]), cut(rows[:, 1:])))
+
+    return chunks.flat_map(to_windows).skip(start % per_chunk).prefetch(tf.data.AUTOTUNE)

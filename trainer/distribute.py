@@ -1,0 +1,147 @@
+"""The tf.distribute strategy for where the trainer runs, chosen from the environment.
+
+- A TPU VM (Vertex `ct5lp-hightpu-*`, or `TPU_NAME` set): TPUStrategy via TPUClusterResolver.
+- A cluster of more than one worker in TF_CONFIG (Vertex also sets CLUSTER_SPEC; we derive
+  TF_CONFIG from it when missing): MultiWorkerMirroredStrategy.
+- Several GPUs on one machine: MirroredStrategy.
+- Otherwise the default strategy (one device, no wrapping cost).
+
+`--batch_size` is the global batch (the number of parallel token streams); each replica takes a
+contiguous block of `batch_size / replicas` streams, so the stateful streams keep their identity
+whatever the replica count. Only the chief writes summaries, samples and the exported model;
+under MultiWorkerMirroredStrategy every worker must still take part in a checkpoint save (it may
+run collectives), so the others save into a scratch dir (`checkpoint_dir`) they delete after.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import tensorflow as tf
+
+from trainer.errors import UsageError
+
+# Vertex worker pools, in order, and the TF_CONFIG task type each one plays.
+VERTEX_POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
+                     "workerpool3": "evaluator"}
+DEFAULT, MIRRORED, MULTI_WORKER, TPU = "default", "mirrored", "multi_worker", "tpu"
+
+
+def tf_config_from_cluster_spec(cluster_spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Vertex's CLUSTER_SPEC (pools named workerpoolN) as a TF_CONFIG (chief/worker/ps)."""
+    cluster = {VERTEX_POOL_ROLES[pool]: list(hosts)
+               for pool, hosts in cluster_spec.get("cluster", {}).items()
+               if pool in VERTEX_POOL_ROLES and hosts}
+    task = dict(cluster_spec.get("task", {}))
+    task["type"] = VERTEX_POOL_ROLES.get(task.get("type", ""), task.get("type"))
+    config: dict[str, Any] = {"cluster": cluster, "task": task}
+    if "environment" in cluster_spec:
+        config["environment"] = cluster_spec["environment"]
+    return config
+
+
+def tf_config(env: Mapping[str, str]) -> dict[str, Any]:
+    """TF_CONFIG as a dict: TF_CONFIG itself, else derived from CLUSTER_SPEC, else {}."""
+    for name in ("TF_CONFIG", "CLUSTER_SPEC"):
+        text = env.get(name, "")
+        if not text:
+            continue
+        try:
+            body = json.loads(text)
+        except json.JSONDecodeError:
+            raise UsageError(f"environment variable {name} is not valid JSON; unset or fix it") from None
+        return body if name == "TF_CONFIG" else tf_config_from_cluster_spec(body)
+    return {}
+
+
+def cluster_workers(config: Mapping[str, Any]) -> int:
+    """Workers that train (chief + worker) in a TF_CONFIG."""
+    cluster = config.get("cluster", {})
+    return len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+
+
+def on_tpu_vm(env: Mapping[str, str]) -> bool:
+    # TPU VMs expose the chips as /dev/accel* (v2-v4) or /dev/vfio/N (v5e and later).
+    return bool(env.get("TPU_NAME") or glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def choose_kind(config: Mapping[str, Any], gpus: int, tpu: bool) -> str:
+    """Which strategy fits: pure, so the choice is testable without the hardware."""
+    if tpu:
+        return TPU
+    if cluster_workers(config) > 1:
+        return MULTI_WORKER
+    if gpus > 1:
+        return MIRRORED
+    return DEFAULT
+
+
+def strategy_from_environment(env: Mapping[str, str] | None = None) -> tf.distribute.Strategy:
+    """Builds the strategy for this machine. Call once, before any variable is created."""
+    env = os.environ if env is None else env
+    config = tf_config(env)
+    if config and "TF_CONFIG" not in os.environ:
+        # MultiWorkerMirroredStrategy's resolver reads TF_CONFIG from the process environment.
+        os.environ["TF_CONFIG"] = json.dumps(config)
+    kind = choose_kind(config, len(tf.config.list_physical_devices("GPU")), on_tpu_vm(env))
+    if kind == TPU:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=env.get("TPU_NAME", "local"))
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if kind == MULTI_WORKER:
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == MIRRORED:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not getattr(resolver, "task_type", None):
+        return None, 0
+    return resolver.task_type, int(resolver.task_id or 0)
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the one worker that writes summaries, samples, hparams.json and exports."""
+    task_type, task_id = _task(strategy)
+    if task_type is None or task_type == "chief":
+        return True
+    if task_type != "worker":
+        return False
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return "chief" not in cluster and task_id == 0
+
+
+def per_replica_batch(global_batch: int, strategy: tf.distribute.Strategy) -> int:
+    """Streams each replica carries; a global batch that does not split evenly is an error."""
+    replicas = strategy.num_replicas_in_sync
+    if global_batch % replicas:
+        raise UsageError(f"--batch_size={global_batch} does not split over {replicas} replicas; "
+                         f"use a multiple of {replicas}")
+    return global_batch // replicas
+
+
+def replica_streams(global_batch: int, replica_id: int, replicas: int) -> tuple[int, int]:
+    """[start, stop) of the global streams replica `replica_id` carries (contiguous blocks)."""
+    size = global_batch // replicas
+    return replica_id * size, (replica_id + 1) * size
+
+
+def checkpoint_dir(job_dir: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this worker saves: the job dir on the chief, a scratch dir on the others."""
+    if is_chief(strategy):
+        return job_dir
+    task_type, task_id = _task(strategy)
+    return f"{job_dir.rstrip('/')}/.workers/{task_type}-{task_id}"
+
+
+def remove_scratch(path: str, job_dir: str) -> None:
+    """Deletes a non-chief's scratch save dir; never the job dir itself."""
+    if path.rstrip("/") != job_dir.rstrip("/") and tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)

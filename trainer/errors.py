@@ -1,0 +1,35 @@
+"""User mistakes, reported as one line instead of a traceback.
+
+Library code raises `UsageError` (or the data contract's `ContractError`) with a message that
+names the flag or file and the fix; entry points wrap `main` in `run_cli`, which prints that line
+to stderr and exits with status 1. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from preprocessing.contract import ContractError
+
+
+class UsageError(Exception):
+    """A mistake the user can fix; the message is one line naming the flag or file and the fix."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def run_cli(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+    """Wraps an absl `main` so user mistakes end in one line and exit status 1."""
+
+    def wrapped(argv: list[str]) -> Any:
+        try:
+            return main(argv)
+        except (UsageError, ContractError) as err:
+            fail(str(err))
+
+    return wrapped

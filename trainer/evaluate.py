@@ -1,0 +1,111 @@
+"""`python -m trainer.evaluate --job-dir DIR [--split valid|test] [--best] [--eval_steps N]`.
+
+Loss (nats/token), perplexity and bits per token over a whole split (or its first N windows),
+with the same stateful windows as training: the split cut into parallel streams, the state carried
+from window to window. Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to TensorBoard.
+`--job-dir` may hold `%JOB%` (resolved from the other flags and the data, as in training) or name
+a concrete job dir (its hparams.json supplies the rest). `--data_dir` overrides the data location
+saved in the job dir, for data that moved.
+"""
+
+from __future__ import annotations
+
+import json
+
+import tensorflow as tf
+from absl import app, flags
+
+from preprocessing import contract
+from trainer import checkpoints, data, loops, runner
+from trainer.errors import UsageError, run_cli
+from trainer.flags import define_hparams_flags, explicitly_set, hparams_from_flags
+from trainer.hparams import HParams
+from trainer.model_fn import Params, bits_per_token, perplexity
+from trainer.summaries import Summaries, bits_name_for
+
+
+def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps: int = 0,
+             data_dir: str | None = None, batch_size: int | None = None,
+             write: bool = True) -> dict[str, object]:
+    """Evaluates the job's latest (or best) checkpoint on `split`; returns the metrics.
+
+    eval_steps 0 means the whole split. The result is also written as JSON into the job dir
+    and as TensorBoard scalars `SPLIT/...` at the checkpoint's step, unless `write` is false.
+    """
+    if split not in contract.SPLITS:
+        raise UsageError(f"--split={split}: choose one of {', '.join(contract.SPLITS)}")
+    hparams, metadata, model = checkpoints.load_job(job_dir, best=best)
+    hparams = hparams.replace(data_dir=data_dir or hparams.data_dir,
+                              batch_size=batch_size or hparams.batch_size)
+    _check_same_vocabulary(hparams, metadata)
+    layout = runner.eval_layout(metadata.splits[split].tokens, hparams, split)
+    dataset = data.windows(data.shard_files(hparams.data_dir, hparams.data_prefix, split), layout)
+    if eval_steps > 0:
+        dataset = dataset.take(eval_steps)
+    strategy = tf.distribute.get_strategy()
+    params = Params(hparams, model)
+    state = loops.initial_state(params, strategy, layout.batch_size)
+    nats, tokens, windows = loops.run_eval(loops.make_eval_step(params, strategy), dataset, state)
+    loss = nats / tokens
+    path = checkpoints.checkpoint_path(job_dir, best)
+    step = int(path.rsplit("-", 1)[-1])
+    result: dict[str, object] = {
+        "split": split, "loss": loss, "perplexity": perplexity(loss),
+        bits_name_for(metadata.tokenizer): bits_per_token(loss),
+        "tokens": int(tokens), "windows": windows, "batch_size": layout.batch_size,
+        "unroll_steps": layout.unroll_steps, "checkpoint": path, "step": step,
+    }
+    if write:
+        name = f"eval-{split}{'-best' if best else ''}.json"
+        checkpoints.write_atomic(checkpoints.join(job_dir, name), json.dumps(result, indent=1) + "\n")
+        summaries = Summaries(hparams.summary_dir or checkpoints.join(job_dir, "tensorboard"),
+                              metadata.tokenizer)
+        summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}")
+        summaries.close()
+    return result
+
+
+def _check_same_vocabulary(hparams: HParams, metadata: contract.Metadata) -> None:
+    current = data.read_metadata(hparams.data_dir, hparams.data_prefix)
+    if current.vocab != metadata.vocab:
+        raise UsageError(f"--data_dir={hparams.data_dir}: its vocabulary differs from the one the "
+                         "job was trained with; point --data_dir at the job's data")
+
+
+def describe(result: dict[str, object]) -> str:
+    bits = next(k for k in ("bpc", "bits_per_token") if k in result)
+    return (f"{result['split']}: loss {result['loss']:.4f} nats/token, perplexity "
+            f"{result['perplexity']:.3f}, {bits} {result[bits]:.4f} over {result['tokens']:,} tokens "
+            f"({result['checkpoint']})")
+
+
+def _define_flags() -> None:
+    define_hparams_flags()
+    if "split" not in flags.FLAGS:
+        flags.DEFINE_enum("split", "valid", list(contract.SPLITS), "Split to evaluate.")
+    if "best" not in flags.FLAGS:
+        flags.DEFINE_boolean("best", False, "Use the best checkpoint (JOB_DIR/best), not the latest.")
+
+
+_define_flags()
+
+
+@run_cli
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    try:
+        hparams = hparams_from_flags()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    job_dir = checkpoints.resolve_job_dir(hparams)
+    given = explicitly_set()
+    result = evaluate(job_dir, split=flags.FLAGS.split, best=flags.FLAGS.best,
+                      eval_steps=hparams.eval_steps,
+                      data_dir=hparams.data_dir if "data_dir" in given else None,
+                      batch_size=hparams.batch_size if "batch_size" in given else None)
+    print(describe(result), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

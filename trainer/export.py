@@ -1,0 +1,221 @@
+"""`python -m trainer.export`: a self-contained SavedModel for serving (TF Serving, Vertex AI).
+
+    python -m trainer.export --job-dir job/NAME [--best] [--export_dir DIR]
+
+The SavedModel holds the weights, the vocabulary (string constants and a lookup table) and
+tokenization as TensorFlow ops, so it loads with plain `tf.saved_model.load` and no verne:
+
+- `generate` (also `serving_default`): prime (string), length, temperature, top_k, top_p, seed,
+  sample_mode, num_samples, no_unk -> `text` [num_samples] (each the prime followed by the
+  generated text) and `tokens` [num_samples, length]. It runs `trainer.sampling.generation_loop`,
+  the code babble and serve run, so the same seed gives the same tokens.
+- `next_token_log_probs`: prime -> `log_probs` [V] for the token after the prime, `vocab` [V].
+
+Tokenization in TF: char primes are split into code points, byte primes into bytes, word primes
+with an RE2 translation of `preprocessing.tokenizers.WORD_PATTERN` (newlines normalised and
+case folded as the corpus was; Unicode NFC is not applied). Word output is spaced with regular
+expressions implementing the tokenizer's rules except the alternation of straight quotes.
+Training writes one to JOB_DIR/export at its end (see trainer.runner).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import tensorflow as tf
+from absl import app, flags
+
+from preprocessing import contract
+from trainer import checkpoints
+from trainer.babble import find_job_dir
+from trainer.errors import UsageError, run_cli
+from trainer.flags import define_hparams_flags, hparams_from_flags
+from trainer.models.base import LanguageModel
+from trainer.sampling import banned_logits, boundary_mask, default_prime, generation_loop, prime_model
+
+EXPORT_DIR = "export"
+BEST_EXPORT_DIR = "export-best"
+
+# preprocessing.tokenizers.WORD_PATTERN in RE2: Python's Unicode \w, \d and \s become
+# explicit Unicode classes (RE2's shorthands are ASCII-only).
+_SPACE = r"\s\x0b\x1c-\x1f\x{85}\p{Z}"
+WORD_PATTERN_RE2 = (r"<unk>|<eos>|\n|\p{Nd}+(?:[.,:]\p{Nd}+)+|[\pL\pN]+(?:['’][\pL\pN]+)*"
+                    rf"|[^\pL\pN_{_SPACE}]|_")
+_SEPARATOR = "\x00"
+# tokenizers._WordDecoder's spacing, as substitutions on tokens joined by single spaces.
+_WORD_SPACING = (
+    (r" ([.,;:!?)\]}%’”»…])", r"\1"),
+    (r"([(\[{‘“«¿¡]) ", r"\1"),
+    (r" ?([-–—/]) ?", r"\1"),
+    (r" ?\n ?", "\n"),
+)
+
+
+class GenerationModule(tf.Module):
+    """The exported object: a model, its vocabulary and the two serving functions."""
+
+    def __init__(self, model: LanguageModel, metadata: contract.Metadata) -> None:
+        super().__init__(name="verne")
+        vocab = list(metadata.vocab)
+        self.model = model
+        self.kind, self.lowercase = metadata.tokenizer, metadata.lowercase
+        self.vocab = tf.constant(vocab)
+        self.vocab_size = len(vocab)
+        self.token_text = tf.constant(_token_texts(metadata))
+        self.boundary = tf.constant(boundary_mask(vocab, metadata.tokenizer))
+        self.start = tf.constant(default_prime(metadata), tf.int32)
+        self.unk_banned = tf.constant(banned_logits(len(vocab), metadata.unk_id, no_unk=True))
+        keys, values = _lookup_entries(metadata)
+        self.table = tf.lookup.StaticHashTable(
+            tf.lookup.KeyValueTensorInitializer(keys, tf.constant(values, tf.int32)),
+            default_value=-1 if metadata.unk_id is None else metadata.unk_id)
+
+    @tf.function(input_signature=[
+        tf.TensorSpec([], tf.string, name="prime"), tf.TensorSpec([], tf.int32, name="length"),
+        tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int32, name="top_k"),
+        tf.TensorSpec([], tf.float32, name="top_p"), tf.TensorSpec([], tf.int64, name="seed"),
+        tf.TensorSpec([], tf.int32, name="sample_mode"), tf.TensorSpec([], tf.int32, name="num_samples"),
+        tf.TensorSpec([], tf.bool, name="no_unk")])
+    def generate(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+                 top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor, num_samples: tf.Tensor,
+                 no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
+        checks = [tf.debugging.assert_positive(length, message="length must be at least 1"),
+                  tf.debugging.assert_positive(num_samples, message="num_samples must be at least 1")]
+        with tf.control_dependencies(checks):
+            ids = self.prime_ids(prime)
+        logits, state, prev = prime_model(self.model, ids, num_samples)
+        params = {"temperature": temperature, "sample_mode": sample_mode, "top_k": top_k,
+                  "top_p": top_p, "seed": seed}
+        banned = tf.where(no_unk, self.unk_banned, tf.zeros_like(self.unk_banned))
+        tokens, _, _, _ = generation_loop(self.model, logits, state, prev, tf.constant(0), length,
+                                          params, self.boundary, banned)
+        return {"text": prime + self.detokenize(tokens, ids[-1]), "tokens": tokens}
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="prime")])
+    def next_token_log_probs(self, prime: tf.Tensor) -> dict[str, tf.Tensor]:
+        logits, _, _ = prime_model(self.model, self.prime_ids(prime), tf.constant(1))
+        return {"log_probs": tf.nn.log_softmax(logits[0]), "vocab": self.vocab}
+
+    def prime_ids(self, prime: tf.Tensor) -> tf.Tensor:
+        """int32 [P]: the prime's token ids (unknown pieces -> <unk>); a line break if empty."""
+        if self.kind == "byte":
+            ids = tf.cast(tf.io.decode_raw(prime, tf.uint8), tf.int32)
+        else:
+            text = tf.strings.regex_replace(prime, "\r\n?", "\n")
+            if self.lowercase:
+                text = tf.strings.lower(text, encoding="utf-8")
+            pieces = (tf.strings.unicode_split(text, "UTF-8") if self.kind == "char"
+                      else word_pieces(text))
+            ids = self.table.lookup(pieces)
+            ids = tf.boolean_mask(ids, ids >= 0)  # unknown pieces when there is no <unk>
+        return tf.cond(tf.size(ids) > 0, lambda: ids, lambda: self.start)
+
+    def detokenize(self, tokens: tf.Tensor, last_prime_id: tf.Tensor) -> tf.Tensor:
+        """string [B]: the text of generated tokens [B, L] following the prime's last token."""
+        texts = tf.gather(self.token_text, tokens)
+        if self.kind == "char":
+            return tf.strings.reduce_join(texts, axis=-1)
+        if self.kind == "byte":
+            joined = tf.strings.reduce_join(texts, axis=-1)
+            return tf.strings.unicode_transcode(joined, "UTF-8", "UTF-8", errors="replace")
+        # Words: space them after the prime's last token (it decides the first space), then cut it.
+        head = tf.gather(self.token_text, last_prime_id)
+        heads = tf.fill([tf.shape(tokens)[0]], head)
+        joined = tf.strings.reduce_join(tf.concat([heads[:, None], texts], axis=1), axis=-1, separator=" ")
+        for pattern, rewrite in _WORD_SPACING:
+            joined = tf.strings.regex_replace(joined, pattern, rewrite)
+        return tf.strings.substr(joined, tf.strings.length(head), -1)
+
+
+def word_pieces(text: tf.Tensor) -> tf.Tensor:
+    """string [N]: `tokenizers.word_pieces` of a scalar string, in TF ops (RE2)."""
+    marked = tf.strings.regex_replace(text, f"({WORD_PATTERN_RE2})", rf"{_SEPARATOR}\1{_SEPARATOR}")
+    pieces = tf.strings.split(marked, _SEPARATOR)
+    blank = tf.strings.regex_full_match(pieces, f"[{_SPACE}]*")
+    return tf.boolean_mask(pieces, tf.logical_or(tf.equal(pieces, "\n"), tf.logical_not(blank)))
+
+
+def _token_texts(metadata: contract.Metadata) -> list[bytes] | list[str]:
+    """What each id prints as: the byte itself for byte models, a line break for <eos>."""
+    if metadata.tokenizer == "byte":
+        return [bytes([b]) for b in range(256)]
+    return ["\n" if token == contract.EOS else token for token in metadata.vocab]
+
+
+def _lookup_entries(metadata: contract.Metadata) -> tuple[list[str], list[int]]:
+    keys, values = list(metadata.vocab), list(range(metadata.vocab_size))
+    if metadata.line_eos and contract.EOS in metadata.vocab and contract.NEWLINE not in metadata.vocab:
+        keys.append(contract.NEWLINE)
+        values.append(metadata.vocab.index(contract.EOS))
+    return keys, values
+
+
+def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: str) -> str:
+    """Writes the SavedModel to `export_dir`, replacing an older export only once complete."""
+    module = GenerationModule(model, metadata)
+    signatures = {"serving_default": module.generate, "generate": module.generate,
+                  "next_token_log_probs": module.next_token_log_probs}
+    staging = f"{export_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
+    # Inference only: the kernels' hand-written gradients need not (and cannot) travel.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
+    tf.saved_model.save(module, staging, signatures=signatures, options=options)
+    _replace_dir(staging, export_dir)
+    return export_dir
+
+
+def _replace_dir(staging: str, final: str) -> None:
+    old = None
+    if tf.io.gfile.exists(final):
+        old = f"{final.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
+        tf.io.gfile.rename(final, old)
+    tf.io.gfile.rename(staging, final)
+    if old is not None:
+        tf.io.gfile.rmtree(old)
+
+
+def export_job(job_dir: str, best: bool = False, export_dir: str | None = None) -> str:
+    """Exports the latest (or best) checkpoint of a concrete job dir; returns the export dir."""
+    _, metadata, model = checkpoints.load_job(job_dir, best=best)
+    target = export_dir or checkpoints.join(job_dir, BEST_EXPORT_DIR if best else EXPORT_DIR)
+    return export_model(model, metadata, target)
+
+
+def generate_with_saved_model(loaded: object, prime: str, length: int, *, temperature: float = 1.0,
+                              top_k: int = 0, top_p: float = 1.0, seed: int = 1, sample_mode: int = 1,
+                              num_samples: int = 1, no_unk: bool = False) -> list[str]:
+    """Convenience for Python callers of a loaded export (what a client would send)."""
+    out = loaded.signatures["generate"](
+        prime=tf.constant(prime), length=tf.constant(length, tf.int32),
+        temperature=tf.constant(temperature, tf.float32), top_k=tf.constant(top_k, tf.int32),
+        top_p=tf.constant(top_p, tf.float32), seed=tf.constant(seed, tf.int64),
+        sample_mode=tf.constant(sample_mode, tf.int32), num_samples=tf.constant(num_samples, tf.int32),
+        no_unk=tf.constant(no_unk))
+    return [text.decode("utf-8") for text in out["text"].numpy()]
+
+
+def define_flags() -> None:
+    """The hyperparameter flags (so --job-dir may hold %JOB%) plus export's own. Idempotent."""
+    if "export_dir" in flags.FLAGS:
+        return
+    define_hparams_flags()
+    flags.DEFINE_boolean("best", False, "Export the best checkpoint instead of the latest.")
+    flags.DEFINE_string("export_dir", "", "Where to write the SavedModel (default JOB_DIR/export).")
+
+
+@run_cli
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    try:
+        hparams = hparams_from_flags()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    job_dir = find_job_dir(hparams)
+    path = export_job(job_dir, flags.FLAGS.best, flags.FLAGS.export_dir or None)
+    print(f"exported {job_dir} -> {path} (signatures: generate, next_token_log_probs)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

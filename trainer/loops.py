@@ -1,0 +1,82 @@
+"""Compiled steps shared by training and evaluation, written against `tf.distribute`.
+
+Each step runs `model_fn` in one replica through `strategy.run`; with the default strategy (one
+device) that is a plain call. The recurrent state is an input and an output of every step, so
+the caller carries it from window to window (per replica under a multi-device strategy).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from trainer.model_fn import Mode, Params, model_fn
+from trainer.models.base import State
+
+TrainStep = Callable[[tf.Tensor, tf.Tensor, State], tuple[tf.Tensor, tf.Tensor, State]]
+EvalStep = Callable[[tf.Tensor, tf.Tensor, State], tuple[tf.Tensor, tf.Tensor, State]]
+
+
+def initial_state(params: Params, strategy: tf.distribute.Strategy, global_batch: int) -> State:
+    """Zero state for `global_batch` streams, split over the strategy's replicas."""
+    per_replica = global_batch // strategy.num_replicas_in_sync
+    return strategy.run(lambda: params.model.initial_state(per_replica))
+
+
+def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
+                    strategy: tf.distribute.Strategy) -> TrainStep:
+    """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state)."""
+    model, clip = params.model, params.hparams.grad_clip
+    replicas = strategy.num_replicas_in_sync
+
+    def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        with tf.GradientTape() as tape:
+            spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, params)
+            # Gradients are summed over replicas, so each contributes its share of the mean.
+            scaled = spec.loss / replicas
+        variables = model.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        norm = tf.linalg.global_norm(grads)
+        if clip > 0:
+            grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=norm)
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        return spec.loss, norm, spec.state
+
+    @tf.function
+    def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        loss, norm, state = strategy.run(replica_step, args=(tokens, labels, state))
+        mean = tf.distribute.ReduceOp.MEAN
+        return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, norm, axis=None), state)
+
+    return step
+
+
+def make_eval_step(params: Params, strategy: tf.distribute.Strategy) -> EvalStep:
+    """(tokens, labels, state) -> (summed nats, token count, next state)."""
+
+    def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.EVAL, params)
+        return spec.eval_metrics["nats"], spec.eval_metrics["tokens"], spec.state
+
+    @tf.function
+    def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        nats, count, state = strategy.run(replica_step, args=(tokens, labels, state))
+        total = tf.distribute.ReduceOp.SUM
+        return strategy.reduce(total, nats, axis=None), strategy.reduce(total, count, axis=None), state
+
+    return step
+
+
+def run_eval(step: EvalStep, dataset: tf.data.Dataset, state: State) -> tuple[float, float, int]:
+    """Sums (nats, tokens, windows) over every window of `dataset`, carrying the state."""
+    nats, tokens, windows = 0.0, 0.0, 0
+    for inputs, labels in dataset:
+        window_nats, window_tokens, state = step(inputs, labels, state)
+        # Summed in Python float64: exact whole-split averages even over millions of tokens.
+        nats += float(window_nats)
+        tokens += float(window_tokens)
+        windows += 1
+    return nats, tokens, windows

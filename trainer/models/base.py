@@ -1,0 +1,28 @@
+"""The interface every verne language model implements (see `trainer.models`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+# A model's recurrent state: any nest (tuples) of float32 tensors whose leading dim is the batch.
+State = Any
+
+
+class LanguageModel(keras.Model):
+    """Maps a window of tokens and the state left by the previous window to next-token logits.
+
+    Subclasses implement `initial_state` and `call`; regularisation terms that only apply in
+    training (AWD's AR/TAR) are added with `self.add_loss` when `training` is true, and the
+    model_fn adds `model.losses` to the training loss.
+    """
+
+    def initial_state(self, batch_size: int | tf.Tensor) -> State:
+        """The state a stream starts from (zeros for recurrent models)."""
+        raise NotImplementedError
+
+    def call(self, tokens: tf.Tensor, state: State, training: bool = False) -> tuple[tf.Tensor, State]:
+        """tokens int32 [B, T], state -> (logits float32 [B, T, V], the state after the window)."""
+        raise NotImplementedError

@@ -1,0 +1,393 @@
+"""The small Estimator replacement: `train(hparams)` runs and resumes a training job.
+
+One job dir, one model: the first run writes `hparams.json` and a copy of the data's metadata,
+every run resumes from the newest checkpoint (global step, optimizer slots, epoch, window
+position in the epoch and the carried recurrent state) and says so in one line. Checkpoints go
+out every `save_checkpoints_steps`, at the end and on SIGTERM (preemption); the best checkpoint
+by validation loss is kept in `best/`. A NaN or Inf stops the run before anything is saved.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from preprocessing import contract
+from trainer import checkpoints, data, finetune, loops, optimizers, sampling
+from trainer.errors import UsageError
+from trainer.hparams import HPARAMS_FILE, HParams, shape_mismatches
+from trainer.model_fn import Params, bits_per_token, perplexity
+from trainer.models import build_model
+from trainer.progress import Progress
+from trainer.summaries import Summaries, bits_name_for
+
+SAMPLE_TEMPERATURE = 0.8
+
+
+class TrainingDiverged(UsageError):
+    """The loss or the weights became NaN/Inf; nothing was saved after the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    job_dir: str
+    language_model: str
+    step: int
+    epoch: int
+    position: int
+    train_loss: float | None  # mean over the last logging interval
+    eval_loss: float | None  # the last validation loss (nats/token)
+    best_eval_loss: float | None
+    tokens_per_second: float
+    stopped: str  # "finished" | "terminated" (SIGTERM)
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def prepare_job(hparams: HParams) -> tuple[HParams, contract.Metadata]:
+    """Resolves hparams against the data and the job dir, checks every user error, then writes
+    hparams.json and metadata.json into the job dir. Nothing is written if a check fails."""
+    metadata = data.read_metadata(hparams.data_dir, hparams.data_prefix)
+    hparams = checkpoints.resolve_hparams(hparams, metadata).validate()
+    data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
+    data.layout_for(metadata.splits["train"].tokens, hparams.batch_size, hparams.unroll_steps)
+    _check_existing_job(hparams, metadata)
+    finetune.check(hparams, metadata)
+    checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json())
+    checkpoints.write_atomic(checkpoints.join(hparams.job_dir, checkpoints.METADATA_FILE),
+                             contract.metadata_to_json(metadata))
+    return hparams, metadata
+
+
+def _check_existing_job(hparams: HParams, metadata: contract.Metadata) -> None:
+    saved = checkpoints.saved_hparams(hparams.job_dir)
+    if saved is not None:
+        mismatches = shape_mismatches(saved, hparams)
+        if mismatches:
+            raise UsageError(f"--job-dir={hparams.job_dir} holds a model of another shape "
+                             f"({'; '.join(mismatches)}); use the job's flags or another --job-dir")
+    saved_metadata = checkpoints.saved_metadata(hparams.job_dir)
+    if saved_metadata is not None and saved_metadata.vocab != metadata.vocab:
+        raise UsageError(
+            f"--data_dir={hparams.data_dir} --data_prefix={hparams.data_prefix}: its vocabulary "
+            f"({metadata.vocab_size} tokens) differs from the one --job-dir={hparams.job_dir} was "
+            f"trained with ({saved_metadata.vocab_size}); use another --job-dir or that job's data")
+
+
+def eval_layout(split_tokens: int, hparams: HParams, split: str) -> data.Layout:
+    """Evaluation keeps the unroll length; a small split gets fewer streams rather than none."""
+    batch = min(hparams.batch_size, max(split_tokens // (hparams.unroll_steps + 1), 1))
+    return data.layout_for(split_tokens, batch, hparams.unroll_steps, split)
+
+
+def strategy_from_environment() -> tf.distribute.Strategy:
+    """trainer.distribute picks the strategy when it exists; otherwise the default (one device)."""
+    if importlib.util.find_spec("trainer.distribute") is None:
+        return tf.distribute.get_strategy()
+    from trainer import distribute
+
+    return distribute.strategy_from_environment()
+
+
+class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warm-up to the peak, then constant, linear decay to 0, or cosine decay to 0."""
+
+    def __init__(self, peak: float, schedule: str, warmup_steps: int, total_steps: int) -> None:
+        self.peak, self.schedule = peak, schedule
+        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+
+    def __call__(self, step: Any) -> tf.Tensor:
+        step = tf.cast(step, tf.float32)
+        warmup = tf.minimum(1.0, (step + 1.0) / max(self.warmup_steps, 1))
+        decay_steps = max(self.total_steps - self.warmup_steps, 1)
+        progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        if self.schedule == "linear":
+            factor = 1.0 - progress
+        elif self.schedule == "cosine":
+            factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            factor = tf.constant(1.0)
+        return self.peak * warmup * factor
+
+    def get_config(self) -> dict[str, Any]:
+        return {"peak": self.peak, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
+                "total_steps": self.total_steps}
+
+
+def make_optimizer(hparams: HParams, total_steps: int) -> keras.optimizers.Optimizer:
+    rate = LearningRate(hparams.learning_rate, hparams.lr_schedule, hparams.warmup_steps, total_steps)
+    if hparams.optimizer == "adam":
+        return keras.optimizers.Adam(rate)
+    if hparams.optimizer == "rmsprop":
+        return keras.optimizers.RMSprop(rate)
+    if hparams.optimizer == "sgd":
+        return keras.optimizers.SGD(rate)
+    if hparams.optimizer == "ntasgd":
+        return optimizers.make_ntasgd(rate)
+    raise UsageError(f"--optimizer={hparams.optimizer} is not available yet; use adam, rmsprop or sgd")
+
+
+def total_steps(hparams: HParams, layout: data.Layout) -> int:
+    """Where training stops: --max_steps when given, else --epochs over the training split."""
+    return hparams.max_steps if hparams.max_steps > 0 else hparams.epochs * layout.windows_per_epoch
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class _Position:
+    step: int = 0
+    epoch: int = 0
+    window: int = 0  # windows consumed in the current epoch
+
+
+class _Trainer:
+    """Holds the objects of one run; `run()` is the loop."""
+
+    def __init__(self, hparams: HParams, metadata: contract.Metadata) -> None:
+        self.hparams, self.metadata = hparams, metadata
+        self.layout = data.layout_for(metadata.splits["train"].tokens, hparams.batch_size,
+                                      hparams.unroll_steps)
+        self.total = total_steps(hparams, self.layout)
+        self.train_files = data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
+        self.valid = self._valid_split()
+        self.strategy = strategy_from_environment()
+        keras.utils.set_random_seed(hparams.seed)
+        with self.strategy.scope():
+            self.model = build_model(hparams)
+            self.optimizer = make_optimizer(hparams, self.total)
+            self.optimizer.build(self.model.trainable_variables)
+            self.counters = {name: tf.Variable(0, dtype=tf.int64, trainable=False)
+                             for name in ("step", "epoch", "position")}
+            self.layout_var = tf.Variable([0, 0, 0], dtype=tf.int64, trainable=False)
+            self.best_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
+        self.params = Params(hparams, self.model)
+        self.single_replica = self.strategy.num_replicas_in_sync == 1
+        # The carried state is saved too (single replica), so a resumed run continues exactly.
+        self.carry = [tf.Variable(t, trainable=False)
+                      for t in tf.nest.flatten(self.model.initial_state(hparams.batch_size))]
+        items = dict(model=self.model, optimizer=self.optimizer, layout=self.layout_var,
+                     best_loss=self.best_loss, **self.counters)
+        self.checkpoint = tf.train.Checkpoint(**items, carry=self.carry)
+        self.checkpoint_without_carry = tf.train.Checkpoint(**items)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, hparams.job_dir,
+                                                  max_to_keep=hparams.keep_checkpoint_max)
+        self.best_manager = tf.train.CheckpointManager(
+            self.checkpoint, checkpoints.join(hparams.job_dir, checkpoints.BEST_DIR), max_to_keep=1)
+        self.train_step = loops.make_train_step(self.params, self.optimizer, self.strategy)
+        self.eval_step = loops.make_eval_step(self.params, self.strategy)
+        self.sampler = sampling.Sampler(self.model)
+        self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer)
+        self.terminate = False
+        self.saved_step = -1
+
+    def _valid_split(self) -> tuple[list[str], data.Layout] | None:
+        tokens = self.metadata.splits["valid"].tokens
+        if self.hparams.eval_every <= 0 or tokens <= self.hparams.unroll_steps + 1:
+            return None
+        files = data.shard_files(self.hparams.data_dir, self.hparams.data_prefix, "valid")
+        return files, eval_layout(tokens, self.hparams, "valid")
+
+    # ------------------------------------------------------------ resume and save
+
+    def restore(self) -> tuple[_Position, Any]:
+        """Restores the newest checkpoint if any; returns the position and the carried state."""
+        state = self.model.initial_state(self.hparams.batch_size)
+        path = self.manager.latest_checkpoint
+        if path is None:
+            for line in finetune.warm_start(self.model, self.hparams, self.metadata):
+                print(line, flush=True)
+            print(f"Starting {self.hparams.job_dir} from scratch "
+                  f"({self.layout.windows_per_epoch} windows per epoch)", flush=True)
+            return _Position(), state
+        saved_layout = tf.train.load_checkpoint(path).get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
+        current = [self.layout.batch_size, self.layout.unroll_steps, self.layout.windows_per_epoch]
+        same_layout = list(saved_layout) == current
+        (self.checkpoint if same_layout else self.checkpoint_without_carry).restore(path) \
+            .assert_existing_objects_matched()
+        position = _Position(*(int(self.counters[k].numpy()) for k in ("step", "epoch", "position")))
+        note = ""
+        if same_layout:
+            state = tf.nest.pack_sequence_as(state, [v.read_value() for v in self.carry])
+        else:
+            # Another batch size or unroll length: keep the same fraction of the epoch.
+            position.window = position.window * current[2] // max(int(saved_layout[2]), 1)
+            note = " (batch/unroll changed: same point of the epoch, fresh state)"
+        self.saved_step = position.step
+        print(f"Resuming {self.hparams.job_dir} from {path}: step {position.step}, "
+              f"epoch {position.epoch}, window {position.window}/{self.layout.windows_per_epoch}{note}",
+              flush=True)
+        return position, state
+
+    def save(self, position: _Position, state: Any) -> None:
+        if self.saved_step == position.step:
+            return
+        self._check_weights_finite(position.step)
+        for name, value in (("step", position.step), ("epoch", position.epoch),
+                            ("position", position.window)):
+            self.counters[name].assign(value)
+        self.layout_var.assign([self.layout.batch_size, self.layout.unroll_steps,
+                                self.layout.windows_per_epoch])
+        if self.single_replica:
+            for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
+                variable.assign(value)
+        self.manager.save(checkpoint_number=position.step)
+        self.saved_step = position.step
+
+    def _check_weights_finite(self, step: int) -> None:
+        finite = all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.trainable_variables)
+        if not finite:
+            self._diverged(step, "the weights")
+
+    def _diverged(self, step: int, what: str) -> None:
+        last = self.manager.latest_checkpoint or "none yet"
+        raise TrainingDiverged(
+            f"{what} became NaN/Inf at step {step}; stopped without saving (last good checkpoint: "
+            f"{last}); lower --learning_rate or set --grad_clip, then rerun to resume")
+
+    # ------------------------------------------------------------ evaluation and samples
+
+    def evaluate(self, step: int) -> float | None:
+        if self.valid is None:
+            return None
+        files, layout = self.valid
+        dataset = data.windows(files, layout)
+        if self.hparams.eval_steps > 0:
+            dataset = dataset.take(self.hparams.eval_steps)
+        state = loops.initial_state(self.params, self.strategy, layout.batch_size)
+        # NT-ASGD evaluates (and keeps as best/) the averaged weights once it has switched.
+        with optimizers.averaged_weights(self.optimizer):
+            nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), state)
+            loss = nats / tokens
+            self.summaries.eval(step, loss)
+            if loss < float(self.best_loss.numpy()):
+                self.best_loss.assign(loss)
+                self.best_manager.save(checkpoint_number=step)
+        if isinstance(self.optimizer, optimizers.NTASGD) and self.optimizer.observe_validation(loss):
+            print(f"NT-ASGD: validation loss stalled at step {step}; averaging weights from now on",
+                  flush=True)
+        return loss
+
+    def sample(self, step: int) -> None:
+        hparams = self.hparams
+        ids = self.sampler.generate(sampling.default_prime(self.metadata), hparams.sample_length,
+                                    SAMPLE_TEMPERATURE, seed=hparams.seed + step)
+        text = sampling.decode(ids, self.metadata)
+        checkpoints.write_atomic(checkpoints.join(hparams.job_dir, checkpoints.SAMPLES_DIR,
+                                                  f"step-{step}.txt"), text)
+        self.summaries.sample(step, text)
+
+    def _distribute(self, dataset: tf.data.Dataset) -> Any:
+        if self.single_replica:
+            return dataset
+        return self.strategy.experimental_distribute_dataset(dataset)
+
+    # ------------------------------------------------------------ the loop
+
+    def finished(self, position: _Position) -> bool:
+        if self.hparams.max_steps > 0:
+            return position.step >= self.hparams.max_steps
+        return position.epoch >= self.hparams.epochs
+
+    def run(self) -> TrainResult:
+        hparams = self.hparams
+        position, state = self.restore()
+        self.summaries.hparams(hparams)
+        progress = Progress(self.total, position.step, self.layout.tokens_per_window,
+                            hparams.log_every, bits_name=self.summaries.bits_name)
+        eval_loss, last_eval_step, stopped = None, -1, "finished"
+        while not self.finished(position) and not self.terminate:
+            dataset = data.windows(self.train_files, self.layout, start=position.window,
+                                   shuffle_seed=hparams.seed * 100003 + position.epoch)
+            for inputs, labels in self._distribute(dataset):
+                loss, norm, state = self.train_step(inputs, labels, state)
+                loss, norm = float(loss), float(norm)
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    progress.close()
+                    what = "the loss" if not math.isfinite(loss) else "the gradient"
+                    self._diverged(position.step + 1, what)
+                position.step += 1
+                position.window += 1
+                if progress.step(position.step, loss):
+                    rate = float(self.optimizer.learning_rate.numpy())
+                    self.summaries.train(position.step, progress.interval_loss, rate, norm,
+                                         progress.tokens_per_second)
+                    progress.log(position.epoch, rate, norm)
+                with progress.paused():
+                    if hparams.eval_every > 0 and position.step % hparams.eval_every == 0:
+                        eval_loss, last_eval_step = self.evaluate(position.step), position.step
+                        progress.note_eval(eval_loss)
+                    if position.step % hparams.save_checkpoints_steps == 0:
+                        self.save(position, state)
+                    if hparams.sample_every > 0 and position.step % hparams.sample_every == 0:
+                        self.sample(position.step)
+                if self.finished(position) or self.terminate:
+                    break
+            else:
+                # The epoch is over: the next one starts from fresh state at its first window.
+                position.epoch += 1
+                position.window = 0
+                state = self.model.initial_state(hparams.batch_size)
+        if self.terminate:
+            stopped = "terminated"
+            print(f"SIGTERM: saving a checkpoint at step {position.step} and stopping", flush=True)
+        else:
+            if last_eval_step != position.step and self.valid is not None:
+                eval_loss = self.evaluate(position.step)
+                progress.note_eval(eval_loss)
+            self.sample(position.step)
+        self.save(position, state)
+        progress.close()
+        self.summaries.close()
+        best = float(self.best_loss.numpy())
+        return TrainResult(hparams.job_dir, str(hparams.language_model), position.step, position.epoch,
+                           position.window, progress.interval_loss, eval_loss,
+                           best if math.isfinite(best) else None, progress.tokens_per_second, stopped)
+
+
+@contextmanager
+def _sigterm_sets_flag(trainer: _Trainer) -> Iterator[None]:
+    """SIGTERM (preemption) asks the loop to checkpoint and stop after the current step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        trainer.terminate = True
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def train(hparams: HParams) -> TrainResult:
+    """Trains (or resumes) the job described by `hparams`; see the module docstring."""
+    hparams, metadata = prepare_job(hparams)
+    trainer = _Trainer(hparams, metadata)
+    with _sigterm_sets_flag(trainer):
+        return trainer.run()
+
+
+def describe(result: TrainResult) -> str:
+    """One line for the end of a run."""
+    parts = [f"step {result.step}", f"epoch {result.epoch}"]
+    if result.eval_loss is not None:
+        unit = bits_name_for(result.language_model)
+        parts.append(f"valid loss {result.eval_loss:.4f} ppl {perplexity(result.eval_loss):.2f} "
+                     f"{unit} {bits_per_token(result.eval_loss):.4f}")
+    parts.append(f"{result.tokens_per_second:,.0f} tokens/s")
+    return f"{result.stopped}: " + ", ".join(parts) + f" -> {result.job_dir}"
+

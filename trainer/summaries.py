@@ -1,0 +1,55 @@
+"""TensorBoard output of a training run: scalars, text samples and the hyperparameters."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
+
+from trainer.hparams import HParams
+from trainer.model_fn import bits_per_token, perplexity
+
+
+def bits_name_for(tokenizer: str) -> str:
+    """bpc for char and byte models (what their papers report), bits per token for words."""
+    return "bpc" if tokenizer in ("char", "byte") else "bits_per_token"
+
+
+class Summaries:
+    def __init__(self, summary_dir: str, tokenizer: str) -> None:
+        self.writer = tf.summary.create_file_writer(summary_dir)
+        self.bits_name = bits_name_for(tokenizer)
+
+    def _losses(self, prefix: str, step: int, loss: float) -> None:
+        tf.summary.scalar(f"{prefix}/loss", loss, step=step)
+        tf.summary.scalar(f"{prefix}/perplexity", perplexity(loss), step=step)
+        tf.summary.scalar(f"{prefix}/{self.bits_name}", bits_per_token(loss), step=step)
+
+    def train(self, step: int, loss: float, learning_rate: float, grad_norm: float,
+              tokens_per_second: float) -> None:
+        with self.writer.as_default():
+            self._losses("train", step, loss)
+            tf.summary.scalar("train/learning_rate", learning_rate, step=step)
+            tf.summary.scalar("train/grad_norm", grad_norm, step=step)
+            tf.summary.scalar("train/tokens_per_second", tokens_per_second, step=step)
+
+    def eval(self, step: int, loss: float, split: str = "eval") -> None:
+        with self.writer.as_default():
+            self._losses(split, step, loss)
+        self.writer.flush()
+
+    def sample(self, step: int, text: str) -> None:
+        with self.writer.as_default():
+            # Indented: TensorBoard renders text as Markdown, a code block keeps line breaks.
+            tf.summary.text("sample", "\n".join("    " + line for line in text.split("\n")), step=step)
+        self.writer.flush()
+
+    def hparams(self, hparams: HParams) -> None:
+        values = {k: v for k, v in dataclasses.asdict(hparams).items()
+                  if isinstance(v, bool | int | float | str)}
+        with self.writer.as_default():
+            hparams_api.hparams(values, trial_id=hparams.job_dir)
+
+    def close(self) -> None:
+        self.writer.close()

@@ -1,0 +1,29 @@
+"""`python -m trainer.task`: train (or resume) a language model. Thin: flags -> HParams -> runner."""
+
+from __future__ import annotations
+
+from absl import app
+
+from trainer import runner
+from trainer.errors import UsageError, run_cli
+from trainer.flags import define_hparams_flags, hparams_from_flags
+
+define_hparams_flags()
+
+
+@run_cli
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    try:
+        hparams = hparams_from_flags()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    result = runner.train(hparams)
+    print(runner.describe(result), flush=True)
+    # 143 = 128 + SIGTERM: a supervisor sees that the job stopped early (and will resume it).
+    return 143 if result.stopped == "terminated" else 0
+
+
+if __name__ == "__main__":
+    app.run(main)
