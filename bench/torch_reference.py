@@ -39,7 +39,10 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
 
 
 def detach(state: object) -> object:
-    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    # float() too: under autocast the state comes back in bfloat16.
+    if isinstance(state, tuple):
+        return tuple(s.detach().float() for s in state)
+    return state.detach().float()
 
 
 def main() -> None:

@@ -57,26 +57,27 @@ def evaluate(model: Input[Model], split: str, best: bool, metrics: Output[Metric
 
 
 def sample(model: Input[Model], num_samples: int, length: int, temperature: float, prime: str,
-           seed: int, loss: float, perplexity: float, bpc: float, samples: Output[Markdown]):
+           seed: int, best: bool, loss: float, perplexity: float, bpc: float, samples: Output[Markdown]):
     """Generated texts from the trained model, as a Markdown page."""
     from pipelines import steps
 
     job_dir = steps.location(model.uri, model.path)
-    texts = steps.sample(job_dir, num_samples, length, temperature, prime, seed)
+    texts = steps.sample(job_dir, num_samples, length, temperature, prime, seed, best)
     scores = {"loss": loss, "perplexity": perplexity, "bpc": bpc}
     steps.write_text(samples.path, steps.samples_markdown(texts, job_dir, scores))
     samples.metadata["num_samples"] = len(texts)
 
 
-def publish(model: Input[Model], publish_uri: str, run_name: str, loss: float, perplexity: float,
-            bpc: float, published: Output[Model]):
-    """Copies the job dir to PUBLISH_URI/JOB_NAME/RUN_NAME; `published` points at the copy."""
+def publish(model: Input[Model], publish_uri: str, run_name: str, best: bool, loss: float,
+            perplexity: float, bpc: float, published: Output[Model]):
+    """Copies the job dir and its SavedModel to PUBLISH_URI/JOB_NAME/RUN_NAME; `published`
+    points at the copy."""
     from pipelines import steps
 
     destination = steps.publish_destination(publish_uri, model.metadata["job_name"], run_name)
     scores = {"loss": loss, "perplexity": perplexity, "bpc": bpc}
     published.metadata.update(steps.publish(steps.location(model.uri, model.path), destination,
-                                            scores))
+                                            scores, best))
     # Vertex AI and kfp.local record the artifact where the component says it is.
     published.uri = destination
 

@@ -56,7 +56,7 @@ def apply_resources(task: dsl.PipelineTask, resources: Resources) -> dsl.Pipelin
 
 def add_quality_gate(components: Components, model: Any, scores: dict[str, Any],
                      gate_metric: str, quality_threshold: Any, sample_args: dict[str, Any],
-                     publish_uri: Any) -> None:
+                     publish_uri: Any, best: Any) -> None:
     """Sample and publish only when the evaluated `gate_metric` is below the threshold.
 
     Lower is better for every gate metric (loss, perplexity, bits per token). The Else branch
@@ -64,8 +64,8 @@ def add_quality_gate(components: Components, model: Any, scores: dict[str, Any],
     """
     value = scores[gate_metric]
     with dsl.If(value < quality_threshold, name="quality-passed"):
-        components.sample(model=model, **sample_args, **scores)
-        components.publish(model=model, publish_uri=publish_uri,
+        components.sample(model=model, best=best, **sample_args, **scores)
+        components.publish(model=model, publish_uri=publish_uri, best=best,
                            run_name=dsl.PIPELINE_JOB_NAME_PLACEHOLDER, **scores)
     with dsl.Else(name="quality-failed"):
         components.not_published(model=model, metric=gate_metric, value=value,
@@ -119,7 +119,7 @@ def create_pipeline(image: str = DEFAULT_IMAGE, resources: Resources = Resources
                        "temperature": temperature, "prime": prime, "seed": seed}
         scores = {name: evaluation.outputs[name] for name in GATE_METRICS}
         add_quality_gate(components, model, scores, gate_metric, quality_threshold,
-                         sample_args, publish_uri)
+                         sample_args, publish_uri, eval_best)
 
     return verne_pipeline
 
@@ -136,13 +136,13 @@ def create_gate_pipeline(image: str = DEFAULT_IMAGE, gate_metric: str = "bpc") -
     def gate_pipeline(job_dir: str, job_name: str, publish_uri: str, loss: float,
                       perplexity: float, bpc: float, quality_threshold: float,
                       num_samples: int = 3, sample_length: int = 500, temperature: float = 0.8,
-                      prime: str = "", seed: int = 1):
+                      prime: str = "", seed: int = 1, best: bool = False):
         model = dsl.importer(artifact_uri=job_dir, artifact_class=dsl.Model, reimport=False,
                              metadata={"job_name": job_name}).output
         scores = {"loss": loss, "perplexity": perplexity, "bpc": bpc}
         sample_args = {"num_samples": num_samples, "length": sample_length,
                        "temperature": temperature, "prime": prime, "seed": seed}
         add_quality_gate(components, model, scores, gate_metric, quality_threshold,
-                         sample_args, publish_uri)
+                         sample_args, publish_uri, best)
 
     return gate_pipeline

@@ -208,7 +208,9 @@ def run_local(pipeline_func: Any, arguments: dict[str, Any], pipeline_root: str)
         except RuntimeError as err:
             # kfp.local has printed the failing step's log (and its traceback) above.
             raise UsageError(f"the local run failed: {err}; the step's log above says why") from None
-    new = sorted(name for name in set(os.listdir(root)) - before if not name.startswith("."))
+    # kfp.local names a run PIPELINE-NAME-YYYY-MM-DD-…; other new entries (models/) are not runs.
+    run_name = re.compile(re.escape(pipeline_func.name) + r"-\d{4}-\d\d-\d\d-")
+    new = sorted(name for name in set(os.listdir(root)) - before if run_name.match(name))
     if len(new) != 1:
         raise RuntimeError(f"expected one new run directory in {root}, found {new}")
     return os.path.join(root, new[0])

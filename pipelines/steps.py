@@ -142,11 +142,12 @@ def evaluate(job_dir: str, split: str, best: bool) -> dict[str, float]:
 
 
 def sample(job_dir: str, num_samples: int, length: int, temperature: float, prime: str,
-           seed: int) -> list[str]:
-    """num_samples texts from the job dir's latest checkpoint, as trainer.babble writes them."""
+           seed: int, best: bool = False) -> list[str]:
+    """num_samples texts from the job dir's latest (or best) checkpoint, as trainer.babble
+    writes them."""
     from trainer import checkpoints, sampling
 
-    _, metadata, model = checkpoints.load_job(job_dir)
+    _, metadata, model = checkpoints.load_job(job_dir, best=best)
     options = sampling.SamplingOptions(temperature=temperature, seed=seed)
     try:
         options.validate()
@@ -186,34 +187,59 @@ def publish_destination(publish_uri: str, model_name: str, run_name: str) -> str
     return "/".join([publish_uri.rstrip("/"), model_name, run_name])
 
 
-def publish(job_dir: str, destination: str, metrics: dict[str, float]) -> dict[str, Any]:
-    """Copies the job dir to `destination`, then writes PUBLISHED.json as the commit marker.
+def publish(job_dir: str, destination: str, metrics: dict[str, float],
+            best: bool = False) -> dict[str, Any]:
+    """Copies the job dir to `destination` with a SavedModel of the evaluated checkpoint in it,
+    then writes PUBLISHED.json as the commit marker.
 
-    A copy that dies half-way leaves no manifest, so nothing trusts it; an existing manifest is
-    never overwritten (a published model is immutable).
+    The SavedModel is the one training exported (JOB_DIR/export, or export-best for `best`);
+    a job dir without one gets it from trainer.export. A copy that dies half-way leaves no
+    manifest, so nothing trusts it; an existing manifest is never overwritten (a published
+    model is immutable).
     """
     import tensorflow as tf
+
+    from trainer import export
 
     manifest_path = posixpath.join(destination, PUBLISHED_MANIFEST)
     if tf.io.gfile.exists(manifest_path):
         raise UsageError(f"{destination} is already a published model; publish to a new place")
-    files = []
-    root = job_dir.rstrip("/")
-    for directory, _, names in tf.io.gfile.walk(root):
-        relative_dir = directory.rstrip("/")[len(root):].lstrip("/")
-        for name in names:
-            relative = posixpath.join(relative_dir, name) if relative_dir else name
-            target = posixpath.join(destination, relative)
-            tf.io.gfile.makedirs(posixpath.dirname(target))
-            tf.io.gfile.copy(posixpath.join(directory, name), target, overwrite=True)
-            files.append(relative)
-    manifest = {"source": job_dir, "files": sorted(files), "metrics": metrics,
+    files = _copy_tree(job_dir, destination)
+    saved_model = export.BEST_EXPORT_DIR if best else export.EXPORT_DIR
+    if not tf.io.gfile.exists(posixpath.join(job_dir, saved_model, "saved_model.pb")):
+        export.export_job(job_dir, best=best, export_dir=posixpath.join(destination, saved_model))
+        files = sorted(set(files) | set(_list_tree(posixpath.join(destination, saved_model), saved_model)))
+    manifest = {"source": job_dir, "saved_model": saved_model, "files": files, "metrics": metrics,
                 "published": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     temporary = manifest_path + ".tmp"
     with tf.io.gfile.GFile(temporary, "w") as f:
         f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     tf.io.gfile.rename(temporary, manifest_path, overwrite=True)
-    return {"source": job_dir, "files": len(files), **metrics}
+    return {"source": job_dir, "saved_model": posixpath.join(destination, saved_model),
+            "files": len(files), **metrics}
+
+
+def _list_tree(root: str, prefix: str = "") -> list[str]:
+    """Relative paths of every file under `root` (local or gs://), each starting with `prefix`."""
+    import tensorflow as tf
+
+    root = root.rstrip("/")
+    found = []
+    for directory, _, names in tf.io.gfile.walk(root):
+        relative_dir = posixpath.join(prefix, directory.rstrip("/")[len(root):].lstrip("/"))
+        found += [posixpath.normpath(posixpath.join(relative_dir, name)) for name in names]
+    return sorted(found)
+
+
+def _copy_tree(source: str, destination: str) -> list[str]:
+    import tensorflow as tf
+
+    files = _list_tree(source)
+    for relative in files:
+        target = posixpath.join(destination, relative)
+        tf.io.gfile.makedirs(posixpath.dirname(target))
+        tf.io.gfile.copy(posixpath.join(source.rstrip("/"), relative), target, overwrite=True)
+    return files
 
 
 def write_text(path: str, text: str) -> None:

@@ -214,8 +214,11 @@ def _varints(values: Any) -> bytes:
 
     if not values.size:
         return b""
+    top = int(values.max())
+    if top < 0x80:  # every id fits one byte: the common case for char and byte vocabularies
+        return values.astype(np.uint8).tobytes()
     lengths = np.ones(values.shape, dtype=np.int64)
-    for k in range(1, 10):
+    for k in range(1, (top.bit_length() + 6) // 7):
         lengths += values >= np.uint64(1 << (7 * k))
     starts = np.cumsum(lengths) - lengths
     out = np.empty(int(lengths.sum()), dtype=np.uint8)

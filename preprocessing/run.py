@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -46,7 +47,12 @@ import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    PipelineOptions,
+    StandardOptions,
+    TypeOptions,
+)
 
 from preprocessing import cleaning, contract, splits, tokenizers
 
@@ -129,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
     """Our flags → JobOptions; the rest are returned for Beam. Raises UsageError."""
     args, beam_args = _parser().parse_known_args(list(argv))
+    _check_beam_args(beam_args)  # first: a misspelt flag explains the errors that follow from it
     sources = {"input": _patterns(args.input)} if args.input else {}
     presplit = {s: _patterns(getattr(args, s)) for s in contract.SPLITS if getattr(args, s)}
     if sources and presplit:
@@ -152,7 +159,6 @@ def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
         raise UsageError("--tokenizer is required (char, byte or word) unless --vocab_from is given")
     if line_eos and tokenizer != "word":
         raise UsageError("--line_eos needs --tokenizer word")
-    _check_beam_args(beam_args)
     return JobOptions(
         output_dir=args.output_dir.rstrip("/") or "/", data_prefix=args.data_prefix, tokenizer=tokenizer,
         sources=sources or presplit, lowercase=lowercase, min_count=args.min_count,
@@ -196,14 +202,24 @@ def _check_beam_args(beam_args: list[str]) -> None:
 
 
 def read_metadata(location: str) -> contract.Metadata:
-    """DIR/NAME or DIR/NAME.metadata.json → Metadata; a UsageError if missing or invalid."""
-    path = location if location.endswith(".metadata.json") else location + ".metadata.json"
+    """The metadata `--vocab_from` names; a UsageError if missing or invalid.
+
+    Accepts DATA_DIR/PREFIX (→ PREFIX.metadata.json), a path to any *.json metadata file, or a
+    trainer job dir (which keeps a copy of its data's metadata as JOB_DIR/metadata.json).
+    """
+    location = location.rstrip("/")
+    if location.endswith(".json"):
+        candidates = [location]
+    else:
+        candidates = [location + ".metadata.json", _join(location, "metadata.json")]
+    path = next((c for c in candidates if FileSystems.exists(c)), None)
+    if path is None:
+        raise UsageError(f"--vocab_from {location}: no {' or '.join(candidates)}; give DATA_DIR/PREFIX of "
+                         "a finished preprocessing run or a trainer job dir")
     try:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            text = f.read().decode("utf-8")
+        text = _read_text(path)
     except Exception as err:  # noqa: BLE001 — any failure to read is "no usable metadata here"
-        raise UsageError(f"--vocab_from: cannot read {path} ({type(err).__name__}); "
-                         "point it at DATA_DIR/PREFIX of a finished preprocessing run") from None
+        raise UsageError(f"--vocab_from: cannot read {path} ({type(err).__name__}: {err})") from None
     try:
         return contract.metadata_from_json(text, path)
     except contract.ContractError as err:
@@ -234,6 +250,9 @@ def match_inputs(options: JobOptions) -> list[InputFile]:
                 raise UsageError(f"--{source} {pattern!r} matches no files")
             split = None if source == "input" else source
             for meta in found:
+                if "://" not in meta.path and os.path.isdir(meta.path):
+                    raise UsageError(f"--{source} {pattern!r} matches the directory {meta.path}; "
+                                     f"give the files, e.g. '{meta.path.rstrip('/')}/*.txt'")
                 earlier = seen.setdefault(meta.path, InputFile(meta.path, split, meta.size_in_bytes))
                 if earlier.split != split:
                     raise UsageError(f"{meta.path} is matched by both --{earlier.split} and --{split}")
@@ -281,21 +300,12 @@ class _SurveyFn(beam.DoFn):
             LOG.warning("%s is not UTF-8: decoded as %s", path, cleaned.encoding)
             beam.metrics.Metrics.counter("preprocessing", "fallback_decodes").inc()
         text = cleaned.text
-        tokens, counts = _count(text, self._options)
+        tokens, counts = tokenizers.count_tokens(self._options.tokenizer, text, self._options.line_eos)
         # Pre-split data builds its vocabulary from train only: valid/test words stay unknown.
         if self._options.vocab is not None or split not in (None, "train"):
             counts = Counter()
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
         yield Survey(path, split, tokens, digest, cleaned.encoding or "", counts)
-
-
-def _count(text: str, options: JobOptions) -> tuple[int, Counter[str]]:
-    if options.tokenizer == "byte":
-        return len(text.encode("utf-8")), Counter()
-    if options.tokenizer == "char":
-        return len(text), Counter(text)
-    pieces = tokenizers.word_pieces(text, options.line_eos)
-    return len(pieces), Counter(pieces)
 
 
 class _MergeCounts(beam.CombineFn):
@@ -351,14 +361,13 @@ class _EncodeFn(beam.DoFn):
         readable, _ = element
         path = readable.metadata.path
         cleaned = _read_clean(readable, self._options.lowercase)
-        if cleaned.text is None:
-            return  # recorded as skipped by the survey
-        ids = self._tokenizer_for(vocab).encode_array(cleaned.text)
+        # A skipped file (text None) was recorded by the survey and has no spans in the plan.
+        ids = self._tokenizer_for(vocab).encode_array(cleaned.text or "")
         spans = plan.get(path, ())
         if sum(end - start for _, start, end in spans) != len(ids):
             raise RuntimeError(f"{path} changed while the job was running; rerun it")
         for split, start, end in spans:
-            yield beam.pvalue.TaggedOutput(split, contract.serialize_example(ids[start:end].tolist()))
+            yield beam.pvalue.TaggedOutput(split, contract.encode_example(ids[start:end]))
             yield beam.pvalue.TaggedOutput("counts", (split, (end - start, 1)))
 
 
@@ -506,6 +515,9 @@ def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
     direct = options.view_as(DirectOptions)
     if not any(a.startswith("--direct_running_mode") for a in beam_args):
         direct.direct_running_mode = "in_memory"
+    if not any("pipeline_type_check" in a for a in beam_args):
+        # Construction-time type inference costs ~0.5 s of a local run and our hints are loose.
+        options.view_as(TypeOptions).pipeline_type_check = False
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner
     from apache_beam.runners.portability.portable_runner import JobServiceHandle
@@ -547,7 +559,7 @@ def summary(metadata: contract.Metadata, files: list[InputFile], fallbacks: list
              f"{len(metadata.skipped)} skipped, {len(fallbacks)} not UTF-8 (decoded as cp1252/latin-1)"]
     lines += [f"  skipped {s['path']}: {s['reason']}" for s in metadata.skipped]
     lines += [f"  {split:5s} {st.tokens:>12,d} tokens {st.records:>7,d} records {st.shards:>4d} shards"
-              for split, st in metadata.splits.items()]
+              for split, st in ((s, metadata.splits[s]) for s in contract.SPLITS)]
     lines.append(f"  vocab {metadata.vocab_size} ({metadata.tokenizer}); {megabytes:.1f} MB in "
                  f"{seconds:.1f} s = {megabytes / max(seconds, 1e-9):.2f} MB/s")
     lines.append(f"  wrote {contract.metadata_path(options.output_dir, options.data_prefix)}")
@@ -556,6 +568,8 @@ def summary(metadata: contract.Metadata, files: list[InputFile], fallbacks: list
 
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # multi_processing workers forward harmless start-up warnings through this logger.
+    logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
     try:
         run_preprocessing(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
@@ -564,4 +578,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the imported module, not __main__: Beam workers in other processes unpickle our
+    # DoFns and records by module name, and "__main__" there is not this file.
+    from preprocessing import run as _run
+
+    _run.main()

@@ -74,11 +74,16 @@ def plan(documents: Iterable[Document], valid_fraction: float, test_fraction: fl
         return {d.path: _cut([(d.split or "train", 0, d.tokens)], record_tokens) for d in documents}
     size = chunk_tokens(sum(d.tokens for d in documents), (valid_fraction, test_fraction), record_tokens)
     chunks = [(d, i) for d in documents for i in range(math.ceil(d.tokens / size))]
-    ranked = sorted(chunks, key=lambda c: (_score(seed, c[0].digest, c[1]), c[0].path))
+    scored = sorted(((_score(seed, doc.digest, i), doc.path, i) for doc, i in chunks))
     _, n_valid, n_test = split_counts(len(chunks), valid_fraction, test_fraction)
     split_of: dict[tuple[str, int], str] = {}
-    for rank, (doc, i) in enumerate(ranked):
-        split_of[doc.path, i] = "test" if rank < n_test else "valid" if rank < n_test + n_valid else "train"
+    group_rank, previous = 0, b""
+    for rank, (score, path, i) in enumerate(scored):
+        # Equal scores are the same chunk of identical files: they share the first one's split.
+        group_rank = group_rank if score == previous else rank
+        previous = score
+        split_of[path, i] = ("test" if group_rank < n_test else
+                             "valid" if group_rank < n_test + n_valid else "train")
     result = {}
     for doc in documents:
         spans = [(split_of[doc.path, i], i * size, min(doc.tokens, (i + 1) * size))

@@ -17,8 +17,8 @@ Pure Python + numpy: no Beam or TensorFlow at import. Build one from metadata wi
 What "lossless" means for word text: the token sequence survives exactly,
 `pieces(decode(encode(t))) == pieces(t)` for in-vocabulary t, and the whitespace between tokens
 is re-derived by `respace`'s English rules: one space between tokens, none at line starts,
-none before closing punctuation (. , ; : ! ? ) ] } ’ ” …), none after opening brackets, quotes and
-currency signs (( [ { ‘ “ $ £ #), none around dashes, hyphens and slashes, straight quotes (" ' _) alternately
+none before closing punctuation (. , ; : ! ? ) ] } ’ ” …), none after opening brackets and
+quotes (( [ { ‘ “), none around dashes, hyphens and slashes, straight quotes (" ' _) alternately
 open and close within a paragraph. So `decode(encode(t)) == respace(t)`, and text already
 spaced that way (ordinary prose) comes back byte for byte. Pre-tokenized text (" it is - ")
 comes back re-spaced.
@@ -42,7 +42,7 @@ from preprocessing import cleaning, contract
 WORD_PATTERN = re.compile(r"<unk>|<eos>|\n|\d+(?:[.,:]\d+)+|[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_")
 
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}%’”»…")
-_NO_SPACE_AFTER = frozenset("([{‘“«¿¡$£#")
+_NO_SPACE_AFTER = frozenset("([{‘“«¿¡")
 _JOINERS = frozenset("-–—/")
 _SYMMETRIC_QUOTES = frozenset("\"'_")
 
@@ -50,6 +50,10 @@ _SYMMETRIC_QUOTES = frozenset("\"'_")
 class Decoder(Protocol):
     def push(self, token_id: int) -> str:
         """Text completed by this token ("" while a byte sequence is incomplete)."""
+        ...
+
+    def flush(self) -> str:
+        """Whatever is still held at the end of a sample (an incomplete byte sequence as U+FFFD)."""
         ...
 
 
@@ -90,7 +94,7 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         decoder = self.decoder()
-        return "".join(decoder.push(int(i)) for i in ids)
+        return "".join(decoder.push(int(i)) for i in ids) + decoder.flush()
 
 
 class _TableDecoder:
@@ -99,6 +103,9 @@ class _TableDecoder:
 
     def push(self, token_id: int) -> str:
         return self._vocab[token_id]
+
+    def flush(self) -> str:
+        return ""
 
 
 class ByteTokenizer(Tokenizer):
@@ -131,6 +138,9 @@ class _ByteDecoder:
 
     def push(self, token_id: int) -> str:
         return self._utf8.decode(bytes((token_id,)))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
 
 
 class CharTokenizer(Tokenizer):
@@ -193,6 +203,9 @@ class _WordDecoder:
     def push(self, token_id: int) -> str:
         return self.push_token(self._vocab[token_id])
 
+    def flush(self) -> str:
+        return ""
+
     def push_token(self, token: str) -> str:
         prev, self._prev = self._prev, token
         if token in (contract.NEWLINE, contract.EOS):
@@ -217,6 +230,19 @@ def respace(text: str, line_eos: bool = False) -> str:
     """The whitespace normalisation under which word tokenization is lossless."""
     decoder = _WordDecoder(())
     return "".join(decoder.push_token(p) for p in word_pieces(text, line_eos))
+
+
+def count_tokens(kind: str, text: str, line_eos: bool = False) -> tuple[int, Counter[str]]:
+    """(number of tokens, counts for the vocabulary) of cleaned text, without a vocabulary.
+
+    Byte vocabularies are fixed, so bytes are not counted one by one.
+    """
+    if kind == "byte":
+        return len(text.encode("utf-8")), Counter()
+    if kind == "char":
+        return len(text), Counter(text)
+    pieces = word_pieces(text, line_eos)
+    return len(pieces), Counter(pieces)
 
 
 def byte_vocab() -> tuple[str, ...]:

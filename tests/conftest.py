@@ -76,3 +76,4 @@ def make_data_dir() -> Callable[..., tuple[str, str, contract.Metadata]]:
 def make_data_dir_module() -> Callable[..., tuple[str, str, contract.Metadata]]:
     """The same factory for module-scoped fixtures (pass a tmp_path_factory directory)."""
     return _make
+from gcs.fixture import gcs_bucket, gcs_in_process, gcs_server  # noqa: E402,F401  (gs:// emulator, tests/gcs)

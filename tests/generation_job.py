@@ -66,3 +66,42 @@ def trained_job(root: Path, kind: str = "char", steps: int = 30) -> str:
                           sample_length=20, **MODEL)
         _JOBS[key] = runner.train(hparams).job_dir
     return _JOBS[key]
+
+
+def python_env() -> dict[str, str]:
+    """Environment for subprocesses running verne's entry points."""
+    import os
+
+    return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+
+
+class Server:
+    """`python -m trainer.serve` on a free port, for as long as the test session needs it."""
+
+    def __init__(self, job_dir: str, *flags: str) -> None:
+        import subprocess
+        import sys
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "trainer.serve", "--job-dir", job_dir, "--port", "0", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=python_env())
+        line = self.process.stdout.readline()  # "serving http://127.0.0.1:PORT/ui" once ready
+        if not line.startswith("serving "):
+            self.process.kill()
+            raise RuntimeError(f"trainer.serve did not start (exit {self.process.wait()}): {line!r}")
+        self.url = line.split()[1].removesuffix("/ui")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+_SERVERS: dict[str, Server] = {}
+
+
+def shared_server(job_dir: str) -> Server:
+    """One server per job dir for the session (test_serve and test_browser share it)."""
+    if job_dir not in _SERVERS or _SERVERS[job_dir].process.poll() is not None:
+        _SERVERS[job_dir] = Server(job_dir)
+    return _SERVERS[job_dir]

@@ -283,3 +283,50 @@ def test_dry_run_command_prints_a_custom_job_and_the_gcloud_command(tmp_path: Pa
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1] == (
         "error: --project is missing: trainer.submit needs --project, --region, --staging_bucket")
+
+
+# --- the Vertex environment inside the job ------------------------------------------------------
+
+def test_flags_win_and_aip_dirs_fill_the_gaps() -> None:
+    from trainer.cloud_env import apply_environment, model_export_dir
+
+    env = {"AIP_MODEL_DIR": "gs://b/base/model/", "AIP_CHECKPOINT_DIR": "gs://b/base/checkpoints/",
+           "AIP_TENSORBOARD_LOG_DIR": "gs://b/base/logs/"}
+    given = HParams(job_dir="gs://b/job/%JOB%", summary_dir="gs://b/tb/%JOB%")
+    assert apply_environment(given, env) == given
+    filled = apply_environment(HParams(), env)
+    assert (filled.job_dir, filled.summary_dir) == ("gs://b/base/checkpoints", "gs://b/base/logs")
+    assert model_export_dir(filled, env) == "gs://b/base/model"
+    assert model_export_dir(given, {}) == "gs://b/job/%JOB%/export"
+    assert apply_environment(HParams(), {}) == HParams()
+
+
+def test_each_tuning_trial_gets_its_own_job_dir() -> None:
+    from trainer.cloud_env import apply_environment, trial_id
+
+    spec = {"cluster": {"workerpool0": ["h:1"]}, "task": {"type": "workerpool0", "index": 0, "trial": "3"}}
+    env = {"CLUSTER_SPEC": json.dumps(spec), "AIP_CHECKPOINT_DIR": "gs://b/base/3/checkpoints/",
+           "AIP_TENSORBOARD_LOG_DIR": "gs://b/base/3/logs/"}
+    assert trial_id(env) == "3" and trial_id({"CLOUD_ML_TRIAL_ID": "5"}) == "5" and trial_id({}) is None
+    trial = apply_environment(HParams(job_dir="gs://b/job/%JOB%"), env)
+    # %JOB% still resolves per trial (the trial's state size names it), then the trial id.
+    assert trial.job_dir == "gs://b/job/%JOB%/3"
+    assert trial.summary_dir == "gs://b/base/3/logs"  # where Vertex TensorBoard looks
+    other = apply_environment(HParams(job_dir="gs://b/job/%JOB%"), {**env, "CLUSTER_SPEC": json.dumps(
+        {**spec, "task": {**spec["task"], "trial": "4"}})})
+    assert other.job_dir != trial.job_dir
+
+
+def test_the_metric_is_reported_in_the_hypertune_format(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer.cloud_env import report_metric
+
+    assert not report_metric(1.0, 10, env={})  # off Vertex: nothing written anywhere
+    metric_file = tmp_path / "hypertune" / "output.metrics"
+    monkeypatch.setenv("CLOUD_ML_HP_METRIC_FILE", str(metric_file))
+    monkeypatch.setenv("CLOUD_ML_TRIAL_ID", "4")
+    assert report_metric(2.5, 100)
+    assert report_metric(2.25, 200)
+    lines = [json.loads(line) for line in metric_file.read_text().splitlines()]
+    assert [(x["valid_loss"], x["global_step"], x["trial"]) for x in lines] == [
+        ("2.5", "100", "4"), ("2.25", "200", "4")]

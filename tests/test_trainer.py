@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _hparams(data_dir: str, job_dir: str, **changes: object) -> HParams:
     # 4 streams x 64 steps: 6 windows per epoch of the tiny train split, so runs cross epochs.
     base = HParams(data_dir=data_dir, data_prefix="tiny", job_dir=job_dir, layers=1,
-                   lstm_state_size=16, embedding_size=8, batch_size=4, unroll_steps=64, dropout=0.1,
+                   lstm_state_size=16, embedding_size=8, batch_size=4, unroll_steps=64,
                    eval_every=4, save_checkpoints_steps=3, sample_every=0, sample_length=8, log_every=2)
     return base.replace(**changes)
 
@@ -67,11 +68,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, make_data_d
     good = tf.train.latest_checkpoint(job)
     before = Path(good + ".data-00000-of-00001").read_bytes()
     exploding = _hparams(data_dir, job, max_steps=9, eval_every=0, save_checkpoints_steps=1,
-                         optimizer="sgd", learning_rate=1e30, grad_clip=0.0)
-    with pytest.raises(runner.TrainingDiverged, match="NaN/Inf at step 4.*ckpt-3"):
+                         optimizer="sgd", learning_rate=1e38, grad_clip=0.0)
+    with pytest.raises(runner.TrainingDiverged, match=r"NaN/Inf at step \d+; stopped without saving") as err:
         runner.train(exploding)
-    assert tf.train.latest_checkpoint(job) == good
+    diverged = int(re.search(r"step (\d+)", str(err.value)).group(1))
+    latest = tf.train.latest_checkpoint(job)
+    assert latest in str(err.value) and int(latest.rsplit("-", 1)[1]) < diverged
     assert Path(good + ".data-00000-of-00001").read_bytes() == before
+    assert all(np.isfinite(w).all() for w in _weights(job))
 
 
 def _task(*args: str) -> subprocess.CompletedProcess[str]:
@@ -111,3 +115,13 @@ def test_user_errors_name_the_flag(tmp_path, make_data_dir) -> None:
         runner.prepare_job(_hparams(other_dir, job))
     # Free hyperparameters may change between runs of one job dir.
     runner.prepare_job(_hparams(data_dir, job, learning_rate=0.1, unroll_steps=32))
+
+
+@pytest.mark.parametrize("schedule,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 1.0, 0.75, 0.5]),
+    ("cosine", [0.5, 1.0, 1.0, 0.8535534, 0.5]),
+])
+def test_learning_rate_schedules_with_warmup(schedule: str, expected: list[float]) -> None:
+    rate = runner.LearningRate(1.0, schedule, warmup_steps=2, total_steps=6)
+    np.testing.assert_allclose([float(rate(step)) for step in range(5)], expected, rtol=1e-5)

@@ -118,7 +118,20 @@ def load_job(job_dir: str, best: bool = False) -> tuple[HParams, contract.Metada
     return hparams, metadata, model
 
 
+MODEL_KEY = "model_variables"
+
+
+def model_trackables(model: LanguageModel) -> dict[str, list[tf.Variable]]:
+    """How a model lives in a checkpoint: its variables (weights and RNG states) in creation order.
+
+    Not `model=model`: Keras 3 hides layers kept in Python lists (e.g. a stack of recurrent
+    layers) from TensorFlow's checkpoint object graph, so their weights would silently be left
+    out. The variable list of a model is fixed by its code and shape hyperparameters.
+    """
+    return {MODEL_KEY: list(model.variables)}
+
+
 def restore_model(model: LanguageModel, path: str) -> None:
-    """Loads only the model's weights from a training checkpoint (no optimizer slots)."""
-    status = tf.train.Checkpoint(model=model).read(path)
+    """Loads only the model's variables from a training checkpoint (no optimizer slots)."""
+    status = tf.train.Checkpoint(**model_trackables(model)).read(path)
     status.expect_partial().assert_existing_objects_matched()

@@ -20,6 +20,7 @@ The trainer calls `apply_environment(hparams, os.environ)` in task.py before
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -101,15 +102,23 @@ def report_metric(value: float, step: int, env: Mapping[str, str] | None = None,
     env = os.environ if env is None else env
     if not any(env.get(name) for name in _ON_VERTEX_MARKERS):
         return False
-    import hypertune  # deferred: only tuning trials need it
-
-    reporter = hypertune.HyperTune()
-    reporter.metric_path = env.get(METRIC_FILE_ENV, reporter.metric_path)
-    os.makedirs(os.path.dirname(reporter.metric_path), exist_ok=True)
-    trial = trial_id(env)
-    if trial:
-        reporter.trial_id = trial
+    reporter = _reporter(env.get(METRIC_FILE_ENV, ""), trial_id(env) or "")
     # hypertune writes step 0 as "no step"; our steps start at 1 so nothing is lost.
     reporter.report_hyperparameter_tuning_metric(
         hyperparameter_metric_tag=tag, metric_value=float(value), global_step=int(step))
     return True
+
+
+@functools.cache
+def _reporter(metric_path: str, trial: str) -> Any:
+    """One reporter per file: it rewrites the file with every value reported so far (up to 100),
+    so Vertex can pick the best measurement, not only the last."""
+    import hypertune  # deferred: only tuning trials need it
+
+    reporter = hypertune.HyperTune()
+    if metric_path:
+        reporter.metric_path = metric_path
+        os.makedirs(os.path.dirname(metric_path), exist_ok=True)
+    if trial:
+        reporter.trial_id = trial
+    return reporter

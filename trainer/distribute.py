@@ -133,12 +133,40 @@ def replica_streams(global_batch: int, replica_id: int, replicas: int) -> tuple[
     return replica_id * size, (replica_id + 1) * size
 
 
+def distribute_windows(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> Any:
+    """Global (inputs, labels) windows [B, T] -> per-replica windows [B/R, T], replica r always
+    getting rows [r*B/R, (r+1)*B/R): the same streams every window, so the state each replica
+    carries stays the state of its own rows. Every worker reads the whole stream and keeps its
+    rows (tf.data's auto-sharding would hand whole windows or files to different workers)."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return dataset
+
+    def per_pipeline(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def blocks(inputs: tf.Tensor, labels: tf.Tensor) -> tf.data.Dataset:
+            size = tf.shape(inputs)[0] // replicas
+            rows = tf.range(first * size, (first + local) * size)
+
+            def split(matrix: tf.Tensor) -> tf.Tensor:  # [B, T] -> [local, B/R, T]
+                return tf.reshape(tf.gather(matrix, rows), [local, size, -1])
+
+            # Consecutive elements go to this worker's replicas in order.
+            return tf.data.Dataset.from_tensor_slices((split(inputs), split(labels)))
+
+        return dataset.flat_map(blocks)
+
+    return strategy.distribute_datasets_from_function(per_pipeline)
+
+
 def checkpoint_dir(job_dir: str, strategy: tf.distribute.Strategy) -> str:
     """Where this worker saves: the job dir on the chief, a scratch dir on the others."""
     if is_chief(strategy):
         return job_dir
     task_type, task_id = _task(strategy)
-    return f"{job_dir.rstrip('/')}/.workers/{task_type}-{task_id}"
+    return f"{job_dir.rstrip('/')}/.scratch-{task_type}-{task_id}"
 
 
 def remove_scratch(path: str, job_dir: str) -> None:

@@ -5,7 +5,8 @@ with the same stateful windows as training: the split cut into parallel streams,
 from window to window. Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to TensorBoard.
 `--job-dir` may hold `%JOB%` (resolved from the other flags and the data, as in training) or name
 a concrete job dir (its hparams.json supplies the rest). `--data_dir` overrides the data location
-saved in the job dir, for data that moved.
+saved in the job dir, for data that moved. `--cache_pointer [--theta --lambda --window]` also
+reports the loss with the continuous cache pointer (trainer.cache_pointer, docs/models.md).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import checkpoints, data, loops, runner
+from trainer import cache_pointer, checkpoints, data, loops, runner
 from trainer.errors import UsageError, run_cli
 from trainer.flags import define_hparams_flags, explicitly_set, hparams_from_flags
 from trainer.hparams import HParams
@@ -26,7 +27,7 @@ from trainer.summaries import Summaries, bits_name_for
 
 def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps: int = 0,
              data_dir: str | None = None, batch_size: int | None = None,
-             write: bool = True) -> dict[str, object]:
+             write: bool = True, pointer: cache_pointer.PointerConfig | None = None) -> dict[str, object]:
     """Evaluates the job's latest (or best) checkpoint on `split`; returns the metrics.
 
     eval_steps 0 means the whole split. The result is also written as JSON into the job dir
@@ -55,6 +56,8 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
         "tokens": int(tokens), "windows": windows, "batch_size": layout.batch_size,
         "unroll_steps": layout.unroll_steps, "checkpoint": path, "step": step,
     }
+    if pointer is not None:
+        result.update(_pointer_metrics(model, dataset, layout.batch_size, pointer))
     if write:
         name = f"eval-{split}{'-best' if best else ''}.json"
         checkpoints.write_atomic(checkpoints.join(job_dir, name), json.dumps(result, indent=1) + "\n")
@@ -63,6 +66,16 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
         summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}")
         summaries.close()
     return result
+
+
+def _pointer_metrics(model: object, dataset: tf.data.Dataset, batch: int,
+                     config: cache_pointer.PointerConfig) -> dict[str, object]:
+    """The same split again with the continuous cache pointer (see trainer.cache_pointer)."""
+    _, nats, tokens = cache_pointer.run_pointer_eval(model, dataset, batch, config)
+    loss = nats / tokens
+    return {"pointer_loss": loss, "pointer_perplexity": perplexity(loss),
+            "pointer_theta": config.theta, "pointer_lambda": config.lambdah,
+            "pointer_window": config.window}
 
 
 def _check_same_vocabulary(hparams: HParams, metadata: contract.Metadata) -> None:
@@ -74,9 +87,13 @@ def _check_same_vocabulary(hparams: HParams, metadata: contract.Metadata) -> Non
 
 def describe(result: dict[str, object]) -> str:
     bits = next(k for k in ("bpc", "bits_per_token") if k in result)
-    return (f"{result['split']}: loss {result['loss']:.4f} nats/token, perplexity "
+    line = (f"{result['split']}: loss {result['loss']:.4f} nats/token, perplexity "
             f"{result['perplexity']:.3f}, {bits} {result[bits]:.4f} over {result['tokens']:,} tokens "
             f"({result['checkpoint']})")
+    if "pointer_loss" in result:
+        line += (f"\n{result['split']} with the cache pointer: loss {result['pointer_loss']:.4f} "
+                 f"nats/token, perplexity {result['pointer_perplexity']:.3f}")
+    return line
 
 
 def _define_flags() -> None:
@@ -85,6 +102,12 @@ def _define_flags() -> None:
         flags.DEFINE_enum("split", "valid", list(contract.SPLITS), "Split to evaluate.")
     if "best" not in flags.FLAGS:
         flags.DEFINE_boolean("best", False, "Use the best checkpoint (JOB_DIR/best), not the latest.")
+    if "cache_pointer" not in flags.FLAGS:
+        flags.DEFINE_boolean("cache_pointer", False, "Also report the loss with the continuous "
+                             "cache pointer (Grave et al. 2016; meant for word models).")
+        flags.DEFINE_float("theta", cache_pointer.DEFAULT_THETA, "Cache pointer: attention sharpness.")
+        flags.DEFINE_float("lambda", cache_pointer.DEFAULT_LAMBDA, "Cache pointer: mixture weight.")
+        flags.DEFINE_integer("window", cache_pointer.DEFAULT_WINDOW, "Cache pointer: positions remembered.")
 
 
 _define_flags()
@@ -103,8 +126,20 @@ def main(argv: list[str]) -> None:
     result = evaluate(job_dir, split=flags.FLAGS.split, best=flags.FLAGS.best,
                       eval_steps=hparams.eval_steps,
                       data_dir=hparams.data_dir if "data_dir" in given else None,
-                      batch_size=hparams.batch_size if "batch_size" in given else None)
+                      batch_size=hparams.batch_size if "batch_size" in given else None,
+                      pointer=_pointer_from_flags())
     print(describe(result), flush=True)
+
+
+def _pointer_from_flags() -> cache_pointer.PointerConfig | None:
+    if not flags.FLAGS.cache_pointer:
+        return None
+    config = cache_pointer.PointerConfig(theta=flags.FLAGS.theta, lambdah=flags.FLAGS["lambda"].value,
+                                         window=flags.FLAGS.window)
+    try:
+        return config.validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 if __name__ == "__main__":

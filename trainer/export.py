@@ -20,6 +20,7 @@ Training writes one to JOB_DIR/export at its end (see trainer.runner).
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 
 import tensorflow as tf
@@ -57,7 +58,10 @@ class GenerationModule(tf.Module):
     def __init__(self, model: LanguageModel, metadata: contract.Metadata) -> None:
         super().__init__(name="verne")
         vocab = list(metadata.vocab)
-        self.model = model
+        # The weights are tracked (so they are saved); the Keras model itself is not, because
+        # Keras would add its own serving function, which our (tokens, state) call cannot have.
+        self.weights = list(model.variables)
+        self._untracked = _Untracked(model)
         self.kind, self.lowercase = metadata.tokenizer, metadata.lowercase
         self.vocab = tf.constant(vocab)
         self.vocab_size = len(vocab)
@@ -83,17 +87,17 @@ class GenerationModule(tf.Module):
                   tf.debugging.assert_positive(num_samples, message="num_samples must be at least 1")]
         with tf.control_dependencies(checks):
             ids = self.prime_ids(prime)
-        logits, state, prev = prime_model(self.model, ids, num_samples)
+        logits, state, prev = prime_model(self._untracked.model, ids, num_samples)
         params = {"temperature": temperature, "sample_mode": sample_mode, "top_k": top_k,
                   "top_p": top_p, "seed": seed}
         banned = tf.where(no_unk, self.unk_banned, tf.zeros_like(self.unk_banned))
-        tokens, _, _, _ = generation_loop(self.model, logits, state, prev, tf.constant(0), length,
+        tokens, _, _, _ = generation_loop(self._untracked.model, logits, state, prev, tf.constant(0), length,
                                           params, self.boundary, banned)
         return {"text": prime + self.detokenize(tokens, ids[-1]), "tokens": tokens}
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="prime")])
     def next_token_log_probs(self, prime: tf.Tensor) -> dict[str, tf.Tensor]:
-        logits, _, _ = prime_model(self.model, self.prime_ids(prime), tf.constant(1))
+        logits, _, _ = prime_model(self._untracked.model, self.prime_ids(prime), tf.constant(1))
         return {"log_probs": tf.nn.log_softmax(logits[0]), "vocab": self.vocab}
 
     def prime_ids(self, prime: tf.Tensor) -> tf.Tensor:
@@ -125,6 +129,11 @@ class GenerationModule(tf.Module):
         for pattern, rewrite in _WORD_SPACING:
             joined = tf.strings.regex_replace(joined, pattern, rewrite)
         return tf.strings.substr(joined, tf.strings.length(head), -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Untracked:
+    model: LanguageModel
 
 
 def word_pieces(text: tf.Tensor) -> tf.Tensor:

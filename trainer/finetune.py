@@ -11,6 +11,8 @@ same model shape. New text is encoded with an old job's vocabulary by preprocess
 
 from __future__ import annotations
 
+import tensorflow as tf
+
 from preprocessing import contract
 from trainer import checkpoints, embeddings
 from trainer.errors import UsageError
@@ -35,8 +37,8 @@ def check(hparams: HParams, metadata: contract.Metadata) -> None:
     if hparams.word2vec_embedding and hparams.language_model != "word":
         raise UsageError(f"--word2vec_embedding needs a word model; this data is "
                          f"{hparams.language_model}-level (preprocess with --tokenizer word)")
-    if not hparams.init_from:
-        return
+    if not hparams.init_from or tf.train.latest_checkpoint(hparams.job_dir) is not None:
+        return  # a job dir with checkpoints resumes from its own weights
     saved, saved_metadata = _source(hparams)
     if saved_metadata.vocab != metadata.vocab:
         raise UsageError(

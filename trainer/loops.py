@@ -39,9 +39,15 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
             scaled = spec.loss / replicas
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
+        if replicas > 1:
+            # Norm and clipping see the summed gradient, as on one device; Keras sums again
+            # in apply_gradients, so each replica hands over an equal share of the sum.
+            grads = tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, grads)
         norm = tf.linalg.global_norm(grads)
         if clip > 0:
             grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=norm)
+        if replicas > 1:
+            grads = [_scale(g, 1.0 / replicas) for g in grads]
         optimizer.apply_gradients(zip(grads, variables, strict=True))
         return spec.loss, norm, spec.state
 
@@ -52,6 +58,12 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
         return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, norm, axis=None), state)
 
     return step
+
+
+def _scale(grad: Any, factor: float) -> Any:
+    if isinstance(grad, tf.IndexedSlices):  # embedding gradients stay sparse
+        return tf.IndexedSlices(grad.values * factor, grad.indices, grad.dense_shape)
+    return grad * factor
 
 
 def make_eval_step(params: Params, strategy: tf.distribute.Strategy) -> EvalStep:

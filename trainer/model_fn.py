@@ -83,5 +83,5 @@ def bits_per_token(nats_per_token: float) -> float:
 
 
 def perplexity(nats_per_token: float) -> float:
-    # Capped so a diverged model reports inf instead of raising OverflowError.
-    return math.exp(min(nats_per_token, 700.0))
+    # Capped (e^80 ~ 5.5e34) so a diverging model's perplexity still fits a float32 summary.
+    return math.exp(min(nats_per_token, 80.0))

@@ -41,6 +41,7 @@ class Progress:
         self._paused = 0.0
         self._rate_start, self._rate_steps = time.perf_counter(), 0
         self._paused_total = 0.0
+        self._timed_steps = -1  # -1 until the first (compiling) step is done
 
     def step(self, step: int, loss: float) -> bool:
         self.current = step
@@ -49,13 +50,22 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(f"loss {loss:.3f} {self.tokens_per_second:,.0f} tok/s", refresh=False)
+        if self._timed_steps < 0:
+            # The first step of a run traces and compiles: leave it out of tokens/s and the ETA.
+            self._timed_steps = 0
+            self._interval_start = self._rate_start = time.perf_counter()
+            self._paused = self._paused_total = 0.0
+            self._rate_steps = 0
+        else:
+            self._timed_steps += 1
         if step % self.log_every:
             return False
         now = time.perf_counter()
         active = max(now - self._interval_start - self._paused, 1e-9)
-        self.tokens_per_second = len(self._losses) * self.tokens_per_step / active
+        if self._timed_steps:
+            self.tokens_per_second = self._timed_steps * self.tokens_per_step / active
         self.interval_loss = sum(self._losses) / len(self._losses)
-        self._losses, self._interval_start, self._paused = [], now, 0.0
+        self._losses, self._interval_start, self._paused, self._timed_steps = [], now, 0.0, 0
         return True
 
     @contextmanager

@@ -10,8 +10,8 @@ by validation loss is kept in `best/`. A NaN or Inf stops the run before anythin
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import math
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -22,7 +22,7 @@ import keras
 import tensorflow as tf
 
 from preprocessing import contract
-from trainer import checkpoints, data, finetune, loops, optimizers, sampling
+from trainer import checkpoints, cloud_env, data, distribute, finetune, loops, optimizers, sampling
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, HParams, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
@@ -70,32 +70,30 @@ def prepare_job(hparams: HParams) -> tuple[HParams, contract.Metadata]:
 
 
 def _check_existing_job(hparams: HParams, metadata: contract.Metadata) -> None:
-    saved = checkpoints.saved_hparams(hparams.job_dir)
-    if saved is not None:
-        mismatches = shape_mismatches(saved, hparams)
-        if mismatches:
-            raise UsageError(f"--job-dir={hparams.job_dir} holds a model of another shape "
-                             f"({'; '.join(mismatches)}); use the job's flags or another --job-dir")
     saved_metadata = checkpoints.saved_metadata(hparams.job_dir)
     if saved_metadata is not None and saved_metadata.vocab != metadata.vocab:
         raise UsageError(
             f"--data_dir={hparams.data_dir} --data_prefix={hparams.data_prefix}: its vocabulary "
             f"({metadata.vocab_size} tokens) differs from the one --job-dir={hparams.job_dir} was "
             f"trained with ({saved_metadata.vocab_size}); use another --job-dir or that job's data")
+    saved = checkpoints.saved_hparams(hparams.job_dir)
+    if saved is not None:
+        mismatches = shape_mismatches(saved, hparams)
+        if mismatches:
+            raise UsageError(f"--job-dir={hparams.job_dir} holds a model of another shape "
+                             f"({'; '.join(mismatches)}); use the job's flags or another --job-dir")
 
 
-def eval_layout(split_tokens: int, hparams: HParams, split: str) -> data.Layout:
-    """Evaluation keeps the unroll length; a small split gets fewer streams rather than none."""
+def eval_layout(split_tokens: int, hparams: HParams, split: str, replicas: int = 1) -> data.Layout:
+    """Evaluation keeps the unroll length; a small split gets fewer streams rather than none
+    (a multiple of the replicas, which split the streams between them)."""
     batch = min(hparams.batch_size, max(split_tokens // (hparams.unroll_steps + 1), 1))
+    batch = max(batch - batch % replicas, replicas)
     return data.layout_for(split_tokens, batch, hparams.unroll_steps, split)
 
 
 def strategy_from_environment() -> tf.distribute.Strategy:
-    """trainer.distribute picks the strategy when it exists; otherwise the default (one device)."""
-    if importlib.util.find_spec("trainer.distribute") is None:
-        return tf.distribute.get_strategy()
-    from trainer import distribute
-
+    """One device, several GPUs, several workers or a TPU: see trainer.distribute."""
     return distribute.strategy_from_environment()
 
 
@@ -161,8 +159,12 @@ class _Trainer:
                                       hparams.unroll_steps)
         self.total = total_steps(hparams, self.layout)
         self.train_files = data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
-        self.valid = self._valid_split()
         self.strategy = strategy_from_environment()
+        # Only the chief writes summaries and samples; with several workers the others save
+        # their (identical) checkpoints into a scratch dir, as MultiWorkerMirroredStrategy needs.
+        self.chief = distribute.is_chief(self.strategy)
+        self.save_dir = distribute.checkpoint_dir(hparams.job_dir, self.strategy)
+        self.valid = self._valid_split()
         keras.utils.set_random_seed(hparams.seed)
         with self.strategy.scope():
             self.model = build_model(hparams)
@@ -177,18 +179,18 @@ class _Trainer:
         # The carried state is saved too (single replica), so a resumed run continues exactly.
         self.carry = [tf.Variable(t, trainable=False)
                       for t in tf.nest.flatten(self.model.initial_state(hparams.batch_size))]
-        items = dict(model=self.model, optimizer=self.optimizer, layout=self.layout_var,
-                     best_loss=self.best_loss, **self.counters)
+        items = dict(optimizer=self.optimizer, layout=self.layout_var, best_loss=self.best_loss,
+                     **checkpoints.model_trackables(self.model), **self.counters)
         self.checkpoint = tf.train.Checkpoint(**items, carry=self.carry)
         self.checkpoint_without_carry = tf.train.Checkpoint(**items)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, hparams.job_dir,
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_dir,
                                                   max_to_keep=hparams.keep_checkpoint_max)
         self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, checkpoints.join(hparams.job_dir, checkpoints.BEST_DIR), max_to_keep=1)
+            self.checkpoint, checkpoints.join(self.save_dir, checkpoints.BEST_DIR), max_to_keep=1)
         self.train_step = loops.make_train_step(self.params, self.optimizer, self.strategy)
         self.eval_step = loops.make_eval_step(self.params, self.strategy)
         self.sampler = sampling.Sampler(self.model)
-        self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer)
+        self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
         self.terminate = False
         self.saved_step = -1
 
@@ -197,14 +199,14 @@ class _Trainer:
         if self.hparams.eval_every <= 0 or tokens <= self.hparams.unroll_steps + 1:
             return None
         files = data.shard_files(self.hparams.data_dir, self.hparams.data_prefix, "valid")
-        return files, eval_layout(tokens, self.hparams, "valid")
+        return files, eval_layout(tokens, self.hparams, "valid", self.strategy.num_replicas_in_sync)
 
     # ------------------------------------------------------------ resume and save
 
     def restore(self) -> tuple[_Position, Any]:
         """Restores the newest checkpoint if any; returns the position and the carried state."""
-        state = self.model.initial_state(self.hparams.batch_size)
-        path = self.manager.latest_checkpoint
+        state = self._fresh_state()
+        path = tf.train.latest_checkpoint(self.hparams.job_dir)  # the chief's, on every worker
         if path is None:
             for line in finetune.warm_start(self.model, self.hparams, self.metadata):
                 print(line, flush=True)
@@ -214,11 +216,12 @@ class _Trainer:
         saved_layout = tf.train.load_checkpoint(path).get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
         current = [self.layout.batch_size, self.layout.unroll_steps, self.layout.windows_per_epoch]
         same_layout = list(saved_layout) == current
+        # expect_partial: a changed layout skips the saved state, another --optimizer its slots.
         (self.checkpoint if same_layout else self.checkpoint_without_carry).restore(path) \
-            .assert_existing_objects_matched()
+            .expect_partial().assert_existing_objects_matched()
         position = _Position(*(int(self.counters[k].numpy()) for k in ("step", "epoch", "position")))
         note = ""
-        if same_layout:
+        if same_layout and self.single_replica:
             state = tf.nest.pack_sequence_as(state, [v.read_value() for v in self.carry])
         else:
             # Another batch size or unroll length: keep the same fraction of the epoch.
@@ -243,7 +246,18 @@ class _Trainer:
             for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
                 variable.assign(value)
         self.manager.save(checkpoint_number=position.step)
+        self._drop_scratch()
         self.saved_step = position.step
+
+    def _fresh_state(self) -> Any:
+        """Zero state for every stream (per replica under a multi-device strategy)."""
+        if self.single_replica:
+            return self.model.initial_state(self.hparams.batch_size)
+        return loops.initial_state(self.params, self.strategy, self.hparams.batch_size)
+
+    def _drop_scratch(self) -> None:
+        if not self.chief:
+            distribute.remove_scratch(self.save_dir, self.hparams.job_dir)
 
     def _check_weights_finite(self, step: int) -> None:
         finite = all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.trainable_variables)
@@ -271,9 +285,11 @@ class _Trainer:
             nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), state)
             loss = nats / tokens
             self.summaries.eval(step, loss)
+            cloud_env.report_metric(loss, step)  # Vertex hyperparameter tuning reads it
             if loss < float(self.best_loss.numpy()):
                 self.best_loss.assign(loss)
                 self.best_manager.save(checkpoint_number=step)
+                self._drop_scratch()
         if isinstance(self.optimizer, optimizers.NTASGD) and self.optimizer.observe_validation(loss):
             print(f"NT-ASGD: validation loss stalled at step {step}; averaging weights from now on",
                   flush=True)
@@ -289,9 +305,7 @@ class _Trainer:
         self.summaries.sample(step, text)
 
     def _distribute(self, dataset: tf.data.Dataset) -> Any:
-        if self.single_replica:
-            return dataset
-        return self.strategy.experimental_distribute_dataset(dataset)
+        return distribute.distribute_windows(self.strategy, dataset)
 
     # ------------------------------------------------------------ the loop
 
@@ -330,7 +344,8 @@ class _Trainer:
                         progress.note_eval(eval_loss)
                     if position.step % hparams.save_checkpoints_steps == 0:
                         self.save(position, state)
-                    if hparams.sample_every > 0 and position.step % hparams.sample_every == 0:
+                    if (self.chief and hparams.sample_every > 0
+                            and position.step % hparams.sample_every == 0):
                         self.sample(position.step)
                 if self.finished(position) or self.terminate:
                     break
@@ -338,7 +353,7 @@ class _Trainer:
                 # The epoch is over: the next one starts from fresh state at its first window.
                 position.epoch += 1
                 position.window = 0
-                state = self.model.initial_state(hparams.batch_size)
+                state = self._fresh_state()
         if self.terminate:
             stopped = "terminated"
             print(f"SIGTERM: saving a checkpoint at step {position.step} and stopping", flush=True)
@@ -346,7 +361,8 @@ class _Trainer:
             if last_eval_step != position.step and self.valid is not None:
                 eval_loss = self.evaluate(position.step)
                 progress.note_eval(eval_loss)
-            self.sample(position.step)
+            if self.chief:
+                self.sample(position.step)
         self.save(position, state)
         progress.close()
         self.summaries.close()
@@ -378,7 +394,13 @@ def train(hparams: HParams) -> TrainResult:
     hparams, metadata = prepare_job(hparams)
     trainer = _Trainer(hparams, metadata)
     with _sigterm_sets_flag(trainer):
-        return trainer.run()
+        result = trainer.run()
+    if result.stopped == "finished" and trainer.chief:
+        # A serving-ready SavedModel of the final weights (trainer.export; AIP_MODEL_DIR on Vertex).
+        from trainer import export  # deferred: export imports babble, which imports this package
+
+        export.export_model(trainer.model, metadata, cloud_env.model_export_dir(hparams, os.environ))
+    return result
 
 
 def describe(result: TrainResult) -> str:

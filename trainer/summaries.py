@@ -17,8 +17,9 @@ def bits_name_for(tokenizer: str) -> str:
 
 
 class Summaries:
-    def __init__(self, summary_dir: str, tokenizer: str) -> None:
-        self.writer = tf.summary.create_file_writer(summary_dir)
+    def __init__(self, summary_dir: str, tokenizer: str, write: bool = True) -> None:
+        # write=False on non-chief workers, whose summaries would duplicate the chief's.
+        self.writer = tf.summary.create_file_writer(summary_dir) if write else tf.summary.create_noop_writer()
         self.bits_name = bits_name_for(tokenizer)
 
     def _losses(self, prefix: str, step: int, loss: float) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 
-from trainer import runner
+from trainer import cloud_env, runner
 from trainer.errors import UsageError, run_cli
 from trainer.flags import define_hparams_flags, hparams_from_flags
 
@@ -19,6 +21,8 @@ def main(argv: list[str]) -> int:
         hparams = hparams_from_flags()
     except ValueError as err:
         raise UsageError(str(err)) from None
+    # On Vertex AI: AIP_* dirs fill what the flags left empty; tuning trials get their own dir.
+    hparams = cloud_env.apply_environment(hparams, os.environ)
     result = runner.train(hparams)
     print(runner.describe(result), flush=True)
     # 143 = 128 + SIGTERM: a supervisor sees that the job stopped early (and will resume it).

@@ -13,7 +13,8 @@ import pathlib
 import shutil
 import subprocess
 
-GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
+from .proxy import GOOGLE_HOSTS
+
 _KEY_ARGS = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
 
 

@@ -49,6 +49,9 @@ class MLSTMLayer(keras.layers.Layer):
         self.gains = {name: self.add_weight(name="g" + name[1:], shape=(var.shape[-1],),
                                             initializer="ones")
                       for name, var in self.matrices.items()} if self.weight_norm else {}
+        # tf.train.Checkpoint follows attributes, not dicts: name every variable.
+        for name, var in [*self.matrices.items(), *((f"g{n[1:]}", g) for n, g in self.gains.items())]:
+            setattr(self, name, var)
         # Forget-gate bias 1, a common choice that keeps early gradients flowing through c.
         bias = [0.0] * h + [1.0] * h + [0.0] * (2 * h)
         self.bias = self.add_weight(name="b", shape=(4 * h,),

@@ -44,8 +44,9 @@ class MogrifierLayer(keras.layers.Layer):
         bias = [0.0] * h + [1.0] * h + [0.0] * (2 * h)  # forget-gate bias 1, as the LSTM layer
         self.bias = self.add_weight(name="bias", shape=(4 * h,),
                                     initializer=keras.initializers.Constant(bias))
-        self.mogrifiers = [self._mogrifier(i, h if i % 2 == 0 else d, d if i % 2 == 0 else h)
-                           for i in range(self.rounds)]
+        # A tuple, not a list: tf.train.Checkpoint tracks tuples but not Keras 3's tracked lists.
+        self.mogrifiers = tuple(self._mogrifier(i, h if i % 2 == 0 else d, d if i % 2 == 0 else h)
+                                for i in range(self.rounds))
         super().build(input_shape)
 
     def _mogrifier(self, index: int, rows: int, cols: int) -> tuple[keras.Variable, ...]:

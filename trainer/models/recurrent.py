@@ -159,6 +159,10 @@ class RecurrentLM(LanguageModel):
                                                 trainable=not hparams.freeze_embedding, name="embedding")
         self.embedding.build()  # the table is read directly (embedding dropout, tied output)
         self.rnns = [self._make_layer(hparams, i) for i in range(hparams.layers)]
+        for i, rnn in enumerate(self.rnns):
+            # tf.train.Checkpoint follows attributes and tuples, not Keras 3's tracked lists:
+            # without these names the recurrent weights would silently miss every checkpoint.
+            setattr(self, f"layer_{i}", rnn)
         self.tied = hparams.tie_embeddings
         if self.tied:
             # Tied weights need the output in embedding space; project only when sizes differ.

@@ -104,6 +104,8 @@ class TransformerLM(LanguageModel):
                          if hparams.embedding_size != hparams.d_model else None)
         self.blocks = [Block(hparams.d_model, hparams.heads, hparams.dropout, name=f"block_{i}")
                        for i in range(hparams.layers)]
+        for i, block in enumerate(self.blocks):
+            setattr(self, f"block_{i}", block)  # checkpoints follow attributes, not Keras lists
         self.drop = keras.layers.Dropout(hparams.dropout)
         self.norm = keras.layers.LayerNormalization(epsilon=1e-5, name="norm")
         if hparams.pos_encoding == "learned":

@@ -1,0 +1,312 @@
+"""Training speed of verne's char model against a PyTorch reference of the same size, in one run.
+
+    .venv/bin/python -m bench.train [--cell lstm|gru] [--layers 2] [--state 512] [--precision ...]
+
+Prints tokens/s of verne's real train step (trainer.models.build_model + trainer.loops, the code
+`trainer.task` runs) and of torch 2.13 `nn.LSTM`/`nn.GRU` (fp32, and with bfloat16 autocast as extra
+information), measured in interleaved blocks after warm-up (medians); model-FLOPs utilisation
+against float32 / bfloat16 matmuls measured in the same run; how a verne step splits into
+forward, backward, optimizer and input; the input pipeline's own rate on GZIP shards; peak RSS.
+The last line is `ratio verne/pytorch: R.RRx` (verne at --precision over torch fp32).
+
+torch is never a verne dependency: the first run creates bench/.venv-torch (no system site
+packages) and installs torch there; the reference runs as a subprocess (bench/torch_reference.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from preprocessing import contract
+from trainer import data, loops, runner
+from trainer.errors import UsageError, run_cli
+from trainer.hparams import HParams
+from trainer.model_fn import Mode, Params, model_fn
+from trainer.models import build_model
+
+BENCH_DIR = Path(__file__).resolve().parent
+TORCH_PIN = "torch==2.13.0"
+
+flags.DEFINE_enum("cell", "lstm", ["lstm", "gru"], "Recurrent cell of both models.")
+flags.DEFINE_integer("layers", 2, "Recurrent layers.")
+flags.DEFINE_integer("state", 512, "Units per recurrent layer (--lstm_state_size).")
+flags.DEFINE_integer("embedding", 128, "Embedding size.")
+flags.DEFINE_integer("vocab", 65, "Vocabulary size (65: tinyshakespeare's characters).")
+flags.DEFINE_integer("batch", 64, "Batch size.")
+flags.DEFINE_integer("unroll", 128, "Unroll steps.")
+flags.DEFINE_enum("precision", HParams().precision, ["float32", "bfloat16"],
+                  "verne's --precision for the headline ratio (default: verne's default).")
+flags.DEFINE_integer("repeats", 3, "Interleaved rounds (verne, torch fp32, torch bf16 each round).")
+flags.DEFINE_integer("steps", 4, "Timed train steps per block.")
+flags.DEFINE_integer("input_tokens", 4_000_000, "Tokens in the GZIP shards of the input benchmark.")
+flags.DEFINE_string("torch_venv", str(BENCH_DIR / ".venv-torch"), "Where the torch reference lives.")
+flags.DEFINE_bool("torch", True, "Run the PyTorch reference (off: verne numbers only, no ratio).")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    cell: str
+    layers: int
+    state: int
+    embedding: int
+    vocab: int
+    batch: int
+    unroll: int
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.unroll
+
+    def train_flops_per_token(self) -> float:
+        """Matmul FLOPs of one training token: forward 2*m*n per weight, backward twice that."""
+        gates = {"lstm": 4, "gru": 3}[self.cell]
+        forward = sum(2 * ((self.embedding if i == 0 else self.state) + self.state) * gates * self.state
+                      for i in range(self.layers))
+        return 3.0 * (forward + 2 * self.state * self.vocab)
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def matmul_gflops(dtype: tf.DType, size: int = 2048, repeats: int = 5) -> float:
+    """The matmul ceiling: best GFLOP/s of a size^3 matmul in `dtype` on this machine, now."""
+    a = tf.cast(tf.random.normal([size, size]), dtype)
+    b = tf.cast(tf.random.normal([size, size]), dtype)
+    run = tf.function(lambda: tf.reduce_sum(tf.cast(tf.matmul(a, b)[:1], tf.float32)))
+    run()
+    return 2 * size ** 3 / min(timed(lambda: run().numpy()) for _ in range(repeats)) / 1e9
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# --------------------------------------------------------------------------- verne
+
+
+class VerneSteps:
+    """verne's train step as trainer.task runs it, plus forward-only and forward+backward twins."""
+
+    def __init__(self, shape: Shape, precision: str) -> None:
+        self.hparams = HParams(vocab_size=shape.vocab, cell=shape.cell, layers=shape.layers,
+                               lstm_state_size=shape.state, embedding_size=shape.embedding,
+                               batch_size=shape.batch, unroll_steps=shape.unroll,
+                               precision=precision).validate()
+        strategy = tf.distribute.get_strategy()
+        self.params = Params(self.hparams, build_model(self.hparams))
+        optimizer = runner.make_optimizer(self.hparams, total_steps=10_000)
+        self.train_step = loops.make_train_step(self.params, optimizer, strategy)
+        rng = np.random.default_rng(0)
+        self.tokens = tf.constant(rng.integers(0, shape.vocab, (shape.batch, shape.unroll)), tf.int32)
+        self.labels = tf.constant(rng.integers(0, shape.vocab, (shape.batch, shape.unroll)), tf.int32)
+        self.state = self.params.model.initial_state(shape.batch)
+        self.forward = tf.function(self._forward)
+        self.forward_backward = tf.function(self._forward_backward)
+
+    def _forward(self, tokens: tf.Tensor, labels: tf.Tensor, state: object) -> tf.Tensor:
+        return model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, self.params).loss
+
+    def _forward_backward(self, tokens: tf.Tensor, labels: tf.Tensor, state: object) -> tf.Tensor:
+        with tf.GradientTape() as tape:
+            loss = self._forward(tokens, labels, state)
+        return tf.linalg.global_norm(tape.gradient(loss, self.params.model.trainable_variables))
+
+    def step(self) -> float:
+        loss, _, self.state = self.train_step(self.tokens, self.labels, self.state)
+        return float(loss)  # waits for the step
+
+    def time_forward(self) -> float:
+        return timed(lambda: self.forward(self.tokens, self.labels, self.state).numpy())
+
+    def time_forward_backward(self) -> float:
+        return timed(lambda: self.forward_backward(self.tokens, self.labels, self.state).numpy())
+
+
+# --------------------------------------------------------------------------- torch
+
+
+def ensure_torch_venv(venv: Path) -> Path:
+    """The venv's python with torch importable; creates the venv and installs torch if needed."""
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import torch, numpy"]
+    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
+        return python
+    print(f"installing {TORCH_PIN} into {venv} (once) ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", TORCH_PIN, "numpy"], check=True)
+    return python
+
+
+class TorchReference:
+    """bench/torch_reference.py as a subprocess, driven block by block."""
+
+    def __init__(self, python: Path, shape: Shape) -> None:
+        args = [str(python), str(BENCH_DIR / "torch_reference.py"), "--cell", shape.cell,
+                "--layers", str(shape.layers), "--state", str(shape.state),
+                "--embedding", str(shape.embedding), "--vocab", str(shape.vocab),
+                "--batch", str(shape.batch), "--unroll", str(shape.unroll)]
+        self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError("the torch reference exited early (see its traceback above)")
+        return json.loads(line)
+
+    def run(self, steps: int, bf16: bool) -> list[list[float]]:
+        self.process.stdin.write(f"run {steps} {'bf16' if bf16 else 'fp32'}\n")
+        self.process.stdin.flush()
+        return self._read()["splits"]
+
+    def close(self) -> float:
+        self.process.stdin.write("quit\n")
+        self.process.stdin.flush()
+        rss = self._read()["peak_rss_mib"]
+        self.process.wait()
+        return rss
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def write_shards(directory: str, total_tokens: int, vocab: int, shards: int = 4) -> list[str]:
+    """GZIP TFRecord shards named and encoded as preprocessing writes them, of random tokens."""
+    rng = np.random.default_rng(1)
+    per_shard = total_tokens // shards
+    prefix = contract.shard_prefix(directory, "bench", "train")
+    for index in range(shards):
+        path = f"{prefix}-{index:05d}-of-{shards:05d}{contract.SHARD_SUFFIX}"
+        with tf.io.TFRecordWriter(path, options="GZIP") as writer:
+            for start in range(0, per_shard, contract.DEFAULT_RECORD_TOKENS):
+                size = min(contract.DEFAULT_RECORD_TOKENS, per_shard - start)
+                writer.write(contract.serialize_example(rng.integers(0, vocab, size).tolist()))
+    return data.shard_files(directory, "bench", "train")
+
+
+def input_tokens_per_second(shape: Shape, total_tokens: int) -> tuple[float, float]:
+    """(tokens/s of trainer.data.windows over a whole epoch of GZIP shards, RSS growth MiB)."""
+    with tempfile.TemporaryDirectory() as directory:
+        files = write_shards(directory, total_tokens, shape.vocab)
+        layout = data.layout_for(total_tokens, shape.batch, shape.unroll)
+        rss_before = peak_rss_mib()
+        start, windows = time.perf_counter(), 0
+        for _ in data.windows(files, layout):
+            windows += 1
+        seconds = time.perf_counter() - start
+    return windows * shape.tokens / seconds, peak_rss_mib() - rss_before
+
+
+# --------------------------------------------------------------------------- report
+
+
+def median_rate(seconds: list[float], tokens: int) -> float:
+    return tokens / statistics.median(seconds)
+
+
+def header(shape: Shape, torch_info: dict | None) -> list[str]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    torch = f", torch {torch_info['torch']} ({torch_info['threads']} threads)" if torch_info else ""
+    return [f"machine: {cpu}, {os.cpu_count()} cores, AVX512_BF16 {'yes' if bf16 else 'no'}, "
+            f"load average {os.getloadavg()[0]:.1f}",
+            f"versions: Python {platform.python_version()}, tensorflow {tf.__version__}{torch}",
+            f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, "
+            f"vocab {shape.vocab}, batch {shape.batch}, unroll {shape.unroll}, Adam, clip 5; "
+            f"{shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token"]
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    shape = Shape(FLAGS.cell, FLAGS.layers, FLAGS.state, FLAGS.embedding, FLAGS.vocab, FLAGS.batch,
+                  FLAGS.unroll)
+    if FLAGS.repeats < 1 or FLAGS.steps < 1:
+        raise UsageError("--repeats and --steps must be at least 1")
+    torch_ref = TorchReference(ensure_torch_venv(Path(FLAGS.torch_venv)), shape) if FLAGS.torch else None
+    other = "bfloat16" if FLAGS.precision == "float32" else "float32"
+    verne = {p: VerneSteps(shape, p) for p in (FLAGS.precision, other)}
+    for steps in verne.values():  # warm-up: tracing, oneDNN primitive caches
+        for _ in range(2):
+            steps.step()
+        steps.time_forward()
+        steps.time_forward_backward()
+
+    times: dict[str, list[float]] = {name: [] for name in
+                                     (*verne, "forward", "forward+backward", "torch fp32", "torch bf16")}
+    torch_splits: list[list[float]] = []
+    peaks = {"float32": 0.0, "bfloat16": 0.0}
+    for _ in range(FLAGS.repeats):
+        for dtype, name in ((tf.float32, "float32"), (tf.bfloat16, "bfloat16")):
+            peaks[name] = max(peaks[name], matmul_gflops(dtype))
+        for precision, steps in verne.items():
+            times[precision] += [timed(steps.step) for _ in range(FLAGS.steps)]
+        head = verne[FLAGS.precision]
+        times["forward"] += [head.time_forward() for _ in range(FLAGS.steps)]
+        times["forward+backward"] += [head.time_forward_backward() for _ in range(FLAGS.steps)]
+        if torch_ref:
+            for bf16, name in ((False, "torch fp32"), (True, "torch bf16")):
+                splits = torch_ref.run(FLAGS.steps, bf16)
+                times[name] += [sum(s) for s in splits]
+                if not bf16:
+                    torch_splits += splits
+    input_rate, input_rss = input_tokens_per_second(shape, FLAGS.input_tokens)
+    torch_rss = torch_ref.close() if torch_ref else None
+
+    flops = shape.train_flops_per_token()
+    rates = {name: median_rate(seconds, shape.tokens) for name, seconds in times.items()
+             if name not in ("forward", "forward+backward") and seconds}
+    lines = header(shape, torch_ref.info if torch_ref else None)
+    lines.append(f"matmul ceiling (2048^3, best of run): float32 {peaks['float32']:.0f} GFLOP/s, "
+                 f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")
+    lines.append(f"{'implementation':<34}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU fp32':>10}{'MFU bf16':>10}")
+    for name, rate in rates.items():
+        label = f"verne --precision={name}" if name in verne else f"{name} (nn.{shape.cell.upper()})"
+        achieved = rate * flops / 1e9
+        lines.append(f"{label:<34}{rate:>10.0f}{achieved:>9.0f}{achieved / peaks['float32']:>10.0%}"
+                     f"{achieved / peaks['bfloat16']:>10.0%}")
+    step = statistics.median(times[FLAGS.precision])
+    forward, both = statistics.median(times["forward"]), statistics.median(times["forward+backward"])
+    lines.append(f"verne --precision={FLAGS.precision} step {step * 1e3:.0f} ms = "
+                 f"forward {forward * 1e3:.0f} + backward {(both - forward) * 1e3:.0f} "
+                 f"+ optimizer/clip {(step - both) * 1e3:.0f}; "
+                 f"input {shape.tokens / input_rate * 1e3:.1f} ms per window (prefetched, overlaps the step)")
+    if torch_splits:
+        f, b, o = (statistics.median(column) * 1e3 for column in zip(*torch_splits, strict=True))
+        lines.append(f"torch fp32 step: forward {f:.0f} + backward/clip {b:.0f} + optimizer {o:.0f} ms")
+    lines.append(f"input pipeline (trainer.data.windows, {FLAGS.input_tokens:,} tokens in 4 GZIP shards): "
+                 f"{input_rate:,.0f} tokens/s = {input_rate / rates[FLAGS.precision]:.1f}x the train step's "
+                 f"consumption; peak RSS grew {input_rss:.0f} MiB while streaming")
+    torch_mem = f", torch reference {torch_rss:.0f} MiB" if torch_rss is not None else ""
+    lines.append(f"peak RSS: verne benchmark process {peak_rss_mib():.0f} MiB{torch_mem}")
+    if torch_ref:
+        lines.append(f"ratio verne bf16/torch bf16 autocast: {rates['bfloat16'] / rates['torch bf16']:.2f}x "
+                     "(extra information)")
+        lines.append(f"ratio verne/pytorch: {rates[FLAGS.precision] / rates['torch fp32']:.2f}x")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    app.run(run_cli(main))
