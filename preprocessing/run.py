@@ -128,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="Tokens per TFRecord record (the trainer cuts its own windows).")
     parser.add_argument("--vocab_from", metavar="DATA_DIR/PREFIX",
                         help="Reuse an existing vocabulary (and tokenizer settings), e.g. for "
-                             "fine-tuning: DIR/NAME or DIR/NAME.metadata.json.")
+                             "fine-tuning: DATA_DIR/PREFIX, a *.metadata.json file or a trainer job dir.")
     return parser
 
 

@@ -29,7 +29,7 @@ def babble(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_streams_the_same_text_for_the_same_seed_from_either_job_dir(char_job: str, root: Path) -> None:
-    common = ["--prime", "First Ciéizen", "--length", "60", "--seed", "3", "--temperature", "0.9"]
+    common = ["--prime", "First Ciéizen", "--length", "60", "--seed", "3", "--temperature", "0.9", "--no_unk"]
     concrete = babble("--job-dir", char_job, *common)
     assert concrete.returncode == 0, concrete.stderr
     assert concrete.stdout.startswith("First Ciéizen") and len(concrete.stdout) == len("First Ciéizen") + 61
@@ -39,7 +39,8 @@ def test_cli_streams_the_same_text_for_the_same_seed_from_either_job_dir(char_jo
                       "--data_prefix", "tiny", *shape, *common)
     assert resolved.returncode == 0, resolved.stderr
     assert resolved.stdout == concrete.stdout
-    assert generate_from_job(char_job, "First Ciéizen", 60, temperature=0.9, seed=3) == [concrete.stdout[:-1]]
+    library = generate_from_job(char_job, "First Ciéizen", 60, temperature=0.9, seed=3, no_unk=True)
+    assert library == [concrete.stdout[:-1]]
 
 
 def test_cli_errors_are_one_line(root: Path) -> None:
@@ -50,10 +51,10 @@ def test_cli_errors_are_one_line(root: Path) -> None:
 
 
 def test_generate_from_job_batches_samples(char_job: str) -> None:
-    samples = generate_from_job(char_job, "All", 30, num_samples=3, seed=8)
+    samples = generate_from_job(char_job, "All", 30, num_samples=3, seed=8, no_unk=True)
     assert len(samples) == 3 and all(s.startswith("All") and len(s) == 33 for s in samples)
     assert len(set(samples)) > 1
-    assert generate_from_job(char_job, "All", 30, num_samples=3, seed=8) == samples
+    assert generate_from_job(char_job, "All", 30, num_samples=3, seed=8, no_unk=True) == samples
     with pytest.raises(UsageError, match="--length"):
         generate_from_job(char_job, "All", 0)
 

