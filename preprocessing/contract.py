@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
@@ -154,7 +155,9 @@ def _validate(metadata: Metadata, source: str) -> None:
 
 def escape_token(token: str) -> str:
     """One-line, readable form of a token for NAME.vocab.txt (newline becomes \\n, etc.)."""
-    return token.encode("unicode_escape").decode("ascii") if not token.isprintable() or "\\" in token else token
+    if token.isprintable() and "\\" not in token:
+        return token
+    return token.encode("unicode_escape").decode("ascii")
 
 
 def vocab_text(vocab: Sequence[str]) -> str:

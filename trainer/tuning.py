@@ -18,7 +18,9 @@ from trainer.cloud_env import METRIC_TAG
 # name -> (kind, settings); kept as plain data so tests and docs can read the space.
 SEARCH_SPACE: dict[str, tuple[str, dict[str, Any]]] = {
     "learning_rate": ("double", {"min": 1e-4, "max": 1e-2, "scale": "log"}),
-    "lstm_state_size": ("discrete", {"values": [256, 512, 1024], "scale": "linear"}),
+    # Categorical, not discrete: discrete values are doubles and could arrive as "--lstm_state_size=512.0",
+    # which an integer flag refuses.
+    "lstm_state_size": ("categorical", {"values": ["256", "512", "1024"]}),
     "dropout": ("double", {"min": 0.0, "max": 0.5, "scale": "linear"}),
 }
 METRIC_GOAL = "minimize"
