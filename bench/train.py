@@ -52,7 +52,7 @@ flags.DEFINE_integer("unroll", 128, "Unroll steps.")
 flags.DEFINE_enum("precision", HParams().precision, ["float32", "bfloat16"],
                   "verne's --precision for the headline ratio (default: verne's default).")
 flags.DEFINE_integer("repeats", 3, "Interleaved rounds (verne, torch fp32, torch bf16 each round).")
-flags.DEFINE_integer("steps", 4, "Timed train steps per block.")
+flags.DEFINE_integer("steps", 3, "Timed train steps per block.")
 flags.DEFINE_integer("input_tokens", 4_000_000, "Tokens in the GZIP shards of the input benchmark.")
 flags.DEFINE_string("torch_venv", str(BENCH_DIR / ".venv-torch"), "Where the torch reference lives.")
 flags.DEFINE_bool("torch", True, "Run the PyTorch reference (off: verne numbers only, no ratio).")
@@ -245,6 +245,9 @@ def main(argv: list[str]) -> None:
                   FLAGS.unroll)
     if FLAGS.repeats < 1 or FLAGS.steps < 1:
         raise UsageError("--repeats and --steps must be at least 1")
+    # The input pipeline first: it is quick, and a broken data path should fail before the long part.
+    input_rate, input_rss = input_tokens_per_second(shape, FLAGS.input_tokens)
+    print(f"input pipeline: {input_rate:,.0f} tokens/s", flush=True)
     torch_ref = TorchReference(ensure_torch_venv(Path(FLAGS.torch_venv)), shape) if FLAGS.torch else None
     other = "bfloat16" if FLAGS.precision == "float32" else "float32"
     verne = {p: VerneSteps(shape, p) for p in (FLAGS.precision, other)}
@@ -258,7 +261,8 @@ def main(argv: list[str]) -> None:
                                      (*verne, "forward", "forward+backward", "torch fp32", "torch bf16")}
     torch_splits: list[list[float]] = []
     peaks = {"float32": 0.0, "bfloat16": 0.0}
-    for _ in range(FLAGS.repeats):
+    for round_ in range(FLAGS.repeats):
+        print(f"round {round_ + 1}/{FLAGS.repeats} ...", flush=True)
         for dtype, name in ((tf.float32, "float32"), (tf.bfloat16, "bfloat16")):
             peaks[name] = max(peaks[name], matmul_gflops(dtype))
         for precision, steps in verne.items():
@@ -272,7 +276,6 @@ def main(argv: list[str]) -> None:
                 times[name] += [sum(s) for s in splits]
                 if not bf16:
                     torch_splits += splits
-    input_rate, input_rss = input_tokens_per_second(shape, FLAGS.input_tokens)
     torch_rss = torch_ref.close() if torch_ref else None
 
     flops = shape.train_flops_per_token()

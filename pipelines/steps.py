@@ -26,6 +26,7 @@ PUBLISHED_MANIFEST = "PUBLISHED.json"
 # The pipeline decides where data and checkpoints go; users choose everything else.
 PIPELINE_OWNED_HPARAMS = ("data_dir", "data_prefix", "job_dir", "vocab_size")
 GATE_METRICS = ("loss", "perplexity", "bpc")
+EVALUATION_NUMBERS = ("loss", "perplexity", "bpc", "bits_per_token", "tokens", "step")
 
 
 def location(uri: str, path: str) -> str:
@@ -132,8 +133,8 @@ def evaluate(job_dir: str, split: str, best: bool) -> dict[str, float]:
     from trainer.evaluate import evaluate as run_evaluation
 
     result = run_evaluation(job_dir, split=split, best=best)
-    numbers = {name: float(value) for name, value in result.items()
-               if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    # The scores and what they were measured on; layout details stay in JOB_DIR/eval-SPLIT.json.
+    numbers = {name: float(result[name]) for name in EVALUATION_NUMBERS if name in result}
     numbers.setdefault("bpc", numbers.get("bits_per_token", math.nan))
     missing = [name for name in GATE_METRICS if math.isnan(numbers.get(name, math.nan))]
     if missing:

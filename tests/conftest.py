@@ -11,6 +11,8 @@ import pytest
 # Quiet TensorFlow's start-up chatter in test logs; keep oneDNN (the speed tests rely on it).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from gcs.fixture import gcs_bucket, gcs_in_process, gcs_server  # noqa: E402,F401  (gs:// emulator, tests/gcs)
+
 from preprocessing import contract  # noqa: E402
 
 SHAKESPEARE_LIKE = (
@@ -76,4 +78,3 @@ def make_data_dir() -> Callable[..., tuple[str, str, contract.Metadata]]:
 def make_data_dir_module() -> Callable[..., tuple[str, str, contract.Metadata]]:
     """The same factory for module-scoped fixtures (pass a tmp_path_factory directory)."""
     return _make
-from gcs.fixture import gcs_bucket, gcs_in_process, gcs_server  # noqa: E402,F401  (gs:// emulator, tests/gcs)

@@ -52,19 +52,30 @@ class Emulator:
     """fake-gcs-server with the in-memory backend; `url` is what STORAGE_EMULATOR_HOST takes."""
 
     def __init__(self, log_path: pathlib.Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.port = 0
+        self.url = ""
         self.log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
-        with open(self.log_path, "wb") as log:
-            self._process = subprocess.Popen(
-                [str(binary_path()), "-scheme", "http", "-backend", "memory",
-                 "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
-                 "-log-level", "warn"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
-        self._wait_until_ready()
+    def start(self, attempts: int = 3) -> None:
+        for attempt in range(1, attempts + 1):
+            # Another process may take the free port before the emulator binds it: try anew.
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            with open(self.log_path, "wb") as log:
+                self._process = subprocess.Popen(
+                    [str(binary_path()), "-scheme", "http", "-backend", "memory",
+                     "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
+                     "-log-level", "warn"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    preexec_fn=die_with_parent)
+            try:
+                self._wait_until_ready()
+                return
+            except RuntimeError:
+                self.stop()
+                if attempt == attempts:
+                    raise
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + _READY_TIMEOUT_S
@@ -79,7 +90,6 @@ class Emulator:
                         return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.05)
-        self.stop()
         raise RuntimeError(f"fake-gcs-server did not answer on {self.url} within {_READY_TIMEOUT_S} s")
 
     def stop(self) -> None:

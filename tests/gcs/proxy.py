@@ -114,7 +114,8 @@ class GoogleApisProxy:
     def serve_forever(self) -> None:
         self._server.serve_forever()
 
-    def _handle(self, connection, rfile: BinaryIO, wfile: BinaryIO, context: ssl.SSLContext) -> None:
+    def _handle(self, connection: socket.socket, rfile: BinaryIO, wfile: BinaryIO,
+                context: ssl.SSLContext) -> None:
         line = rfile.readline(_MAX_LINE).decode("latin-1")
         http.client.parse_headers(rfile)
         parts = line.split()
