@@ -295,8 +295,14 @@ def submit(flag_values: flags.FlagValues, pipeline_func: Any) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         template = flag_values.compile or os.path.join(scratch, f"{PIPELINE_NAME}.yaml")
         compile_pipeline(pipeline_func, template)
-        job = build_job(template, arguments, flag_values.project, flag_values.region, root, labels,
-                        display_name, flag_values.enable_caching, credentials)
+        from google.auth.exceptions import DefaultCredentialsError
+
+        try:
+            job = build_job(template, arguments, flag_values.project, flag_values.region, root,
+                            labels, display_name, flag_values.enable_caching, credentials)
+        except DefaultCredentialsError:
+            raise UsageError("no Google Cloud credentials: run `gcloud auth application-default "
+                             "login` (or add --dry_run to print the request offline)") from None
         if flag_values.dry_run:
             print(json.dumps(submission_request(job, flag_values.service_account), indent=1))
             return

@@ -219,6 +219,14 @@ def test_submission_sends_root_parameters_account_and_labels() -> None:
     check_request(json_format.MessageToDict(sent["job"]._pb))
 
 
+def test_submission_without_credentials_says_how_to_get_them() -> None:
+    from google.auth.exceptions import DefaultCredentialsError
+
+    with mock.patch("google.auth.default", side_effect=DefaultCredentialsError("none")), \
+            pytest.raises(UsageError, match="application-default login"):
+        run.main(["pipelines.run", *VERTEX_ARGV])
+
+
 def test_dry_run_prints_the_same_request_offline(capsys: pytest.CaptureFixture[str]) -> None:
     run.main(["pipelines.run", *VERTEX_ARGV, "--dry_run"])
     request = json.loads(capsys.readouterr().out)
