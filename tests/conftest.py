@@ -24,12 +24,13 @@ SHAKESPEARE_LIKE = (
 
 
 def _tokenize(text: str, tokenizer: str) -> tuple[list[int], tuple[str, ...]]:
-    if tokenizer == "byte":
-        return list(text.encode("utf-8")), tuple(f"<{i}>" for i in range(256))
-    pieces = list(text) if tokenizer == "char" else text.replace("\n", f" {contract.EOS} ").split()
-    vocab = tuple(sorted(set(pieces)))
-    index = {token: i for i, token in enumerate(vocab)}
-    return [index[p] for p in pieces], vocab
+    """Ids and vocabulary exactly as preprocessing would make them, so the trainer and the
+    sampler see the same vocabularies in tests as on real data."""
+    from preprocessing import tokenizers
+
+    _, counts = tokenizers.count_tokens(tokenizer, text)
+    vocab = tokenizers.build_vocab(tokenizer, counts)
+    return tokenizers.make_tokenizer(tokenizer, vocab).encode(text), vocab
 
 
 def write_data_dir(data_dir: Path, text: str, tokenizer: str = "char", prefix: str = "tiny",

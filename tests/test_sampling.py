@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from generation_job import trained_job
+from generation_job import MODEL, trained_job
 
+from preprocessing import contract
+from preprocessing.tokenizers import byte_vocab
 from trainer import checkpoints, sampling
+from trainer.hparams import HParams
+from trainer.models import build_model
 from trainer.sampling import Generator, SamplingOptions, TextGenerator
 
 
@@ -119,14 +123,18 @@ def test_unknown_prime_characters_become_unk(char_model: tuple) -> None:
     assert text.startswith("Fi€rst Zé") and len(text) == len("Fi€rst Zé") + 20
 
 
-def test_streamed_text_equals_generated_text_for_bytes(tmp_path_factory: pytest.TempPathFactory) -> None:
-    job = trained_job(tmp_path_factory.getbasetemp() / "generation", "byte")
-    _, metadata, model = checkpoints.load_job(job)
+def test_streamed_text_equals_generated_text_for_bytes() -> None:
+    # Untrained and hot: nearly uniform bytes, so multi-byte and invalid sequences abound.
+    model = build_model(HParams(language_model="byte", vocab_size=256, **MODEL))
+    splits = {split: contract.SplitStats(0, 0, 0) for split in contract.SPLITS}
+    metadata = contract.Metadata(tokenizer="byte", vocab=byte_vocab(), splits=splits)
     text_generator = TextGenerator(model, metadata)
-    options = SamplingOptions(temperature=2.0, seed=4)  # hot: plenty of bytes >= 0x80
+    options = SamplingOptions(temperature=2.0, seed=4)
     whole = text_generator.generate("Größe ", 120, options)[0]
     pieces = [piece for (piece,) in text_generator.stream("Größe ", 120, options, chunk=1)]
-    assert "".join(pieces) == whole
+    assert "".join(pieces) == whole and whole.startswith("Größe ")
+    assert "\ufffd" in whole, "invalid sequences were generated and replaced"
+    assert any(ord(c) > 127 and c != "\ufffd" for c in whole[6:]), "multi-byte characters survive"
     for piece in pieces:
         piece.encode("utf-8")  # valid UTF-8: no lone surrogates, incomplete sequences held back
 

@@ -162,6 +162,7 @@ def test_flag_mistakes_are_one_line_errors(tmp_path: Path) -> None:
     cases = [
         (dict(BASE, accelerator="NVIDIA_TESLA_T5"), "--accelerator=NVIDIA_TESLA_T5"),
         (dict(BASE, tpu="v9"), "--tpu=v9"),
+        (dict(BASE, variant="tpu_v5e", accelerator_count=2), "--accelerator_count=2 needs --accelerator"),
         (dict(BASE, staging_bucket="/tmp/x"), "--staging_bucket"),
         (dict(BASE, project=""), "--project is missing"),
         (dict(BASE, tensorboard="my-tb"), "--tensorboard=my-tb"),

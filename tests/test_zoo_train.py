@@ -4,16 +4,13 @@ evaluates, samples and exports; plus the zoo's runner options (mLSTM weight norm
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import pathlib
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from absl import flags
 
-from preprocessing import contract
 from trainer import checkpoints, runner
 from trainer.babble import generate_from_job
 from trainer.cache_pointer import PointerConfig
@@ -29,18 +26,7 @@ TINY = dict(layers=1, lstm_state_size=16, embedding_size=8, d_model=16, heads=2,
 
 
 def _data(make_data_dir, tmp_path, tokenizer: str = "char", **options: object) -> tuple[str, str, object]:
-    """A tiny data dir whose vocabulary the real tokenizers accept (byte: chr(0..255) in order;
-    char: with <unk>), so sampling and export can encode primes."""
-    data_dir, prefix, metadata = make_data_dir(tmp_path, tokenizer=tokenizer, **options)
-    if tokenizer == "byte":
-        vocab = tuple(chr(i) for i in range(256))
-    elif tokenizer == "char" and contract.UNK not in metadata.vocab:
-        vocab = metadata.vocab + (contract.UNK,)
-    else:
-        vocab = metadata.vocab
-    metadata = dataclasses.replace(metadata, vocab=vocab)
-    pathlib.Path(contract.metadata_path(data_dir, prefix)).write_text(contract.metadata_to_json(metadata))
-    return data_dir, prefix, metadata
+    return make_data_dir(tmp_path, tokenizer=tokenizer, **options)
 
 
 def _hparams(data_dir: str, prefix: str, job_root: object, **changes: object) -> HParams:

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from preprocessing import contract
+from preprocessing.tokenizers import tokenizer_from_metadata
 from trainer.models.base import LanguageModel, State
 
 # Sample modes, as char-rnn-tensorflow numbers them.
@@ -108,24 +109,13 @@ def choose_next(logits: tf.Tensor, prev: tf.Tensor, step: tf.Tensor, params: dic
 
 
 def encode(text: str, metadata: contract.Metadata) -> list[int]:
-    """Token ids of `text`; tokens outside the vocabulary map to `<unk>` (or are dropped)."""
-    if metadata.tokenizer == "byte":
-        # Byte models: the id of a byte is its value (the byte vocabulary has 256 entries).
-        return list(text.encode("utf-8"))
-    index = {token: i for i, token in enumerate(metadata.vocab)}
-    pieces = list(text) if metadata.tokenizer == "char" else text.split()
-    unk = metadata.unk_id
-    return [index.get(p, unk) for p in pieces if p in index or unk is not None]
+    """Token ids of `text`, normalised as the corpus was; unknown pieces map to `<unk>`."""
+    return tokenizer_from_metadata(metadata).encode(text)
 
 
-def decode(ids: list[int], metadata: contract.Metadata) -> str:
-    """Text of token ids (words joined by spaces, `<eos>` as a line break)."""
-    if metadata.tokenizer == "byte":
-        return bytes(ids).decode("utf-8", errors="replace")
-    tokens = ["\n" if metadata.vocab[i] == contract.EOS else metadata.vocab[i] for i in ids]
-    if metadata.tokenizer == "char":
-        return "".join(tokens)
-    return " ".join(tokens).replace(" \n ", "\n").replace("\n ", "\n")
+def decode(ids: Sequence[int], metadata: contract.Metadata) -> str:
+    """Text of token ids, spaced and UTF-8-decoded as the tokenizer does."""
+    return tokenizer_from_metadata(metadata).decode(ids)
 
 
 def default_prime(metadata: contract.Metadata) -> list[int]:
@@ -177,7 +167,7 @@ def prime_model(model: LanguageModel, prime_ids: tf.Tensor, batch_size: tf.Tenso
     def column(i: tf.Tensor) -> tf.Tensor:  # [B, 1] with the 1 known statically
         return tf.reshape(tokens[:, i], [-1, 1])
 
-    def step(i, logits, state):  # noqa: ANN001, ANN202
+    def step(i, logits, state):
         step_logits, state = model(column(i), state, training=False)
         return i + 1, step_logits[:, -1], state
 
@@ -195,7 +185,7 @@ def generation_loop(model: LanguageModel, logits: tf.Tensor, state: State, prev:
 
     Returns (tokens int32 [B, length], logits, state, last token) so a caller can continue.
     """
-    def body(i, logits, state, prev, out):  # noqa: ANN001, ANN202
+    def body(i, logits, state, prev, out):
         token = choose_next(logits, prev, first_step + i, params, boundary, banned)
         step_logits, state = model(token[:, None], state, training=False)
         return i + 1, step_logits[:, -1], state, token, out.write(i, token)
@@ -281,8 +271,6 @@ class TextGenerator:
     """
 
     def __init__(self, model: LanguageModel, metadata: contract.Metadata) -> None:
-        from preprocessing.tokenizers import tokenizer_from_metadata
-
         self.metadata = metadata
         self.tokenizer = tokenizer_from_metadata(metadata)
         self.generator = Generator(model, metadata.vocab, metadata.tokenizer, metadata.unk_id)

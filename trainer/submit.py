@@ -123,8 +123,6 @@ def trainer_hparams(args: Sequence[str]) -> HParams:
 def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str], Any]) -> HParams:
     """`hparams` with %JOB% resolved as the trainer will. With --language_model given that needs
     nothing else (and no network); otherwise the data's metadata names it, when it can be read."""
-    from trainer.checkpoints import resolve_hparams
-
     if hparams.language_model is not None:
         return hparams.replace(job_dir=_resolved(hparams.job_dir, hparams),
                                summary_dir=_resolved(hparams.summary_dir, hparams))
@@ -134,6 +132,8 @@ def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str]
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"cannot name %JOB% from the data ({reason}); pass --language_model "
                          "after -- or make --data_dir readable") from None
+    from trainer.checkpoints import resolve_hparams  # the trainer's own resolution, checks included
+
     return resolve_hparams(hparams, metadata)
 
 
@@ -200,6 +200,9 @@ def apply_overrides(body: dict[str, Any], o: Overrides) -> dict[str, Any]:
             machine["acceleratorType"] = o.accelerator
             machine["acceleratorCount"] = o.accelerator_count or machine.get("acceleratorCount") or 1
         elif o.accelerator_count:
+            if not machine.get("acceleratorType"):
+                raise UsageError(f"--accelerator_count={o.accelerator_count} needs --accelerator "
+                                 "(e.g. NVIDIA_TESLA_T4): the spec's machine has none")
             machine["acceleratorCount"] = o.accelerator_count
         if o.tpu:
             machine.pop("acceleratorType", None)
@@ -541,16 +544,20 @@ def options_from_flags(values: flags.FlagValues) -> SubmitOptions:
     return SubmitOptions(**given)
 
 
-def main(argv: list[str]) -> None:
-    from trainer import data
+def _read_metadata(data_dir: str, prefix: str) -> Any:
+    from trainer import data  # deferred: TensorFlow loads only when %JOB% needs the data
 
+    return data.read_metadata(data_dir, prefix)
+
+
+def main(argv: list[str]) -> None:
     if flags.FLAGS.check_config:
         names = check_config_file(Path(flags.FLAGS.config))
         print(f"{flags.FLAGS.config}: the spec and variants {', '.join(n for n in names if n)} parse")
         return
     options = options_from_flags(flags.FLAGS)
     with tempfile.TemporaryDirectory() as tmp:
-        prepared = prepare(options, argv[1:], tmp, data.read_metadata)
+        prepared = prepare(options, argv[1:], tmp, _read_metadata)
         if flags.FLAGS.dry_run:
             print(request_json(prepared.parent, prepared.request))
             if not options.tune:
