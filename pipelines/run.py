@@ -95,7 +95,8 @@ def define_flags(fv: flags.FlagValues = RUN_FLAGS) -> None:
 # hyperparameter the user sets travels in the `hparams` dict parameter.
 TYPED_HPARAMS = ("cell", "layers", "lstm_state_size", "embedding_size", "unroll_steps",
                  "batch_size", "epochs", "max_steps", "learning_rate", "seed")
-_PIPELINE_OWNED = ("data_dir", "job_dir", "summary_dir", "vocab_size")
+# --data_prefix is a pipeline parameter of its own; the rest of these the pipeline decides.
+_PIPELINE_OWNED = tuple(set(steps.PIPELINE_OWNED_HPARAMS) - {"data_prefix"})
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
 _LABEL_VALUE = re.compile(r"[a-z0-9_-]{0,63}")
 
@@ -280,29 +281,36 @@ def vertex_root(flag_values: flags.FlagValues) -> str:
     return root
 
 
+def submission_credentials(dry_run: bool) -> Any:
+    """Application default credentials, looked up now so that a missing login is one clear line
+    (and never credentials an earlier aiplatform.init in this process left behind)."""
+    import google.auth
+    from google.auth.credentials import AnonymousCredentials
+    from google.auth.exceptions import DefaultCredentialsError
+
+    if dry_run:
+        # Offline: the SDK wants credentials to build a job, not to print it.
+        return AnonymousCredentials()
+    try:
+        credentials, _ = google.auth.default(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+    except DefaultCredentialsError:
+        raise UsageError("no Google Cloud credentials: run `gcloud auth application-default login` "
+                         "(or add --dry_run to print the request offline)") from None
+    return credentials
+
+
 def submit(flag_values: flags.FlagValues, pipeline_func: Any) -> None:
     root = vertex_root(flag_values)
     arguments = pipeline_arguments(flag_values, root)
     check_preprocess_args(arguments)
     labels = parse_labels(flag_values.labels)
     display_name = flag_values.display_name or f"verne-{arguments['data_prefix']}"
-    credentials = None
-    if flag_values.dry_run:
-        from google.auth.credentials import AnonymousCredentials
-
-        # Offline: the SDK wants credentials to build a job, not to print it.
-        credentials = AnonymousCredentials()
+    credentials = submission_credentials(flag_values.dry_run)
     with tempfile.TemporaryDirectory() as scratch:
         template = flag_values.compile or os.path.join(scratch, f"{PIPELINE_NAME}.yaml")
         compile_pipeline(pipeline_func, template)
-        from google.auth.exceptions import DefaultCredentialsError
-
-        try:
-            job = build_job(template, arguments, flag_values.project, flag_values.region, root,
-                            labels, display_name, flag_values.enable_caching, credentials)
-        except DefaultCredentialsError:
-            raise UsageError("no Google Cloud credentials: run `gcloud auth application-default "
-                             "login` (or add --dry_run to print the request offline)") from None
+        job = build_job(template, arguments, flag_values.project, flag_values.region, root, labels,
+                        display_name, flag_values.enable_caching, credentials)
         if flag_values.dry_run:
             print(json.dumps(submission_request(job, flag_values.service_account), indent=1))
             return

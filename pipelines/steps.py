@@ -23,7 +23,8 @@ from trainer.hparams import HParams
 
 # Written last into a published model directory: readers trust a directory only when it is there.
 PUBLISHED_MANIFEST = "PUBLISHED.json"
-# The pipeline decides where data and checkpoints go; users choose everything else.
+# The pipeline decides where data and checkpoints go; users choose everything else (a
+# --summary_dir too, e.g. gs://… for Vertex AI TensorBoard; by default it is JOB_DIR/tensorboard).
 PIPELINE_OWNED_HPARAMS = ("data_dir", "data_prefix", "job_dir", "vocab_size")
 GATE_METRICS = ("loss", "perplexity", "bpc")
 EVALUATION_NUMBERS = ("loss", "perplexity", "bpc", "bits_per_token", "tokens", "step")

@@ -57,6 +57,8 @@ def test_generate_from_job_batches_samples(char_job: str) -> None:
     assert generate_from_job(char_job, "All", 30, num_samples=3, seed=8, no_unk=True) == samples
     with pytest.raises(UsageError, match="--length"):
         generate_from_job(char_job, "All", 0)
+    (best,) = generate_from_job(char_job, "All", 5, best=True)  # training evaluated, so best/ exists
+    assert best.startswith("All")
 
 
 def test_word_model_spacing_and_no_unk(root: Path) -> None:

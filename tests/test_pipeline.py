@@ -221,10 +221,16 @@ def test_submission_sends_root_parameters_account_and_labels() -> None:
 
 def test_submission_without_credentials_says_how_to_get_them() -> None:
     from google.auth.exceptions import DefaultCredentialsError
+    from google.cloud.aiplatform.utils import gcs_utils
+    from google.cloud.aiplatform_v1.services.pipeline_service import PipelineServiceClient
 
+    # The client and the bucket check are mocked too, so a regression fails instead of dialling out.
     with mock.patch("google.auth.default", side_effect=DefaultCredentialsError("none")), \
+            mock.patch.object(gcs_utils, "create_gcs_bucket_for_pipeline_artifacts_if_it_does_not_exist"), \
+            mock.patch.object(PipelineServiceClient, "create_pipeline_job") as create, \
             pytest.raises(UsageError, match="application-default login"):
         run.main(["pipelines.run", *VERTEX_ARGV])
+    create.assert_not_called()
 
 
 def test_dry_run_prints_the_same_request_offline(capsys: pytest.CaptureFixture[str]) -> None:

@@ -134,3 +134,12 @@ def test_a_model_that_fails_the_gate_is_not_published(local_run: dict[str, Any],
     report = Path(gate["not-published/report"].uri).read_text()
     assert "Not published" in report and "bpc" in report and "0.5" in report
     assert not models.exists()
+
+
+def test_a_published_model_is_never_overwritten(local_run: dict[str, Any]) -> None:
+    found = artifacts_by_task(local_run["run_dir"])
+    published = Path(found["publish/published"].uri)
+    manifest = (published / steps.PUBLISHED_MANIFEST).read_text()
+    with pytest.raises(steps.UsageError, match="already a published model"):
+        steps.publish(found["train/model"].uri, str(published), {"bpc": 0.0})
+    assert (published / steps.PUBLISHED_MANIFEST).read_text() == manifest

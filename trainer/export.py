@@ -165,9 +165,7 @@ def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: 
     signatures = {"serving_default": module.generate, "generate": module.generate,
                   "next_token_log_probs": module.next_token_log_probs}
     staging = f"{export_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    # Inference only: the kernels' hand-written gradients need not (and cannot) travel.
-    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
-    tf.saved_model.save(module, staging, signatures=signatures, options=options)
+    tf.saved_model.save(module, staging, signatures=signatures)
     _replace_dir(staging, export_dir)
     return export_dir
 
