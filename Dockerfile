@@ -16,13 +16,10 @@ COPY preprocessing ./preprocessing
 COPY trainer ./trainer
 COPY pipelines ./pipelines
 
-# verne pins tensorflow-cpu for laptops and CI; here the base image's TensorFlow (same version,
-# with CUDA) takes its place, so that one requirement is left out and pip check may name only it.
-RUN python3 -m pip install --no-cache-dir --no-deps . \
- && python3 -c "from importlib.metadata import requires; print('\n'.join(r for r in requires('verne') if 'extra ==' not in r and not r.lower().startswith('tensorflow-cpu')))" > /tmp/requirements.txt \
- && grep -v -i '^tensorflow[-_]cpu==' constraints.txt > /tmp/constraints.txt \
- && python3 -m pip install --no-cache-dir -r /tmp/requirements.txt -c /tmp/constraints.txt \
- && ! (python3 -m pip check | grep -v -i -e 'requires tensorflow-cpu' -e '^No broken' | grep .) \
+# The base image's TensorFlow (2.21, with CUDA) is the one verne runs on: install verne without
+# a TensorFlow extra so pip keeps it, with the same pins as CI for everything else.
+RUN python3 -m pip install --no-cache-dir -c constraints.txt . \
+ && python3 -m pip check \
  && python3 -c "import tensorflow as tf, kfp, pipelines.steps; assert tf.__version__.startswith('2.21'), tf.__version__"
 
 # No ENTRYPOINT: KFP gives each step its command (python3 -m kfp.dsl.executor_main ...).

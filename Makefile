@@ -18,7 +18,7 @@ install: $(INSTALLED)
 $(INSTALLED): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[cpu,dev]'
 	$(VENV)/bin/pip check
 	touch $(INSTALLED)
 

@@ -7,8 +7,16 @@ Versions are pinned so `pip check` stays clean; constraints.txt pins the whole c
 
 from setuptools import find_packages, setup
 
+# TensorFlow comes as an extra because the right build depends on the machine: `cpu` here and
+# in CI, `gpu` in a CUDA image, `tpu` on TPU VMs. A Vertex AI image that already has TensorFlow
+# installs the plain package (no extra) and keeps its own build.
+TENSORFLOW = {
+    "cpu": ["tensorflow-cpu==2.21.0"],
+    "gpu": ["tensorflow[and-cuda]==2.21.0"],
+    "tpu": ["tensorflow==2.21.0"],
+}
+
 STACK = [
-    "tensorflow-cpu==2.21.0",
     "keras==3.15.1",
     "apache-beam[gcp]==2.77.0",
     "google-cloud-storage==3.17.1",
@@ -43,5 +51,5 @@ setup(
     packages=find_packages(include=["preprocessing", "preprocessing.*", "trainer", "trainer.*",
                                     "pipelines", "pipelines.*"]),
     install_requires=STACK,
-    extras_require={"dev": DEV},
+    extras_require={"dev": DEV, **TENSORFLOW},
 )

@@ -290,8 +290,9 @@ def main(argv: list[str]) -> None:
         achieved = rate * flops / 1e9
         lines.append(f"{label:<34}{rate:>10.0f}{achieved:>9.0f}{achieved / peaks['float32']:>10.0%}"
                      f"{achieved / peaks['bfloat16']:>10.0%}")
-    step = statistics.median(times[FLAGS.precision])
-    forward, both = statistics.median(times["forward"]), statistics.median(times["forward+backward"])
+    # The split uses each part's fastest run: differences of medians go negative when other
+    # processes steal the CPU between blocks.
+    step, forward, both = (min(times[name]) for name in (FLAGS.precision, "forward", "forward+backward"))
     lines.append(f"verne --precision={FLAGS.precision} step {step * 1e3:.0f} ms = "
                  f"forward {forward * 1e3:.0f} + backward {(both - forward) * 1e3:.0f} "
                  f"+ optimizer/clip {(step - both) * 1e3:.0f}; "

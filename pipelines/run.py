@@ -40,6 +40,8 @@ from trainer.errors import UsageError, run_cli
 # them all into one process.
 RUN_FLAGS = flags.FlagValues()
 LOCAL_PIPELINE_ROOT = "pipeline-root"
+# What `make demo` and `python -m preprocessing.corpora shakespeare --dest training-data` fetch.
+DEFAULT_LOCAL_CORPUS = "training-data/shakespeare/*.txt"
 
 
 def define_flags(fv: flags.FlagValues = RUN_FLAGS) -> None:
@@ -66,7 +68,8 @@ def define_flags(fv: flags.FlagValues = RUN_FLAGS) -> None:
     string("image", DEFAULT_IMAGE, "Container image with verne installed (see Dockerfile); the "
            "steps run in it on Vertex AI. kfp.local runs them in this environment instead.")
     # What to run.
-    string("corpus", None, "Input books: a file pattern, local or gs://, comma-separated.")
+    string("corpus", None, "Input books: a file pattern, local or gs://, comma-separated. With "
+           f"--local the default is the Shakespeare corpus, {DEFAULT_LOCAL_CORPUS!r}.")
     enum("tokenizer", "char", list(TOKENIZERS), "Tokenizer for preprocessing.run.")
     flags.DEFINE_multi_string("preprocess_arg", [], "One more preprocessing.run argument, e.g. "
                               "--preprocess_arg=--min_count=2. Repeat for more.", flag_values=fv)
@@ -120,8 +123,10 @@ def pipeline_arguments(flag_values: flags.FlagValues = RUN_FLAGS,
     owned = sorted(given & set(_PIPELINE_OWNED))
     if owned:
         raise UsageError(f"--{owned[0]}: the pipeline chooses where data and checkpoints go; drop it")
-    if not flag_values.corpus:
-        raise UsageError("--corpus: give the books to train on, e.g. 'training-data/shakespeare/*.txt'")
+    corpus = flag_values.corpus or (DEFAULT_LOCAL_CORPUS if flag_values.local else "")
+    if not corpus:
+        raise UsageError("--corpus: give the books to train on, e.g. 'gs://BUCKET/books/*.txt'")
+    default_prefix = "shakespeare" if corpus == DEFAULT_LOCAL_CORPUS else "corpus"
     try:
         hparams = trainer_flags.hparams_from_flags(flag_values)
     except ValueError as err:
@@ -131,9 +136,9 @@ def pipeline_arguments(flag_values: flags.FlagValues = RUN_FLAGS,
     other = sorted(given - set(TYPED_HPARAMS) - {"data_prefix"})
     publish_uri = flag_values.publish_uri or f"{pipeline_root.rstrip('/')}/models"
     return {
-        "corpus": flag_values.corpus,
+        "corpus": corpus,
         "publish_uri": publish_uri,
-        "data_prefix": hparams.data_prefix or "corpus",
+        "data_prefix": hparams.data_prefix or default_prefix,
         "tokenizer": flag_values.tokenizer,
         "preprocess_args": list(flag_values.preprocess_arg),
         **{name: getattr(hparams, name) for name in TYPED_HPARAMS},
@@ -245,7 +250,9 @@ def check_preprocess_args(arguments: dict[str, Any]) -> None:
 def check_local_corpus(corpus: str) -> None:
     for pattern in corpus.split(","):
         if "://" not in pattern and not glob.glob(pattern):
-            raise UsageError(f"--corpus: no file matches {pattern!r}")
+            fetch = (" (fetch it: python -m preprocessing.corpora shakespeare --dest training-data)"
+                     if corpus == DEFAULT_LOCAL_CORPUS else "")
+            raise UsageError(f"--corpus: no file matches {pattern!r}{fetch}")
 
 
 # --- Vertex AI -----------------------------------------------------------------------------------

@@ -119,9 +119,14 @@ def test_pipeline_parameters_come_from_trainer_flags(tmp_path: Path) -> None:
     assert {n for n, p in parameters.items() if not p.get("isOptional")} <= set(arguments)
 
 
+def test_a_local_run_defaults_to_the_shakespeare_corpus() -> None:
+    arguments = run.pipeline_arguments(run.parse_flags(["pipelines.run", "--local"]), "/r")
+    assert (arguments["corpus"], arguments["data_prefix"]) == (run.DEFAULT_LOCAL_CORPUS, "shakespeare")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--local", "--corpus", "x", "--job_dir", "j"], "--job_dir: the pipeline chooses"),
-    (["--local"], "--corpus"),
+    (["--project", "p", "--pipeline_root", "gs://b/r", "--dry_run"], "--corpus"),
     (["--local", "--corpus", "x", "--layers", "0"], "--layers=0"),
     (["--project", "p", "--pipeline_root", "/local", "--corpus", "x"], "--pipeline_root"),
     (["--project", "p", "--pipeline_root", "gs://b/r", "--corpus", "x"], "--image"),

@@ -154,7 +154,8 @@ def test_tpu_request(tmp_path: Path, make_data_dir) -> None:
     machine = job.job_spec.worker_pool_specs[0].machine_spec
     assert (machine.machine_type, machine.tpu_topology) == ("ct5lp-hightpu-4t", "2x2")
     assert machine.accelerator_count == 0  # a TPU VM is named by its machine type
-    assert "tf-tpu" in job.job_spec.worker_pool_specs[0].python_package_spec.executor_image_uri
+    image = job.job_spec.worker_pool_specs[0].python_package_spec.executor_image_uri
+    assert image == submit.IMAGES["tpu"].replace("MY_PROJECT", options.project)
 
 
 def test_flag_mistakes_are_one_line_errors(tmp_path: Path) -> None:

@@ -44,12 +44,11 @@ from trainer.hparams import JOB_PLACEHOLDER, HParams, job_name
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_NAME = "verne"
 TPU_MACHINES = {"v5e": "ct5lp-hightpu-4t"}
-# Newest prebuilt Vertex training images at the time of writing; override with --executor_image.
-IMAGES = {
-    "cpu": "us-docker.pkg.dev/vertex-ai/training/tf-cpu.2-17.py310:latest",
-    "gpu": "us-docker.pkg.dev/vertex-ai/training/tf-gpu.2-17.py310:latest",
-    "tpu": "us-docker.pkg.dev/vertex-ai/training/tf-tpu.2-17.py310:latest",
-}
+# The image built from ./Dockerfile (docs/pipelines.md). Vertex's prebuilt TensorFlow training
+# images lag behind (Python 3.10, TF <= 2.17) and cannot install verne. The GPU build also runs on
+# CPU-only machines; TPU VMs take the TPU build. MY_PROJECT becomes --project.
+IMAGE_REPOSITORY = "us-central1-docker.pkg.dev/MY_PROJECT/verne/verne"
+IMAGES = {"gpu": IMAGE_REPOSITORY + ":gpu", "tpu": IMAGE_REPOSITORY + ":tpu"}
 _VARIANT_MARK = re.compile(r"^# ---- variant: (\w+) ----\s*$")
 _JOB_DIR_FLAGS = ("--job-dir", "--job_dir", "--summary_dir")
 _TENSORBOARD_NAME = re.compile(r"^projects/[^/]+/locations/[^/]+/tensorboards/[^/]+$")
@@ -173,6 +172,7 @@ class Overrides:
     spot: bool = False
     service_account: str = ""
     tensorboard: str = ""
+    project: str = ""
 
 
 def apply_overrides(body: dict[str, Any], o: Overrides) -> dict[str, Any]:
@@ -212,11 +212,8 @@ def apply_overrides(body: dict[str, Any], o: Overrides) -> dict[str, Any]:
         package["packageUris"] = [o.package_uri]
         package["pythonModule"] = "trainer.task"
         package["args"] = list(o.args)
-        image = o.executor_image or (IMAGES["tpu"] if o.tpu else "")
-        if not image and o.accelerator and "tf-cpu" in package.get("executorImageUri", ""):
-            image = IMAGES["gpu"]  # a GPU asked for on a CPU image would train on the CPU
-        if image:
-            package["executorImageUri"] = image
+        image = o.executor_image or (IMAGES["tpu"] if o.tpu else package.get("executorImageUri", ""))
+        package["executorImageUri"] = image.replace("MY_PROJECT", o.project or "MY_PROJECT")
     spec["workerPoolSpecs"] = pools
     spec["baseOutputDirectory"] = {"outputUriPrefix": o.base_output_dir}
     if o.spot:
@@ -502,7 +499,7 @@ def prepare(o: SubmitOptions, trainer_args: Sequence[str], out_dir: str,
         package_uri=uri, args=tuple(args), base_output_dir=base_output_dir,
         machine_type=o.machine_type, accelerator=o.accelerator, accelerator_count=o.accelerator_count,
         replicas=o.replicas, tpu=o.tpu, tpu_topology=o.tpu_topology, executor_image=o.executor_image,
-        spot=o.spot, service_account=o.service_account, tensorboard=o.tensorboard)
+        spot=o.spot, service_account=o.service_account, tensorboard=o.tensorboard, project=o.project)
     spec_body = apply_overrides(body, overrides)
     spec = parse_spec(spec_body, f"{source} with the command line's flags")
     kwargs = submit_kwargs(spec)
