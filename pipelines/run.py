@@ -14,16 +14,18 @@ things go.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from absl import app, flags
@@ -198,15 +200,11 @@ def run_local(pipeline_func: Any, arguments: dict[str, Any], pipeline_root: str)
     from kfp import local
 
     root = os.path.abspath(pipeline_root)
-    # kfp.local writes each step's program under TMPDIR; keep it beside the artifacts.
-    scratch = os.path.join(root, ".tmp")
-    os.makedirs(scratch, exist_ok=True)
-    os.environ["TMPDIR"] = scratch
-    tempfile.tempdir = None
+    os.makedirs(os.path.join(root, ".tmp"), exist_ok=True)
     before = set(os.listdir(root))
     # use_venv=False: the steps import verne from this environment; never pip-install into it.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
-    with warnings.catch_warnings():
+    with _scratch_tmpdir(os.path.join(root, ".tmp")), warnings.catch_warnings():
         # kfp.local warns that the Vertex image is not a python:* image; here it is not used.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
         try:
@@ -220,6 +218,24 @@ def run_local(pipeline_func: Any, arguments: dict[str, Any], pipeline_root: str)
     if len(new) != 1:
         raise RuntimeError(f"expected one new run directory in {root}, found {new}")
     return os.path.join(root, new[0])
+
+
+@contextlib.contextmanager
+def _scratch_tmpdir(parent: str) -> Iterator[str]:
+    """TMPDIR for one run: each step writes its program there (`mktemp -d`); removed afterwards."""
+    scratch = tempfile.mkdtemp(prefix="run-", dir=parent)
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    tempfile.tempdir = None  # tempfile caches the directory it chose
+    try:
+        yield scratch
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        tempfile.tempdir = None
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def local_artifacts(run_dir: str) -> list[LocalArtifact]:

@@ -27,9 +27,24 @@ def run_cli(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
     """Wraps an absl `main` so user mistakes end in one line and exit status 1."""
 
     def wrapped(argv: list[str]) -> Any:
+        _quiet_libraries()
         try:
             return main(argv)
         except (UsageError, ContractError) as err:
             fail(str(err))
 
     return wrapped
+
+
+def _quiet_libraries() -> None:
+    """TensorFlow's INFO chatter (SavedModel assets, signature renames) buries verne's own lines;
+    `--verbosity 0` (absl) brings it back."""
+    import logging
+
+    from absl import flags
+    from absl import logging as absl_logging
+
+    if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("tensorflow").setLevel(
+        logging.INFO if absl_logging.get_verbosity() >= absl_logging.INFO else logging.WARNING)
