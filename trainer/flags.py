@@ -44,6 +44,8 @@ _HELP = {
     "optimizer": "adam, rmsprop, sgd or ntasgd.",
     "lr_schedule": "constant, linear (decay to 0) or cosine.",
     "warmup_steps": "Linear warm-up steps before the schedule.",
+    "state_reset_windows": "Each stream restarts from a zero state every N windows (staggered), so "
+                           "the model also learns to write from a cold start (0: carry the whole epoch).",
     "grad_clip": "Clip the global gradient norm to this (0: off).",
     "seed": "Random seed for initialisation, dropout and sampling.",
     "precision": "float32 or bfloat16 (bf16 matmuls, fp32 state and weights).",

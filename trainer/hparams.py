@@ -70,6 +70,10 @@ class HParams:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     grad_clip: float = 5.0
+    # Stateful TBPTT carries each stream's state through the epoch, so without resets a model
+    # meets a zero state once an epoch and writes garbage from a cold start (a short prime).
+    # Each stream restarts from zero every N windows, staggered so 1/N of the batch does each step.
+    state_reset_windows: int = 32
     seed: int = 1
     precision: str = "float32"
 
@@ -111,6 +115,8 @@ class HParams:
         for name in ("dropout", "embed_dropout", "input_dropout", "weight_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.state_reset_windows < 0:
+            raise ValueError(f"--state_reset_windows={self.state_reset_windows}: must be >= 0 (0: never)")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
         if self.cell == "transformer" and self.d_model % self.heads:

@@ -31,8 +31,15 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
     """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state)."""
     model, clip = params.model, params.hparams.grad_clip
     replicas = strategy.num_replicas_in_sync
+    period = params.hparams.state_reset_windows
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        if period:
+            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+            streams = tf.shape(tokens)[0]
+            state = reset_streams(model, state, optimizer.iterations, period,
+                                  first_stream=tf.cast(replica, tf.int32) * streams,
+                                  global_batch=streams * replicas)
         with tf.GradientTape() as tape:
             spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, params)
             # Gradients are summed over replicas, so each contributes its share of the mean.
@@ -58,6 +65,27 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
         return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, norm, axis=None), state)
 
     return step
+
+
+def reset_streams(model: Any, state: State, step: tf.Tensor, period: int, first_stream: tf.Tensor,
+                  global_batch: int | tf.Tensor) -> State:
+    """`state` with the streams due for a restart at `step` set back to the model's initial state.
+
+    Stream s restarts when (step + s * period // global_batch) % period == 0: every stream once
+    per `period` windows, staggered across the batch. A function of the global step only, so a
+    resumed run restarts the same streams as an uninterrupted one.
+    """
+    streams = tf.shape(tf.nest.flatten(state)[0])[0]
+    index = first_stream + tf.range(streams)
+    offset = index * period // tf.cast(global_batch, tf.int32)
+    due = tf.equal((tf.cast(step, tf.int32) + offset) % period, 0)
+    fresh = model.initial_state(streams)
+
+    def pick(initial: tf.Tensor, carried: tf.Tensor) -> tf.Tensor:
+        mask = tf.reshape(due, tf.concat([[streams], tf.ones([tf.rank(carried) - 1], tf.int32)], 0))
+        return tf.where(mask, initial, carried)
+
+    return tf.nest.map_structure(pick, fresh, state)
 
 
 def _scale(grad: Any, factor: float) -> Any:
