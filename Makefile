@@ -27,15 +27,26 @@ demo: install
 	$(PY) -m preprocessing.run --input 'training-data/shakespeare/*.txt' --output_dir $(DATA) \
 	    --data_prefix shakespeare --tokenizer char
 	$(PY) -m trainer.task --data_dir $(DATA) --data_prefix shakespeare --job-dir $(JOB) \
-	    --summary_dir $(TB) $(DEMO_MODEL) --max_steps 600 --eval_every 200 --eval_steps 50
+	    --summary_dir $(TB) $(DEMO_MODEL) --max_steps 1200 --eval_every 400 --eval_steps 50
 	$(PY) -m trainer.evaluate --data_dir $(DATA) --data_prefix shakespeare --job-dir $(JOB) \
-	    $(DEMO_MODEL) --split test --eval_steps 100
+	    $(DEMO_MODEL) --split test
 	$(PY) -m trainer.babble --data_dir $(DATA) --data_prefix shakespeare --job-dir $(JOB) \
 	    $(DEMO_MODEL) --prime 'ROMEO.' --length 400 --temperature 0.8 --seed 7
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir tensorboard-data"
+	@echo
+	@echo "Next: TensorBoard      $(VENV)/bin/tensorboard --logdir tensorboard-data"
+	@echo "      generate more    $(PY) -m trainer.babble --job-dir job/shakespeare-256-states-2-layers-char-emb64 --prime 'JULIET.'"
+	@echo "      web page         $(PY) -m trainer.serve --job-dir job/shakespeare-256-states-2-layers-char-emb64  (then open http://127.0.0.1:8080/ui)"
+	@echo "      SavedModel       job/shakespeare-256-states-2-layers-char-emb64/export (plain tf.saved_model.load)"
 
 test: install
+	sh tests/install_browser.sh
 	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/preprocess.py
+	$(PY) bench/train.py
+	$(PY) bench/sample.py
+	$(PY) bench/quality.py
 
 lint: install
 	$(VENV)/bin/ruff check .
