@@ -44,9 +44,10 @@ test: install
 
 bench: install
 	$(PY) bench/preprocess.py
-	$(PY) bench/train.py
-	$(PY) bench/sample.py
+	$(PY) -m bench.train
+	$(PY) -m bench.sample
 	$(PY) bench/quality.py
+	$(PY) bench/models.py
 
 lint: install
 	$(VENV)/bin/ruff check .

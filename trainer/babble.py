@@ -21,7 +21,7 @@ from absl import app, flags, logging
 
 from trainer import checkpoints
 from trainer.errors import UsageError, run_cli
-from trainer.flags import define_hparams_flags, hparams_from_flags
+from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.hparams import JOB_PLACEHOLDER, HParams, resolve_job_dirs
 from trainer.sampling import SamplingOptions, TextGenerator
 
@@ -93,7 +93,7 @@ def define_flags() -> None:
     flags.DEFINE_float("top_p", 1.0, "Sample only from the smallest set of tokens with this much "
                        "probability (nucleus sampling; 1: all).")
     flags.DEFINE_integer("num_samples", 1, "Independent samples, generated together as one batch.")
-    flags.DEFINE_boolean("best", False, "Use the best checkpoint (by validation loss) instead of the latest.")
+    define_best_flag()
     flags.DEFINE_boolean("no_unk", False, "Never generate <unk> (word models).")
     # char-rnn-tensorflow's sample.py names.
     flags.DEFINE_alias("n", "length")
@@ -102,11 +102,9 @@ def define_flags() -> None:
 
 @run_cli
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    hparams = hparams_from_command_line(argv)
     flag = flags.FLAGS
     try:
-        hparams = hparams_from_flags()
         options = SamplingOptions(temperature=flag.temperature, sample_mode=flag.sample_mode,
                                   top_k=flag.top_k, top_p=flag.top_p, seed=flag.seed,
                                   no_unk=flag.no_unk).validate()

@@ -19,7 +19,7 @@ from absl import app, flags
 from preprocessing import contract
 from trainer import cache_pointer, checkpoints, data, loops, runner
 from trainer.errors import UsageError, run_cli
-from trainer.flags import define_hparams_flags, explicitly_set, hparams_from_flags
+from trainer.flags import define_best_flag, define_hparams_flags, explicitly_set, hparams_from_command_line
 from trainer.hparams import HParams
 from trainer.model_fn import Params, bits_per_token, perplexity
 from trainer.summaries import Summaries, bits_name_for
@@ -100,8 +100,7 @@ def _define_flags() -> None:
     define_hparams_flags()
     if "split" not in flags.FLAGS:
         flags.DEFINE_enum("split", "valid", list(contract.SPLITS), "Split to evaluate.")
-    if "best" not in flags.FLAGS:
-        flags.DEFINE_boolean("best", False, "Use the best checkpoint (JOB_DIR/best), not the latest.")
+    define_best_flag()
     if "cache_pointer" not in flags.FLAGS:
         flags.DEFINE_boolean("cache_pointer", False, "Also report the loss with the continuous "
                              "cache pointer (Grave et al. 2016; meant for word models).")
@@ -115,12 +114,7 @@ _define_flags()
 
 @run_cli
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    try:
-        hparams = hparams_from_flags()
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    hparams = hparams_from_command_line(argv)
     job_dir = checkpoints.resolve_job_dir(hparams)
     given = explicitly_set()
     result = evaluate(job_dir, split=flags.FLAGS.split, best=flags.FLAGS.best,

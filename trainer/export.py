@@ -29,8 +29,8 @@ from absl import app, flags
 from preprocessing import contract
 from trainer import checkpoints
 from trainer.babble import find_job_dir
-from trainer.errors import UsageError, run_cli
-from trainer.flags import define_hparams_flags, hparams_from_flags
+from trainer.errors import run_cli
+from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.models.base import LanguageModel
 from trainer.sampling import banned_logits, boundary_mask, default_prime, generation_loop, prime_model
 
@@ -205,18 +205,13 @@ def define_flags() -> None:
     if "export_dir" in flags.FLAGS:
         return
     define_hparams_flags()
-    flags.DEFINE_boolean("best", False, "Export the best checkpoint instead of the latest.")
+    define_best_flag()
     flags.DEFINE_string("export_dir", "", "Where to write the SavedModel (default JOB_DIR/export).")
 
 
 @run_cli
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    try:
-        hparams = hparams_from_flags()
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    hparams = hparams_from_command_line(argv)
     job_dir = find_job_dir(hparams)
     path = export_job(job_dir, flags.FLAGS.best, flags.FLAGS.export_dir or None)
     print(f"exported {job_dir} -> {path} (signatures: generate, next_token_log_probs)", flush=True)

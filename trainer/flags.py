@@ -10,6 +10,7 @@ from typing import Any
 
 from absl import flags
 
+from trainer.errors import UsageError
 from trainer.hparams import HParams
 
 _HELP = {
@@ -134,3 +135,21 @@ def explicitly_set(flag_values: flags.FlagValues = flags.FLAGS) -> set[str]:
     given = {name for name in names if flag_values[name].present}
     given |= {target for alias, target in ALIASES.items() if flag_values[alias].present}
     return given
+
+
+def hparams_from_command_line(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
+    """For entry points' `main(argv)`: the HParams of the parsed flags, with stray positional
+    arguments and out-of-range values reported as one-line UsageErrors."""
+    if len(argv) > 1:
+        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
+    try:
+        return hparams_from_flags(flag_values)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def define_best_flag() -> None:
+    """`--best`, shared by evaluate, babble, export and serve (one process may import several)."""
+    if "best" not in flags.FLAGS:
+        flags.DEFINE_boolean("best", False, "Use the best checkpoint (JOB_DIR/best, lowest validation "
+                             "loss) instead of the latest.")

@@ -262,12 +262,12 @@ def define_flags() -> None:
     """The hyperparameter flags (so --job-dir may hold %JOB%) plus serve's own. Idempotent."""
     if "port" in flags.FLAGS:
         return
-    from trainer.flags import define_hparams_flags
+    from trainer.flags import define_best_flag, define_hparams_flags
 
     define_hparams_flags()
     flags.DEFINE_string("host", "127.0.0.1", "Address to bind; 0.0.0.0 exposes the service to the network.")
     flags.DEFINE_integer("port", 8080, "Port to listen on (0: any free port, printed at start).")
-    flags.DEFINE_boolean("best", False, "Serve the best checkpoint instead of the latest.")
+    define_best_flag()
     flags.DEFINE_integer("max_length", Limits.max_length, "Longest sample a request may ask for (tokens).")
     flags.DEFINE_integer("max_prime_chars", Limits.max_prime_chars, "Longest prime a request may send.")
     flags.DEFINE_integer("max_samples", Limits.max_samples, "Most samples one request may ask for.")
@@ -276,15 +276,10 @@ def define_flags() -> None:
 @run_cli
 def main(argv: list[str]) -> int:
     from trainer.babble import find_job_dir, load_text_generator
-    from trainer.flags import hparams_from_flags
+    from trainer.flags import hparams_from_command_line
 
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
     flag = flags.FLAGS
-    try:
-        hparams = hparams_from_flags()
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    hparams = hparams_from_command_line(argv)
     if not 0 <= flag.port <= 65535:
         raise UsageError(f"--port={flag.port}: must be in [0, 65535]")
     limits = Limits(max_length=flag.max_length, max_prime_chars=flag.max_prime_chars,

@@ -7,20 +7,15 @@ import os
 from absl import app
 
 from trainer import cloud_env, runner
-from trainer.errors import UsageError, run_cli
-from trainer.flags import define_hparams_flags, hparams_from_flags
+from trainer.errors import run_cli
+from trainer.flags import define_hparams_flags, hparams_from_command_line
 
 define_hparams_flags()
 
 
 @run_cli
 def main(argv: list[str]) -> int:
-    if len(argv) > 1:
-        raise UsageError(f"unexpected arguments {argv[1:]}; every option is a --flag")
-    try:
-        hparams = hparams_from_flags()
-    except ValueError as err:
-        raise UsageError(str(err)) from None
+    hparams = hparams_from_command_line(argv)
     # On Vertex AI: AIP_* dirs fill what the flags left empty; tuning trials get their own dir.
     hparams = cloud_env.apply_environment(hparams, os.environ)
     result = runner.train(hparams)
