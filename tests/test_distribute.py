@@ -124,3 +124,30 @@ def test_each_replica_always_gets_the_same_streams() -> None:
     for w, (replica0, replica1) in enumerate(seen):
         assert [row[0] for row in replica0] == [100 * w, 100 * w + 10]  # rows 0-1
         assert [row[0] for row in replica1] == [100 * w + 20, 100 * w + 30]  # rows 2-3
+
+
+_STATE_SCRIPT = textwrap.dedent("""
+    import json, tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from trainer import loops
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # A nested state of 4 streams, as the carried state a checkpoint holds.
+    state = ((tf.reshape(tf.range(8.0), [4, 2]), tf.range(4.0)),)
+    split = loops.split_state(strategy, state)
+    parts = [[leaf.numpy().tolist() for leaf in strategy.experimental_local_results(per_replica)]
+             for per_replica in tf.nest.flatten(split)]
+    back = [leaf.numpy().tolist() for leaf in tf.nest.flatten(loops.gather_state(strategy, split))]
+    print(json.dumps({"parts": parts, "back": back}))
+""")
+
+
+def test_carried_state_splits_over_replicas_and_gathers_back() -> None:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", _STATE_SCRIPT], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    # Replica r holds streams [2r, 2r + 2): the rows distribute_windows hands it.
+    assert got["parts"] == [[[[0, 1], [2, 3]], [[4, 5], [6, 7]]], [[0, 1], [2, 3]]]
+    assert got["back"] == [[[0, 1], [2, 3], [4, 5], [6, 7]], [0, 1, 2, 3]]

@@ -49,13 +49,13 @@ def _finish(process: subprocess.Popen[str]) -> str:
 
 
 def _weights(job_dir: Path) -> dict[str, np.ndarray]:
-    """Model weights, optimizer slots and counters of the newest checkpoint. The carried
-    recurrent state is left out: a multi-replica run keeps it per replica, not in the file."""
+    """Model weights, optimizer slots, counters and the carried recurrent state (a multi-replica
+    run gathers it from its replicas) of the newest checkpoint."""
     import tensorflow as tf
 
     reader = tf.train.load_checkpoint(tf.train.latest_checkpoint(str(job_dir)))
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
-            if name.startswith(("model", "optimizer", "step", "epoch", "position"))}
+            if name.startswith(("model", "optimizer", "step", "epoch", "position", "carry"))}
 
 
 def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path: Path, make_data_dir) -> None:

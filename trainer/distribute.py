@@ -11,6 +11,8 @@ contiguous block of `batch_size / replicas` streams, so the stateful streams kee
 whatever the replica count. Only the chief writes summaries, samples and the exported model;
 under MultiWorkerMirroredStrategy every worker must still take part in a checkpoint save (it may
 run collectives), so the others save into a scratch dir (`checkpoint_dir`) they delete after.
+The carried state is gathered from the replicas into the checkpoint and split again on resume
+(trainer.loops), and a SIGTERM on any worker is agreed on by all (`stop_agreement`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import tensorflow as tf
@@ -159,6 +161,30 @@ def distribute_windows(strategy: tf.distribute.Strategy, dataset: tf.data.Datase
         return dataset.flat_map(blocks)
 
     return strategy.distribute_datasets_from_function(per_pipeline)
+
+
+def stop_agreement(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
+    """`agree(stop_here) -> stop`: whether any worker wants to stop, the same answer on all.
+
+    A Spot VM's SIGTERM reaches one worker; if only that one stopped, the others would wait
+    forever in the next collective. Every worker calls `agree` at the same point of every step,
+    so all of them see one all-reduced flag and stop (and save) after the same step. With one
+    process (every other strategy is driven by a single Python process) the local flag is the
+    answer and nothing is reduced.
+    """
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return bool
+
+    @tf.function
+    def workers_stopping(flag: tf.Tensor) -> tf.Tensor:
+        # SUM, not MAX: collective all-reduce implements SUM and MEAN on every backend.
+        flags = strategy.run(lambda: tf.identity(flag))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, flags, axis=None)
+
+    def agree(stop_here: bool) -> bool:
+        return float(workers_stopping(tf.constant(1.0 if stop_here else 0.0))) > 0.0
+
+    return agree
 
 
 def checkpoint_dir(job_dir: str, strategy: tf.distribute.Strategy) -> str:

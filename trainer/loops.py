@@ -14,6 +14,7 @@ import keras
 import tensorflow as tf
 
 from trainer.model_fn import Mode, Params, model_fn
+from trainer.models import awd
 from trainer.models.base import State
 
 TrainStep = Callable[[tf.Tensor, tf.Tensor, State], tuple[tf.Tensor, tf.Tensor, State]]
@@ -24,6 +25,25 @@ def initial_state(params: Params, strategy: tf.distribute.Strategy, global_batch
     """Zero state for `global_batch` streams, split over the strategy's replicas."""
     per_replica = global_batch // strategy.num_replicas_in_sync
     return strategy.run(lambda: params.model.initial_state(per_replica))
+
+
+def split_state(strategy: tf.distribute.Strategy, state: State) -> State:
+    """A global state ([global_batch, ...] leaves) as per-replica values, replica r taking the
+    contiguous block of streams it trains (trainer.distribute.replica_streams)."""
+    leaves = tf.nest.flatten(state)
+
+    def rows() -> list[tf.Tensor]:
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        size = tf.shape(leaves[0])[0] // strategy.num_replicas_in_sync
+        return [leaf[replica * size:(replica + 1) * size] for leaf in leaves]
+
+    return tf.nest.pack_sequence_as(state, strategy.run(rows))
+
+
+def gather_state(strategy: tf.distribute.Strategy, state: State) -> State:
+    """The inverse of `split_state`: per-replica state back as [global_batch, ...] tensors (an
+    all-gather, so every worker must call it at the same point)."""
+    return tf.nest.map_structure(lambda leaf: strategy.gather(leaf, axis=0), state)
 
 
 def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
@@ -40,8 +60,13 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
             state = reset_streams(model, state, optimizer.iterations, period,
                                   first_stream=tf.cast(replica, tf.int32) * streams,
                                   global_batch=streams * replicas)
+        # Dropout masks as a function of (--seed, global step, replica): a resumed run draws
+        # the masks an uninterrupted one draws (the optimizer's step is checkpointed).
+        replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
+        seed = awd.step_seed(params.hparams.seed, optimizer.iterations, replica_id)
         with tf.GradientTape() as tape:
-            spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, params)
+            spec = model_fn({"tokens": tokens, "state": state, "dropout_seed": seed}, labels,
+                            Mode.TRAIN, params)
             # Gradients are summed over replicas, so each contributes its share of the mean.
             scaled = spec.loss / replicas
         variables = model.trainable_variables

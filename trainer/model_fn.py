@@ -59,10 +59,12 @@ class ModelSpec:
 
 
 def model_fn(features: dict[str, Any], labels: tf.Tensor | None, mode: Mode, params: Params) -> ModelSpec:
-    """features = {"tokens": int32 [B, T], "state": nested state}; labels int32 [B, T] or None."""
+    """features = {"tokens": int32 [B, T], "state": nested state, optionally "dropout_seed"
+    (int64 [2]: reproducible dropout masks in TRAIN)}; labels int32 [B, T] or None."""
     model = params.model
     training = mode is Mode.TRAIN
-    logits, state = model(features["tokens"], features["state"], training=training)
+    logits, state = model(features["tokens"], features["state"], training=training,
+                          dropout_seed=features.get("dropout_seed"))
     log_probs = tf.nn.log_softmax(logits, axis=-1)
     predictions = {"logits": logits, "log_probs": log_probs, "state": state}
     if mode is Mode.PREDICT:

@@ -3,8 +3,9 @@
 One job dir, one model: the first run writes `hparams.json` and a copy of the data's metadata,
 every run resumes from the newest checkpoint (global step, optimizer slots, epoch, window
 position in the epoch and the carried recurrent state) and says so in one line. Checkpoints go
-out every `save_checkpoints_steps`, at the end and on SIGTERM (preemption); the best checkpoint
-by validation loss is kept in `best/`. A NaN or Inf stops the run before anything is saved.
+out every `save_checkpoints_steps`, at the end and on SIGTERM (preemption; with several workers a
+SIGTERM to any one of them stops all after the same step, see `distribute.stop_agreement`); the
+best checkpoint by validation loss is kept in `best/`. A NaN or Inf stops the run before anything is saved.
 """
 
 from __future__ import annotations
@@ -176,7 +177,8 @@ class _Trainer:
             self.best_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
         self.params = Params(hparams, self.model)
         self.single_replica = self.strategy.num_replicas_in_sync == 1
-        # The carried state is saved too (single replica), so a resumed run continues exactly.
+        # The carried state is saved too (gathered from the replicas), so a resumed run
+        # continues exactly.
         self.carry = [tf.Variable(t, trainable=False)
                       for t in tf.nest.flatten(self.model.initial_state(hparams.batch_size))]
         items = dict(optimizer=self.optimizer, layout=self.layout_var, best_loss=self.best_loss,
@@ -191,7 +193,8 @@ class _Trainer:
         self.eval_step = loops.make_eval_step(self.params, self.strategy)
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
-        self.terminate = False
+        self.terminate = False  # set by SIGTERM on this worker
+        self.agree_to_stop = distribute.stop_agreement(self.strategy)
         self.saved_step = -1
 
     def _valid_split(self) -> tuple[list[str], data.Layout] | None:
@@ -221,8 +224,10 @@ class _Trainer:
             .expect_partial().assert_existing_objects_matched()
         position = _Position(*(int(self.counters[k].numpy()) for k in ("step", "epoch", "position")))
         note = ""
-        if same_layout and self.single_replica:
-            state = tf.nest.pack_sequence_as(state, [v.read_value() for v in self.carry])
+        if same_layout:
+            saved = tf.nest.pack_sequence_as(self.model.initial_state(self.hparams.batch_size),
+                                             [v.read_value() for v in self.carry])
+            state = saved if self.single_replica else loops.split_state(self.strategy, saved)
         else:
             # Another batch size or unroll length: keep the same fraction of the epoch.
             position.window = position.window * current[2] // max(int(saved_layout[2]), 1)
@@ -242,9 +247,10 @@ class _Trainer:
             self.counters[name].assign(value)
         self.layout_var.assign([self.layout.batch_size, self.layout.unroll_steps,
                                 self.layout.windows_per_epoch])
-        if self.single_replica:
-            for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
-                variable.assign(value)
+        if not self.single_replica:
+            state = loops.gather_state(self.strategy, state)
+        for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
+            variable.assign(value)
         self.manager.save(checkpoint_number=position.step)
         self._drop_scratch()
         self.saved_step = position.step
@@ -321,7 +327,10 @@ class _Trainer:
         progress = Progress(self.total, position.step, self.layout.tokens_per_window,
                             hparams.log_every, bits_name=self.summaries.bits_name)
         eval_loss, last_eval_step, stopped = None, -1, "finished"
-        while not self.finished(position) and not self.terminate:
+        # Decided together by all workers (see distribute.stop_agreement), never from the local
+        # flag alone: every worker must run the same collectives in the same order.
+        stopping = self.agree_to_stop(self.terminate)
+        while not self.finished(position) and not stopping:
             dataset = data.windows(self.train_files, self.layout, start=position.window,
                                    shuffle_seed=hparams.seed * 100003 + position.epoch)
             for inputs, labels in self._distribute(dataset):
@@ -333,6 +342,7 @@ class _Trainer:
                     self._diverged(position.step + 1, what)
                 position.step += 1
                 position.window += 1
+                stopping = self.agree_to_stop(self.terminate)
                 if progress.step(position.step, loss):
                     rate = float(self.optimizer.learning_rate.numpy())
                     self.summaries.train(position.step, progress.interval_loss, rate, norm,
@@ -347,14 +357,14 @@ class _Trainer:
                     if (self.chief and hparams.sample_every > 0
                             and position.step % hparams.sample_every == 0):
                         self.sample(position.step)
-                if self.finished(position) or self.terminate:
+                if self.finished(position) or stopping:
                     break
             else:
                 # The epoch is over: the next one starts from fresh state at its first window.
                 position.epoch += 1
                 position.window = 0
                 state = self._fresh_state()
-        if self.terminate:
+        if stopping:
             stopped = "terminated"
             print(f"SIGTERM: saving a checkpoint at step {position.step} and stopping", flush=True)
         else:

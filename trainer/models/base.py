@@ -23,6 +23,10 @@ class LanguageModel(keras.Model):
         """The state a stream starts from (zeros for recurrent models)."""
         raise NotImplementedError
 
-    def call(self, tokens: tf.Tensor, state: State, training: bool = False) -> tuple[tf.Tensor, State]:
-        """tokens int32 [B, T], state -> (logits float32 [B, T, V], the state after the window)."""
+    def call(self, tokens: tf.Tensor, state: State, training: bool = False,
+             dropout_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, State]:
+        """tokens int32 [B, T], state -> (logits float32 [B, T, V], the state after the window).
+
+        `dropout_seed` (int64 [2], see trainer.models.awd.step_seed) makes training-time masks a
+        function of it; the train step passes one derived from --seed and the global step."""
         raise NotImplementedError

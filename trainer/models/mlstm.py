@@ -69,10 +69,10 @@ class MLSTMLayer(keras.layers.Layer):
         return zeros, zeros
 
     def call(self, x: tf.Tensor, state: tuple[tf.Tensor, tf.Tensor], training: bool = False,
-             ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
         w = self.effective_weights()
-        wmh = awd.drop_connect(w["wmh"], self.weight_drop, training)
-        wh = awd.drop_connect(w["wh"], self.weight_drop, training)
+        wmh = awd.drop_connect(w["wmh"], self.weight_drop, training, awd.site_seed(dropout_seed, 0))
+        wh = awd.drop_connect(w["wh"], self.weight_drop, training, awd.site_seed(dropout_seed, 1))
         x_gates = tf.einsum("btd,dg->tbg", x, w["wx"]) + self.bias
         x_mult = tf.einsum("btd,dh->tbh", x, w["wmx"])
         units = self.units

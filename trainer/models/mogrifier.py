@@ -76,8 +76,9 @@ class MogrifierLayer(keras.layers.Layer):
         return x, h
 
     def call(self, x: tf.Tensor, state: tuple[tf.Tensor, tf.Tensor], training: bool = False,
-             ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
-        w_h = awd.drop_connect(tf.convert_to_tensor(self.recurrent_kernel), self.weight_drop, training)
+             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+        w_h = awd.drop_connect(tf.convert_to_tensor(self.recurrent_kernel), self.weight_drop, training,
+                               dropout_seed)
         if self.rounds == 0:
             x_proj = tf.einsum("btd,dg->btg", x, self.kernel) + self.bias
             outputs, h, c = lstm_sequence(x_proj, state[0], state[1], w_h)

@@ -66,8 +66,9 @@ class QRNNLayer(keras.layers.Layer):
         return c, tf.zeros(tf.stack([batch_size, self.input_size]), tf.float32)
 
     def call(self, x: tf.Tensor, state: tuple[tf.Tensor, ...], training: bool = False,
-             ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
-        kernel = awd.drop_connect(tf.convert_to_tensor(self.kernel), self.weight_drop, training)
+             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+        kernel = awd.drop_connect(tf.convert_to_tensor(self.kernel), self.weight_drop, training,
+                                  dropout_seed)
         prev_x = state[1] if self.window == 2 else None
         z, f, o = qrnn_gates(x, prev_x, kernel, self.bias)
         cs = fo_pool(z, f, state[0])

@@ -83,9 +83,10 @@ class RecurrentLayer(keras.layers.Layer):
         return (zeros, zeros) if self.cell == "lstm" else (zeros,)
 
     def call(self, x: tf.Tensor, state: tuple[tf.Tensor, ...], training: bool = False,
-             ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
+             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
         # AWD weight drop: one DropConnect mask on the recurrent matrix for the whole window.
-        w_h = awd.drop_connect(tf.convert_to_tensor(self.recurrent_kernel), self.weight_drop, training)
+        w_h = awd.drop_connect(tf.convert_to_tensor(self.recurrent_kernel), self.weight_drop, training,
+                               dropout_seed)
         x_proj = _matmul(x, self.kernel, self.compute_dtype_)
         if self.layer_norm:
             x_proj = _layer_norm(x_proj, *self.norm_x)
@@ -174,7 +175,8 @@ class RecurrentLM(LanguageModel):
             self.output_layer = keras.layers.Dense(hparams.vocab_size, name="output")
 
     def _make_layer(self, hparams: HParams, index: int) -> keras.layers.Layer:
-        """Layer `index` of the stack: call(x, state, training) -> (outputs, state), initial_state."""
+        """Layer `index` of the stack: call(x, state, training, dropout_seed) -> (outputs, state),
+        initial_state."""
         return RecurrentLayer(hparams.cell, hparams.lstm_state_size, hparams.layer_norm,
                               self.compute_dtype_, weight_drop=hparams.weight_drop,
                               name=f"{hparams.cell}_{index}")
@@ -182,24 +184,28 @@ class RecurrentLM(LanguageModel):
     def initial_state(self, batch_size: int | tf.Tensor) -> State:
         return tuple(rnn.initial_state(batch_size) for rnn in self.rnns)
 
-    def call(self, tokens: tf.Tensor, state: State, training: bool = False) -> tuple[tf.Tensor, State]:
-        logits, _, new_state = self.forward_with_hidden(tokens, state, training=training)
+    def call(self, tokens: tf.Tensor, state: State, training: bool = False,
+             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, State]:
+        logits, _, new_state = self.forward_with_hidden(tokens, state, training=training,
+                                                        dropout_seed=dropout_seed)
         return logits, new_state
 
     def forward_with_hidden(self, tokens: tf.Tensor, state: State, training: bool = False,
-                            ) -> tuple[tf.Tensor, tf.Tensor, State]:
+                            dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tf.Tensor, State]:
         """(logits, last layer's raw outputs [B, T, H], state): the cache pointer needs the middle."""
+        # Each dropout site gets its own fixed number, so masks never repeat between sites.
+        site = functools.partial(awd.site_seed, dropout_seed)
         table = awd.embedding_dropout(tf.convert_to_tensor(self.embedding.embeddings),
-                                      self.embed_dropout, training)
-        x = awd.locked_dropout(tf.gather(table, tokens), self.input_dropout, training)
+                                      self.embed_dropout, training, site(1))
+        x = awd.locked_dropout(tf.gather(table, tokens), self.input_dropout, training, site(2))
         new_state = []
         for i, (rnn, layer_state) in enumerate(zip(self.rnns, state, strict=True)):
             if i:
-                x = awd.locked_dropout(x, self.dropout_rate, training)
-            x, layer_state = rnn(x, layer_state, training=training)
+                x = awd.locked_dropout(x, self.dropout_rate, training, site(1000 + i))
+            x, layer_state = rnn(x, layer_state, training=training, dropout_seed=site(2000 + i))
             new_state.append(layer_state)
         hidden = x
-        x = awd.locked_dropout(x, self.dropout_rate, training)
+        x = awd.locked_dropout(x, self.dropout_rate, training, site(3))
         if training:
             self._add_activation_regularisers(x, hidden)
         return self._logits(x), hidden, tuple(new_state)

@@ -139,17 +139,23 @@ class TransformerLM(LanguageModel):
             bias = bias + tf.gather(self.distance_bias, clipped, axis=1)[None]
         return bias
 
-    def call(self, tokens: tf.Tensor, state: State, training: bool = False) -> tuple[tf.Tensor, State]:
-        logits, _, new_state = self.forward_with_hidden(tokens, state, training=training)
+    def call(self, tokens: tf.Tensor, state: State, training: bool = False,
+             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, State]:
+        logits, _, new_state = self.forward_with_hidden(tokens, state, training=training,
+                                                        dropout_seed=dropout_seed)
         return logits, new_state
 
     def forward_with_hidden(self, tokens: tf.Tensor, state: State, training: bool = False,
-                            ) -> tuple[tf.Tensor, tf.Tensor, State]:
-        """(logits, final-layer-norm outputs [B, T, D], state): the cache pointer's hidden states."""
+                            dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tf.Tensor, State]:
+        """(logits, final-layer-norm outputs [B, T, D], state): the cache pointer's hidden states.
+
+        `--dropout` here is Keras' Dropout, whose SeedGenerator state (one per layer) is a model
+        variable, so checkpoints carry it and resumes repeat its masks; `--embed_dropout` draws
+        from `dropout_seed` like the recurrent models."""
         position, valid, caches = state
         steps = tf.shape(tokens)[1]
         table = awd.embedding_dropout(tf.convert_to_tensor(self.embedding.embeddings),
-                                      self.embed_dropout, training)
+                                      self.embed_dropout, training, awd.site_seed(dropout_seed, 1))
         x = tf.gather(table, tokens)
         if self.embed_in is not None:
             x = self.embed_in(x)
