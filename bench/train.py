@@ -35,7 +35,7 @@ from absl import app, flags
 from preprocessing import contract
 from trainer import data, loops, runner
 from trainer.errors import UsageError, run_cli
-from trainer.hparams import HParams
+from trainer.hparams import HParams, resolve_precision
 from trainer.model_fn import Mode, Params, model_fn
 from trainer.models import build_model
 
@@ -49,8 +49,9 @@ flags.DEFINE_integer("embedding", 128, "Embedding size.")
 flags.DEFINE_integer("vocab", 65, "Vocabulary size (65: tinyshakespeare's characters).")
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("unroll", 128, "Unroll steps.")
-flags.DEFINE_enum("precision", HParams().precision, ["float32", "bfloat16"],
-                  "verne's --precision for the headline ratio (default: verne's default).")
+flags.DEFINE_enum("precision", HParams().precision, ["auto", "float32", "bfloat16"],
+                  "verne's --precision for the headline ratio (default: verne's default; auto "
+                  "resolves as trainer.task resolves it).")
 flags.DEFINE_integer("repeats", 3, "Interleaved rounds (verne, torch fp32, torch bf16 each round).")
 flags.DEFINE_integer("steps", 3, "Timed train steps per block.")
 flags.DEFINE_integer("input_tokens", 4_000_000, "Tokens in the GZIP shards of the input benchmark.")
@@ -253,6 +254,8 @@ def main(argv: list[str]) -> None:
     input_rate, input_rss = input_tokens_per_second(shape, FLAGS.input_tokens)
     print(f"input pipeline: {input_rate:,.0f} tokens/s", flush=True)
     torch_ref = TorchReference(ensure_torch_venv(Path(FLAGS.torch_venv)), shape) if FLAGS.torch else None
+    # Resolved as trainer.task resolves it, so the headline is what a default run gets here.
+    FLAGS.precision = resolve_precision(HParams(cell=FLAGS.cell, precision=FLAGS.precision)).precision
     other = "bfloat16" if FLAGS.precision == "float32" else "float32"
     verne = {p: VerneSteps(shape, p) for p in (FLAGS.precision, other)}
     for steps in verne.values():  # warm-up: tracing, oneDNN primitive caches

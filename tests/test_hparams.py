@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from trainer.hparams import HParams, job_name, resolve_job_dirs, shape_mismatches
+from trainer.hparams import (
+    HParams,
+    auto_precision,
+    cpu_flags,
+    job_name,
+    resolve_job_dirs,
+    resolve_precision,
+    shape_mismatches,
+)
 
 
 def _h(**changes: object) -> HParams:
@@ -48,3 +56,33 @@ def test_hparams_json_round_trip_and_unknown_keys() -> None:
     assert HParams.from_json(h.to_json()) == h
     with pytest.raises(ValueError, match="unknown hyperparameters"):
         HParams.from_json('{"layerz": 3}')
+
+
+def test_auto_precision_is_bfloat16_only_for_native_bf16_cpus_and_recurrent_cells() -> None:
+    bf16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
+    assert auto_precision("lstm", bf16, has_gpu=False) == "bfloat16"
+    assert auto_precision("gru", frozenset({"amx_bf16", "amx_tile"}), has_gpu=False) == "bfloat16"
+    assert auto_precision("lstm", frozenset({"avx2", "avx512f"}), has_gpu=False) == "float32"
+    assert auto_precision("lstm", bf16, has_gpu=True) == "float32"
+    for zoo in ("mlstm", "mogrifier", "qrnn", "transformer"):
+        assert auto_precision(zoo, bf16, has_gpu=False) == "float32", zoo
+
+
+def test_cpu_flags_reads_the_flags_line(tmp_path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512_bf16 sse\n\nprocessor\t: 1\nflags\t: fpu\n")
+    assert cpu_flags(str(cpuinfo)) == frozenset({"fpu", "avx512_bf16", "sse"})
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_resolve_precision_leaves_only_concrete_values() -> None:
+    assert HParams().precision == "auto"
+    assert resolve_precision(HParams()).precision in ("float32", "bfloat16")
+    assert resolve_precision(HParams(precision="float32")).precision == "float32"
+    assert resolve_precision(HParams(cell="qrnn")).precision == "float32"
+
+
+def test_bfloat16_is_refused_for_float32_only_cells() -> None:
+    HParams(cell="gru", precision="bfloat16").validate()
+    with pytest.raises(ValueError, match="--precision=bfloat16: --cell=transformer"):
+        HParams(cell="transformer", precision="bfloat16").validate()

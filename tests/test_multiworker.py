@@ -22,7 +22,10 @@ pytestmark = pytest.mark.slow
 MODEL = ["--layers=1", "--lstm_state_size=16", "--embedding_size=8", "--unroll_steps=8",
          "--batch_size=4", "--max_steps=4", "--save_checkpoints_steps=2", "--eval_every=0",
          "--sample_every=0", "--log_every=2", "--optimizer=sgd", "--learning_rate=0.5", "--grad_clip=0.5",
-         "--seed=3"]
+         "--seed=3",
+         # Equality across process layouts is a float32 property: bf16 rounding (the auto default
+         # on bf16 CPUs) differs with the reduction order and grows over a hundred steps.
+         "--precision=float32"]
 
 
 def free_port() -> int:

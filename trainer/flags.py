@@ -49,7 +49,9 @@ _HELP = {
                            "the model also learns to write from a cold start (0: carry the whole epoch).",
     "grad_clip": "Clip the global gradient norm to this (0: off).",
     "seed": "Random seed for initialisation, dropout and sampling.",
-    "precision": "float32 or bfloat16 (bf16 matmuls, fp32 state and weights).",
+    "precision": "auto, float32 or bfloat16 (bf16 matmuls, fp32 state and weights). auto: bfloat16 "
+                 "for lstm/gru/rnn on a CPU with AVX512_BF16 or AMX and no GPU, else float32. The "
+                 "zoo cells (mlstm, mogrifier, qrnn, transformer) always compute in float32.",
     "init_from": "Job dir whose weights start this run (fine-tuning; same vocabulary).",
     "word2vec_embedding": "word2vec/GloVe file to initialise a word model's embedding.",
     "freeze_embedding": "Keep the embedding fixed during training.",
@@ -126,6 +128,8 @@ def hparams_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
         # The mLSTM seed weight-normalises by default; resolving it here keeps hparams.json and
         # %JOB% true to the model (`--noweight_norm` turns it off).
         values["weight_norm"] = True
+    # --precision=auto stays unresolved here: pipelines.run and trainer.submit build hparams on a
+    # machine other than the one that trains; runner.prepare_job resolves it where training runs.
     return HParams(**values).validate()
 
 

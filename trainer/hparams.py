@@ -25,7 +25,13 @@ LANGUAGE_MODELS = ("char", "byte", "word")
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "ntasgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 POS_ENCODINGS = ("none", "sinusoidal", "learned")
-PRECISIONS = ("float32", "bfloat16")
+PRECISIONS = ("auto", "float32", "bfloat16")
+# Cells whose matmuls honour --precision=bfloat16 (trainer/models/recurrent.py); the zoo cells
+# (mlstm, mogrifier, qrnn, transformer) compute in float32 whatever --precision says.
+BF16_CELLS = ("lstm", "gru", "rnn")
+# /proc/cpuinfo flags of native bf16 matmuls: oneDNN runs bf16 matmuls ~1.8x faster than float32
+# with them, and emulates bf16 (slower than float32) without them.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,21 +67,27 @@ class HParams:
     tar_beta: float = 0.0
 
     # --- optimisation ---
-    batch_size: int = 64
+    # Defaults tuned for quality per wall-clock minute on a 2-core CPU (bench/README.md, quality
+    # trials): 2x512 at batch 32, Adam 5e-3 with a 20-step warm-up reached 1.63-1.65 nats/char on
+    # tinyshakespeare in 120 s (batch 64 at 2e-3: 1.90).
+    batch_size: int = 32
     unroll_steps: int = 128
     epochs: int = 1
     max_steps: int = 0  # 0: as many as `epochs` take
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3
     optimizer: str = "adam"
     lr_schedule: str = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     grad_clip: float = 5.0
     # Stateful TBPTT carries each stream's state through the epoch, so without resets a model
     # meets a zero state once an epoch and writes garbage from a cold start (a short prime).
     # Each stream restarts from zero every N windows, staggered so 1/N of the batch does each step.
     state_reset_windows: int = 32
     seed: int = 1
-    precision: str = "float32"
+    # "auto": bfloat16 matmuls where they are native and fast (see resolve_precision), else
+    # float32. Resolved on the training machine (runner.prepare_job), so hparams.json holds the
+    # concrete value; models built from HParams() in code resolve it the same way.
+    precision: str = "auto"
 
     # --- fine-tuning and embeddings ---
     init_from: str = ""
@@ -117,6 +129,9 @@ class HParams:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
         if self.state_reset_windows < 0:
             raise ValueError(f"--state_reset_windows={self.state_reset_windows}: must be >= 0 (0: never)")
+        if self.precision == "bfloat16" and self.cell not in BF16_CELLS:
+            raise ValueError(f"--precision=bfloat16: --cell={self.cell} computes in float32 (bfloat16 "
+                             f"matmuls exist for {', '.join(BF16_CELLS)}); use --precision=auto or float32")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
         if self.cell == "transformer" and self.d_model % self.heads:
@@ -152,6 +167,36 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 _DEFAULTS = HParams()
+
+
+def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool) -> str:
+    """What --precision=auto means on a machine: bfloat16 for a cell that honours it on a CPU
+    with native bf16 matmuls and no GPU (the GPU path has not been measured), else float32."""
+    if cell in BF16_CELLS and not has_gpu and cpu_flags & BF16_CPU_FLAGS:
+        return "bfloat16"
+    return "float32"
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The `flags` of the first CPU in /proc/cpuinfo; empty where there is none (macOS)."""
+    try:
+        with open(cpuinfo, encoding="utf-8") as lines:
+            for line in lines:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(hparams: HParams) -> HParams:
+    """hparams with --precision=auto replaced by the concrete precision for this machine."""
+    if hparams.precision != "auto":
+        return hparams
+    import tensorflow as tf  # here, not at import: hparams.py is read by light tools too
+
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu))
 
 
 def shape_of(hparams: HParams) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import tensorflow as tf
 from preprocessing import contract
 from trainer import checkpoints, cloud_env, data, distribute, finetune, loops, optimizers, sampling
 from trainer.errors import UsageError
-from trainer.hparams import HPARAMS_FILE, HParams, shape_mismatches
+from trainer.hparams import HPARAMS_FILE, HParams, resolve_precision, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
 from trainer.models import build_model
 from trainer.progress import Progress
@@ -59,7 +59,7 @@ def prepare_job(hparams: HParams) -> tuple[HParams, contract.Metadata]:
     """Resolves hparams against the data and the job dir, checks every user error, then writes
     hparams.json and metadata.json into the job dir. Nothing is written if a check fails."""
     metadata = data.read_metadata(hparams.data_dir, hparams.data_prefix)
-    hparams = checkpoints.resolve_hparams(hparams, metadata).validate()
+    hparams = resolve_precision(checkpoints.resolve_hparams(hparams, metadata).validate())
     data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
     data.layout_for(metadata.splits["train"].tokens, hparams.batch_size, hparams.unroll_steps)
     _check_existing_job(hparams, metadata)

@@ -13,7 +13,7 @@ import functools
 import keras
 import tensorflow as tf
 
-from trainer.hparams import HParams
+from trainer.hparams import HParams, resolve_precision
 from trainer.kernels import gru_sequence, lstm_sequence
 from trainer.models import awd
 from trainer.models.base import LanguageModel, State
@@ -151,7 +151,7 @@ class RecurrentLM(LanguageModel):
     def __init__(self, hparams: HParams, **kwargs: object) -> None:
         super().__init__(**kwargs)
         _reject_unsupported(hparams)
-        dtype = compute_dtype_of(hparams.precision)
+        dtype = compute_dtype_of(resolve_precision(hparams).precision)  # HParams() built in code: auto
         self.compute_dtype_ = dtype
         self.ar_alpha, self.tar_beta = hparams.ar_alpha, hparams.tar_beta
         self.dropout_rate, self.input_dropout = hparams.dropout, hparams.input_dropout
