@@ -9,8 +9,9 @@ import tensorflow as tf
 
 from trainer import kernels
 
-# (batch, time, units): odd sizes, a single step, a single sequence.
-SHAPES = [(3, 7, 5), (1, 1, 3), (2, 9, 17)]
+# (batch, time, units): odd sizes, a single step, a single sequence; windows of 12 and 16 run
+# 4 and 8 steps per loop iteration (kernels.lstm.unroll_factor).
+SHAPES = [(3, 7, 5), (1, 1, 3), (2, 9, 17), (2, 12, 6), (3, 16, 5)]
 
 
 def _inputs(cell: str, batch: int, time: int, units: int, seed: int = 0) -> dict[str, tf.Tensor]:
@@ -80,6 +81,20 @@ def test_gradients_without_final_state_and_inside_tf_function(cell: str) -> None
     ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32, use_final=False)
     for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_unknown_batch_size_inside_tf_function(cell: str) -> None:
+    # Sampling and the SavedModel trace with the batch unknown; an 8-step window runs as one block.
+    args = _inputs(cell, 3, 8, 4)
+    names = ["x_proj", "h0", "c0", "w_h"] if cell == "lstm" else ["x_proj", "h0", "w_h", "b_h"]
+    specs = [tf.TensorSpec([None, *args[n].shape[1:]] if n in ("x_proj", "h0", "c0") else args[n].shape)
+             for n in names]
+    graph_fast = tf.function(FAST[cell], input_signature=specs)
+    got = graph_fast(*(args[n] for n in names))
+    want = REFERENCE[cell](*(args[n] for n in names))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_final_state_gradient_reaches_initial_state() -> None:
