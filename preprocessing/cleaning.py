@@ -4,6 +4,11 @@ Cleaning, in order: decode (UTF-8 with or without BOM, UTF-16 with BOM; else cp1
 Latin-1, reported as a fallback), line endings to LF, strip the Project Gutenberg header and
 licence footer, Unicode NFC, optional lower-casing, then trim blank lines at both ends and
 end with exactly one newline. Files that cannot be text get a skip reason instead.
+
+Pre-tokenized corpora (`keep_lines`, for the word tokenizer's whitespace split) skip the header
+stripping and the trimming: every line is data there, blank ones included, because awd-lstm-lm
+gives each line of such a file an `<eos>` and token counts must match its. Only a missing final
+newline is added, as awd-lstm-lm also ends an unterminated last line with `<eos>`.
 """
 
 from __future__ import annotations
@@ -136,13 +141,19 @@ def clean_text(text: str, lowercase: bool = False) -> str:
     return trim(normalize(strip_gutenberg(normalize_newlines(text)), lowercase))
 
 
-def clean_bytes(data: bytes, lowercase: bool = False) -> Cleaned:
+def clean_lines(text: str, lowercase: bool = False) -> str:
+    """Decoded pre-tokenized text → the same lines, normalised, each ending in a newline."""
+    text = normalize(text, lowercase)
+    return text if not text or text.endswith("\n") else text + "\n"
+
+
+def clean_bytes(data: bytes, lowercase: bool = False, keep_lines: bool = False) -> Cleaned:
     """A whole file's bytes → Cleaned text or a skip reason. Never raises for bad data."""
     try:
         decoded = decode(data)
     except Unusable as err:
         return Cleaned(None, skip_reason=str(err))
-    text = clean_text(decoded.text, lowercase)
+    text = (clean_lines if keep_lines else clean_text)(decoded.text, lowercase)
     if not text:
         return Cleaned(None, decoded.encoding, "empty after removing the Project Gutenberg header/footer")
     return Cleaned(text, decoded.encoding)

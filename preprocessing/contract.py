@@ -27,6 +27,9 @@ from typing import Any
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
 TOKENIZERS = ("char", "byte", "word")
+# How word text splits into tokens: WORD_PATTERN's words and punctuation (raw books), or runs of
+# non-whitespace (pre-tokenized corpora such as PTB and WikiText, split as awd-lstm-lm does).
+WORD_SPLITS = ("pattern", "whitespace")
 TOKENS_FEATURE = "tokens"
 UNK = "<unk>"
 EOS = "<eos>"
@@ -87,6 +90,8 @@ class Metadata:
     splits: dict[str, SplitStats]
     lowercase: bool = False
     line_eos: bool = False
+    # Metadata written before the field existed was made with the pattern: that stays its reading.
+    word_split: str = "pattern"
     documents: int = 0
     skipped: tuple[dict[str, str], ...] = ()
     sources: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
@@ -144,6 +149,10 @@ def metadata_from_json(text: str, source: str = "metadata") -> Metadata:
 def _validate(metadata: Metadata, source: str) -> None:
     if metadata.tokenizer not in TOKENIZERS:
         raise ContractError(f"{source}: tokenizer {metadata.tokenizer!r} not in {TOKENIZERS}")
+    if metadata.word_split not in WORD_SPLITS:
+        raise ContractError(f"{source}: word_split {metadata.word_split!r} not in {WORD_SPLITS}")
+    if metadata.word_split != "pattern" and metadata.tokenizer != "word":
+        raise ContractError(f"{source}: word_split {metadata.word_split!r} needs the word tokenizer")
     if len(set(metadata.vocab)) != len(metadata.vocab):
         raise ContractError(f"{source}: vocabulary has duplicate tokens")
     if metadata.tokenizer == "byte" and metadata.vocab_size != 256:

@@ -5,11 +5,12 @@
 
 Our options are parsed here; everything else goes to Beam's PipelineOptions, so the same command
 runs on Dataflow with `--runner DataflowRunner --project … --region … --temp_location gs://…
---setup_file ./setup.py`. Without `--runner` (or with `--runner DirectRunner`) the job runs on
-Beam's FnApiRunner directly — what DirectRunner falls back to — so an offline machine does not
-first try to download the Prism runner. `--direct_running_mode multi_processing
---direct_num_workers N` is allowed; `multi_threading` is refused (it silently dropped records
-in our measurements, see FINDINGS.md).
+--setup_file ./setup.py` and gs:// inputs and output (`check_dataflow_options` refuses, in one
+line, what Dataflow workers could not run). Without `--runner` (or with `--runner DirectRunner`)
+the job runs on Beam's FnApiRunner directly — what DirectRunner falls back to — so an offline
+machine does not first try to download the Prism runner. `--direct_running_mode
+multi_processing --direct_num_workers N` is allowed; `multi_threading` is refused (it silently
+dropped records in our measurements, see FINDINGS.md).
 
 Shape of the job (per-element overhead dominates in Beam, so elements are whole files and
 records are long): two passes over the files, each file one element.
@@ -40,7 +41,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -49,15 +50,20 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DirectOptions,
+    GoogleCloudOptions,
     PipelineOptions,
+    SetupOptions,
     StandardOptions,
     TypeOptions,
+    WorkerOptions,
 )
 
 from preprocessing import cleaning, contract, splits, tokenizers
 
 LOG = logging.getLogger("preprocessing.run")
 _DIRECT_RUNNERS = ("", "directrunner", "direct", "fnapirunner")
+# Names Beam's create_runner resolves to its DataflowRunner (case-insensitive, "runner" optional).
+_DATAFLOW_RUNNERS = ("dataflow", "dataflowrunner", "testdataflow", "testdataflowrunner")
 _STATS_FILE = "stats.json"
 
 
@@ -75,6 +81,7 @@ class JobOptions:
     min_count: int = 1
     vocab_size: int = 10000
     line_eos: bool = False
+    word_split: str = "pattern"
     valid_fraction: float = 0.05
     test_fraction: float = 0.05
     seed: int = 0
@@ -121,6 +128,13 @@ def _parser() -> argparse.ArgumentParser:
                         help="word: keep this many most frequent words (plus <unk> and newline/<eos>).")
     parser.add_argument("--line_eos", action="store_true",
                         help="word: every line end is an <eos> token (PTB/WikiText style).")
+    parser.add_argument("--word_split", choices=contract.WORD_SPLITS,
+                        help="word: 'pattern' cuts words, numbers and single punctuation marks out "
+                             "of raw text; 'whitespace' takes pre-tokenized text as it is, one token "
+                             "per run of non-space characters and every line kept, as awd-lstm-lm's "
+                             "line.split() (PTB's mr. 's u.s., WikiText's @-@ stay whole), so "
+                             "perplexities compare with published ones. Default: whitespace with "
+                             "--line_eos, else pattern.")
     parser.add_argument("--valid_fraction", type=float, default=0.05)
     parser.add_argument("--test_fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0, help="Seeds the train/valid/test assignment.")
@@ -146,24 +160,33 @@ def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
         raise UsageError("pre-split input needs --train PATTERN (the vocabulary is built from it)")
     _check_names(args)
     vocab, tokenizer, lowercase, line_eos = None, args.tokenizer, args.lowercase, args.line_eos
+    word_split = args.word_split
     if args.vocab_from:
         md = read_metadata(args.vocab_from)
         for flag, given, stored in (("--tokenizer", tokenizer, md.tokenizer),
                                     ("--lowercase", lowercase or None, md.lowercase or None),
-                                    ("--line_eos", line_eos or None, md.line_eos or None)):
+                                    ("--line_eos", line_eos or None, md.line_eos or None),
+                                    ("--word_split", word_split, md.word_split)):
             if given is not None and given != stored:
                 raise UsageError(f"{flag} {given} conflicts with --vocab_from {args.vocab_from} "
                                  f"({stored}); drop {flag}")
         vocab, tokenizer, lowercase, line_eos = md.vocab, md.tokenizer, md.lowercase, md.line_eos
+        word_split = md.word_split  # the vocabulary's tokens were cut this way
     elif tokenizer is None:
         raise UsageError("--tokenizer is required (char, byte or word) unless --vocab_from is given")
     if line_eos and tokenizer != "word":
         raise UsageError("--line_eos needs --tokenizer word")
+    if word_split is not None and tokenizer != "word":
+        raise UsageError("--word_split needs --tokenizer word")
+    if word_split is None:
+        # --line_eos is for PTB/WikiText-style corpora, which are pre-tokenized.
+        word_split = "whitespace" if line_eos else "pattern"
     return JobOptions(
         output_dir=args.output_dir.rstrip("/") or "/", data_prefix=args.data_prefix, tokenizer=tokenizer,
         sources=sources or presplit, lowercase=lowercase, min_count=args.min_count,
-        vocab_size=args.vocab_size, line_eos=line_eos, valid_fraction=args.valid_fraction,
-        test_fraction=args.test_fraction, seed=args.seed, record_tokens=args.record_tokens,
+        vocab_size=args.vocab_size, line_eos=line_eos, word_split=word_split,
+        valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed,
+        record_tokens=args.record_tokens,
         vocab=vocab), beam_args
 
 
@@ -226,6 +249,54 @@ def read_metadata(location: str) -> contract.Metadata:
         raise UsageError(f"--vocab_from: {err}") from None
 
 
+def _beam_default_region() -> str | None:
+    """The region Beam falls back to without --region: $CLOUDSDK_COMPUTE_REGION, then gcloud's."""
+    from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
+
+    return DataflowRunner().get_default_gcp_region()
+
+
+def check_dataflow_options(options: JobOptions, beam_options: PipelineOptions,
+                           default_region: Callable[[], str | None] = _beam_default_region) -> None:
+    """DataflowRunner mistakes as UsageErrors, before anything is read, staged or submitted.
+
+    Beam reports some of them as a ValueError traceback from beam.Pipeline(), others only when
+    workers fail minutes later: they run on Google's machines, which see neither local files
+    nor this checkout, so inputs, outputs and the temp location must be gs:// and verne must be
+    shipped to them (--setup_file builds and installs it there). Other runners are not checked.
+    """
+    if (beam_options.view_as(StandardOptions).runner or "").lower() not in _DATAFLOW_RUNNERS:
+        return
+    cloud, setup = beam_options.view_as(GoogleCloudOptions), beam_options.view_as(SetupOptions)
+    needs = "--runner DataflowRunner needs"
+    if not cloud.project:
+        raise UsageError(f"{needs} --project PROJECT_ID (the Google Cloud project to run in)")
+    if not cloud.region and not default_region():
+        raise UsageError(f"{needs} --region REGION, e.g. --region europe-west1")
+    if not cloud.temp_location and not cloud.staging_location:
+        raise UsageError(f"{needs} --temp_location gs://BUCKET/tmp (where Dataflow stages the job)")
+    for flag, location in (("--temp_location", cloud.temp_location),
+                           ("--staging_location", cloud.staging_location)):
+        if location and not location.startswith("gs://"):
+            raise UsageError(f"{flag} {location}: Dataflow needs a gs:// location, e.g. gs://BUCKET/tmp")
+    for source, patterns in options.sources.items():
+        for pattern in patterns:
+            if "://" not in pattern:
+                raise UsageError(f"--{source} {pattern!r} is local, and Dataflow workers cannot read it: "
+                                 "copy the files to Cloud Storage and give gs://BUCKET/…")
+    if "://" not in options.output_dir:
+        raise UsageError(f"--output_dir {options.output_dir} is local, and Dataflow workers write the "
+                         "shards: give gs://BUCKET/DIR")
+    if not (setup.setup_file or setup.requirements_file or setup.extra_packages
+            or beam_options.view_as(WorkerOptions).sdk_container_image):
+        raise UsageError(f"{needs} --setup_file ./setup.py (or --sdk_container_image with verne "
+                         "installed): its workers must import verne")
+    for flag, path in (("--setup_file", setup.setup_file), ("--requirements_file", setup.requirements_file)):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag} {path}: no such file (give its path from here, e.g. ./setup.py "
+                             "in the verne checkout)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Inputs
 
@@ -259,12 +330,13 @@ def match_inputs(options: JobOptions) -> list[InputFile]:
     return sorted(seen.values(), key=lambda f: f.path)
 
 
-def _read_clean(readable: Any, lowercase: bool) -> cleaning.Cleaned:
+def _read_clean(readable: Any, options: JobOptions) -> cleaning.Cleaned:
     try:
         data = readable.read()
     except Exception as err:  # noqa: BLE001 — one unreadable file (e.g. corrupt .gz) never fails the job
         return cleaning.Cleaned(None, skip_reason=f"unreadable: {type(err).__name__}: {err}")
-    return cleaning.clean_bytes(data, lowercase)
+    # Pre-tokenized text is taken line for line, blank lines included, as awd-lstm-lm reads it.
+    return cleaning.clean_bytes(data, options.lowercase, keep_lines=options.word_split == "whitespace")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,7 +362,7 @@ class _SurveyFn(beam.DoFn):
     def process(self, element: tuple[Any, str | None]) -> Iterator[Any]:
         readable, split = element
         path = readable.metadata.path
-        cleaned = _read_clean(readable, self._options.lowercase)
+        cleaned = _read_clean(readable, self._options)
         if cleaned.text is None:
             LOG.warning("skipping %s: %s", path, cleaned.skip_reason)
             beam.metrics.Metrics.counter("preprocessing", "skipped").inc()
@@ -300,7 +372,8 @@ class _SurveyFn(beam.DoFn):
             LOG.warning("%s is not UTF-8: decoded as %s", path, cleaned.encoding)
             beam.metrics.Metrics.counter("preprocessing", "fallback_decodes").inc()
         text = cleaned.text
-        tokens, counts = tokenizers.count_tokens(self._options.tokenizer, text, self._options.line_eos)
+        o = self._options
+        tokens, counts = tokenizers.count_tokens(o.tokenizer, text, o.line_eos, o.word_split)
         # Pre-split data builds its vocabulary from train only: valid/test words stay unknown.
         if self._options.vocab is not None or split not in (None, "train"):
             counts = Counter()
@@ -352,7 +425,8 @@ class _EncodeFn(beam.DoFn):
     def _tokenizer_for(self, vocab: tuple[str, ...]) -> tokenizers.Tokenizer:
         if self._tokenizer is None or self._vocab != vocab:
             o = self._options
-            self._tokenizer = tokenizers.make_tokenizer(o.tokenizer, vocab, o.lowercase, o.line_eos)
+            self._tokenizer = tokenizers.make_tokenizer(o.tokenizer, vocab, o.lowercase, o.line_eos,
+                                                        o.word_split)
             self._vocab = vocab
         return self._tokenizer
 
@@ -360,7 +434,7 @@ class _EncodeFn(beam.DoFn):
                 plan: dict[str, tuple[splits.Span, ...]]) -> Iterator[Any]:
         readable, _ = element
         path = readable.metadata.path
-        cleaned = _read_clean(readable, self._options.lowercase)
+        cleaned = _read_clean(readable, self._options)
         # A skipped file (text None) was recorded by the survey and has no spans in the plan.
         ids = self._tokenizer_for(vocab).encode_array(cleaned.text or "")
         spans = plan.get(path, ())
@@ -441,7 +515,7 @@ def _write_stats(_: None, work_dir: str, options: JobOptions, vocab: tuple[str, 
     stats = {
         "metadata": contract.metadata_to_json(contract.Metadata(
             tokenizer=options.tokenizer, vocab=tuple(vocab), lowercase=options.lowercase,
-            line_eos=options.line_eos, documents=len(sizes),
+            line_eos=options.line_eos, word_split=options.word_split, documents=len(sizes),
             skipped=tuple(sorted(skipped, key=lambda s: s["path"])), sources=options.sources,
             splits={s: contract.SplitStats(*counts.get(s, (0, 0)), len(shards[f"shards_{s}"]))
                     for s in contract.SPLITS})),
@@ -528,17 +602,31 @@ def pipeline_options(beam_args: list[str]) -> tuple[PipelineOptions, Any]:
     return options, fn_runner.FnApiRunner(provision_info=info)
 
 
+def _pipeline(runner: Any, beam_options: PipelineOptions) -> beam.Pipeline:
+    """beam.Pipeline(), with what Beam's option validation rejects (e.g. a malformed --project)
+    as a one-line UsageError instead of its ValueError."""
+    try:
+        return beam.Pipeline(runner=runner, options=beam_options)
+    except ValueError as err:
+        header, _, errors = str(err).partition("\n")
+        if not header.startswith("Pipeline has validations errors"):
+            raise
+        raise UsageError("; ".join(line.strip() for line in errors.splitlines() if line.strip())) from None
+
+
 def run_preprocessing(args: Sequence[str]) -> contract.Metadata:
     """The whole job (what `main` and the Kubeflow component call). Raises UsageError."""
     started = time.monotonic()
     options, beam_args = parse_args(args)
-    files = match_inputs(options)
     beam_options, runner = pipeline_options(beam_args)
+    check_dataflow_options(options, beam_options)
+    files = match_inputs(options)
+    pipeline = _pipeline(runner, beam_options)
     work_dir = _join(options.output_dir, f".{options.data_prefix}.tmp-{uuid.uuid4().hex[:12]}")
     if "://" not in work_dir:
         FileSystems.mkdirs(work_dir)  # object stores have no directories to make
     try:
-        with beam.Pipeline(runner=runner, options=beam_options) as p:
+        with pipeline as p:
             build_pipeline(p, files, options, work_dir)
         stats = json.loads(_read_text(_join(work_dir, _STATS_FILE)))
         metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")

@@ -8,11 +8,13 @@ Pure Python + numpy: no Beam or TensorFlow at import. Build one from metadata wi
   Lossless for any text.
 - char: one token per Unicode code point (after NFC); `<unk>` is id 0, then characters by count
   (descending), ties by code point. Lossless for text whose characters are all in the vocabulary.
-- word: `WORD_PATTERN` splits text into words, numbers, single punctuation marks and newlines;
-  spaces and tabs are not tokens. `<unk>` is id 0; with `line_eos` every newline becomes `<eos>`
-  (id 1, Penn Treebank / WikiText style as in awd-lstm-lm), otherwise `\\n` is always kept (id 1)
-  so generated text keeps its lines and paragraphs. A literal `<unk>` in pre-tokenized input is
-  the unknown token.
+- word: with `word_split="pattern"`, `WORD_PATTERN` splits text into words, numbers, single
+  punctuation marks and newlines; with `word_split="whitespace"` (pre-tokenized corpora), every
+  run of non-whitespace is one token, exactly as awd-lstm-lm's `line.split()`, so PTB's `mr.`
+  `'s` `u.s.` and WikiText's `@-@` stay whole. Spaces and tabs are never tokens. `<unk>` is
+  id 0; with `line_eos` every newline becomes `<eos>` (id 1, Penn Treebank / WikiText style as in
+  awd-lstm-lm), otherwise `\\n` is always kept (id 1) so generated text keeps its lines and
+  paragraphs. A literal `<unk>` in pre-tokenized input is the unknown token.
 
 What "lossless" means for word text: the token sequence survives exactly,
 `pieces(decode(encode(t))) == pieces(t)` for in-vocabulary t, and the whitespace between tokens
@@ -21,7 +23,10 @@ none before closing punctuation (. , ; : ! ? ) ] } ’ ” …), none after open
 quotes (( [ { ‘ “), none around dashes, hyphens and slashes, straight quotes (" ' _) alternately
 open and close within a paragraph. So `decode(encode(t)) == respace(t)`, and text already
 spaced that way (ordinary prose) comes back byte for byte. Pre-tokenized text (" it is - ")
-comes back re-spaced.
+comes back re-spaced. With the whitespace split there are no rules to re-derive: tokens are
+joined by single spaces, lines by newlines, so `decode(encode(t))` and
+`respace(t, word_split="whitespace")` are t with each line's whitespace runs collapsed to one
+space and trimmed.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ from preprocessing import cleaning, contract
 # then words with inner apostrophes (don't, o'er, Carroll’s), then any other single symbol.
 # Underscores (Gutenberg's _italics_) are symbols, so "_word_" does not become a new word.
 WORD_PATTERN = re.compile(r"<unk>|<eos>|\n|\d+(?:[.,:]\d+)+|[^\W_]+(?:['’][^\W_]+)*|[^\w\s]|_")
+# Python's \s is exactly str.isspace, what str.split() splits on; newlines stay tokens.
+WHITESPACE_PATTERN = re.compile(r"\n|\S+")
+_SPLIT_PATTERNS = {"pattern": WORD_PATTERN, "whitespace": WHITESPACE_PATTERN}
 
 _NO_SPACE_BEFORE = frozenset(".,;:!?)]}%’”»…")
 _NO_SPACE_AFTER = frozenset("([{‘“«¿¡")
@@ -173,20 +181,30 @@ class CharTokenizer(Tokenizer):
 class WordTokenizer(Tokenizer):
     kind = "word"
 
-    def __init__(self, vocab: Sequence[str], lowercase: bool = False, line_eos: bool = False) -> None:
+    def __init__(self, vocab: Sequence[str], lowercase: bool = False, line_eos: bool = False,
+                 word_split: str = "pattern") -> None:
         super().__init__(vocab, lowercase, line_eos)
         if self.unk_id is None:
             raise contract.ContractError(f"a word vocabulary needs {contract.UNK}")
+        _check_split(word_split)
+        self.word_split = word_split
 
     def pieces(self, text: str) -> list[str]:
-        return word_pieces(text, self.line_eos)
+        return word_pieces(text, self.line_eos, self.word_split)
 
     def decoder(self) -> Decoder:
-        return _WordDecoder(self.vocab)
+        return _word_decoder(self.vocab, self.word_split)
 
 
-def word_pieces(text: str, line_eos: bool = False) -> list[str]:
-    pieces = WORD_PATTERN.findall(text)
+def _check_split(word_split: str) -> None:
+    if word_split not in contract.WORD_SPLITS:
+        raise ValueError(f"word_split must be one of {contract.WORD_SPLITS}, got {word_split!r}")
+
+
+def word_pieces(text: str, line_eos: bool = False, word_split: str = "pattern") -> list[str]:
+    """The word tokens of cleaned text under `word_split` (see the module docstring)."""
+    _check_split(word_split)
+    pieces = _SPLIT_PATTERNS[word_split].findall(text)
     if line_eos:
         return [contract.EOS if p == contract.NEWLINE else p for p in pieces]
     return pieces
@@ -226,13 +244,40 @@ class _WordDecoder:
         return " " + token if space else token
 
 
-def respace(text: str, line_eos: bool = False) -> str:
+class _SpaceDecoder:
+    """Pre-tokenized text has no spacing to re-derive: one space between tokens of a line."""
+
+    def __init__(self, vocab: Sequence[str]) -> None:
+        self._vocab = vocab
+        self._line_start = True
+
+    def push(self, token_id: int) -> str:
+        return self.push_token(self._vocab[token_id])
+
+    def flush(self) -> str:
+        return ""
+
+    def push_token(self, token: str) -> str:
+        if token in (contract.NEWLINE, contract.EOS):
+            self._line_start = True
+            return "\n"
+        text = token if self._line_start else " " + token
+        self._line_start = False
+        return text
+
+
+def _word_decoder(vocab: Sequence[str], word_split: str) -> _WordDecoder | _SpaceDecoder:
+    return _SpaceDecoder(vocab) if word_split == "whitespace" else _WordDecoder(vocab)
+
+
+def respace(text: str, line_eos: bool = False, word_split: str = "pattern") -> str:
     """The whitespace normalisation under which word tokenization is lossless."""
-    decoder = _WordDecoder(())
-    return "".join(decoder.push_token(p) for p in word_pieces(text, line_eos))
+    decoder = _word_decoder((), word_split)
+    return "".join(decoder.push_token(p) for p in word_pieces(text, line_eos, word_split))
 
 
-def count_tokens(kind: str, text: str, line_eos: bool = False) -> tuple[int, Counter[str]]:
+def count_tokens(kind: str, text: str, line_eos: bool = False,
+                 word_split: str = "pattern") -> tuple[int, Counter[str]]:
     """(number of tokens, counts for the vocabulary) of cleaned text, without a vocabulary.
 
     Byte vocabularies are fixed, so bytes are not counted one by one.
@@ -241,7 +286,7 @@ def count_tokens(kind: str, text: str, line_eos: bool = False) -> tuple[int, Cou
         return len(text.encode("utf-8")), Counter()
     if kind == "char":
         return len(text), Counter(text)
-    pieces = word_pieces(text, line_eos)
+    pieces = word_pieces(text, line_eos, word_split)
     return len(pieces), Counter(pieces)
 
 
@@ -273,11 +318,16 @@ _KINDS: dict[str, type[Tokenizer]] = {"byte": ByteTokenizer, "char": CharTokeniz
 
 
 def make_tokenizer(kind: str, vocab: Sequence[str], lowercase: bool = False,
-                   line_eos: bool = False) -> Tokenizer:
+                   line_eos: bool = False, word_split: str = "pattern") -> Tokenizer:
     if kind not in _KINDS:
         raise ValueError(f"tokenizer must be one of {contract.TOKENIZERS}, got {kind!r}")
+    if kind == "word":
+        return WordTokenizer(vocab, lowercase=lowercase, line_eos=line_eos, word_split=word_split)
+    if word_split != "pattern":
+        raise ValueError(f"word_split {word_split!r} needs the word tokenizer, not {kind}")
     return _KINDS[kind](vocab, lowercase=lowercase, line_eos=line_eos)
 
 
 def tokenizer_from_metadata(md: contract.Metadata) -> Tokenizer:
-    return make_tokenizer(md.tokenizer, md.vocab, lowercase=md.lowercase, line_eos=md.line_eos)
+    return make_tokenizer(md.tokenizer, md.vocab, lowercase=md.lowercase, line_eos=md.line_eos,
+                          word_split=md.word_split)

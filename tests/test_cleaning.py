@@ -79,3 +79,14 @@ def test_unusable_files_get_a_reason(data: bytes, reason: str) -> None:
     cleaned = cleaning.clean_bytes(data)
     assert cleaned.text is None
     assert cleaned.skip_reason is not None and cleaned.skip_reason.startswith(reason)
+
+
+def test_pretokenized_text_keeps_every_line() -> None:
+    """keep_lines (the whitespace split): blank lines are <eos> tokens there, so none is trimmed."""
+    raw = (" \r\n = Cafe\u0301 = \r\n \r\n *** START OF THE PROJECT GUTENBERG EBOOK X *** \r\n\r\n"
+           " last line ").encode()
+    expected = " \n = Café = \n \n *** START OF THE PROJECT GUTENBERG EBOOK X *** \n\n last line \n"
+    cleaned = cleaning.clean_bytes(raw, keep_lines=True)
+    assert (cleaned.text, cleaned.encoding) == (expected, "utf-8")
+    assert cleaning.clean_bytes(raw, lowercase=True, keep_lines=True).text == expected.lower()
+    assert cleaning.clean_bytes(raw).text == " last line\n"  # what raw-book cleaning makes of it

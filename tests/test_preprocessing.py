@@ -127,24 +127,38 @@ def test_byte_job_rebuilds_the_utf8_bytes(tmp_path: Path) -> None:
     assert not +pool
 
 
+def _awd_lstm_lm_tokens(path: Path) -> list[str]:
+    """What awd-lstm-lm's data.py makes of a file: `line.split() + ['<eos>']` for every line."""
+    with open(path, encoding="utf-8") as f:
+        return [word for line in f for word in line.split() + [contract.EOS]]
+
+
 def test_presplit_word_job_with_line_eos_then_vocab_from(tmp_path: Path) -> None:
     data = tmp_path / "ptb"
     data.mkdir()
-    train = " the cat sat on the mat \n the dog sat <unk> \n" * 20
+    # PTB/WikiText style: pre-tokenized, a blank first line (WikiText's " \n"), tokens with dots,
+    # apostrophes and @-@ that --line_eos (whitespace split) keeps whole.
+    train = " \n" + " the cat sat on the mat 's \n the u.s. dog sat <unk> @-@ \n" * 20 + " \n"
     (data / "train.txt").write_text(train)
     (data / "valid.txt").write_text(" the zebra sat \n")
-    (data / "test.txt").write_text(" a cat \n the mat \n")
+    (data / "test.txt").write_text(" a cat \n the mat")  # no final newline: still one <eos>
     out = tmp_path / "out"
     metadata = run.run_preprocessing([
         *(arg for s in contract.SPLITS for arg in (f"--{s}", str(data / f"{s}.txt"))),
         "--output_dir", str(out), "--data_prefix", "ptb", "--tokenizer", "word", "--line_eos",
         "--record_tokens", "100"])
     records = check_outputs(metadata, out, "ptb")
-    assert metadata.vocab[:2] == (contract.UNK, contract.EOS)
-    assert set(metadata.vocab) == {contract.UNK, contract.EOS, "the", "cat", "sat", "on", "mat", "dog"}
-    # PTB counting: words plus one <eos> per line; valid/test words unseen in train are <unk>.
-    assert metadata.splits["train"].tokens == len(train.split()) + train.count("\n")
+    assert metadata.vocab[:2] == (contract.UNK, contract.EOS) and metadata.word_split == "whitespace"
+    assert set(metadata.vocab) == {contract.UNK, contract.EOS, "the", "cat", "sat", "on", "mat", "dog",
+                                   "'s", "u.s.", "@-@"}
+    # PTB counting, as awd-lstm-lm: words plus one <eos> per line, blank lines included.
+    for split in contract.SPLITS:
+        awd = _awd_lstm_lm_tokens(data / f"{split}.txt")
+        assert metadata.splits[split].tokens == len(awd), split
     tok = tokenizers.tokenizer_from_metadata(metadata)
+    train_ids = np.concatenate(records["train"])
+    assert Counter(tok.vocab[i] for i in train_ids) == Counter(_awd_lstm_lm_tokens(data / "train.txt"))
+    # Valid/test words unseen in train are <unk>.
     assert [tok.decode(r) for r in records["valid"]] == ["the <unk> sat\n"]
     assert [tok.decode(r) for r in records["test"]] == ["<unk> cat\nthe mat\n"]
     assert metadata.sources == {s: (str(data / f"{s}.txt"),) for s in contract.SPLITS}
@@ -155,7 +169,8 @@ def test_presplit_word_job_with_line_eos_then_vocab_from(tmp_path: Path) -> None
     again = run.run_preprocessing(["--input", str(new / "more.txt"), "--output_dir", str(tmp_path / "ft"),
                                    "--data_prefix", "ft", "--vocab_from", str(out / "ptb"),
                                    "--record_tokens", "100"])
-    assert (again.vocab, again.tokenizer, again.line_eos) == (metadata.vocab, "word", True)
+    assert (again.vocab, again.tokenizer, again.line_eos, again.word_split) == (
+        metadata.vocab, "word", True, "whitespace")
     ft_records = check_outputs(again, tmp_path / "ft", "ft")
     ids = np.concatenate([r for s in contract.SPLITS for r in ft_records[s]])
     assert np.count_nonzero(ids == 0) == 2 * 30  # "a" and "hat" are unknown to the old vocabulary
@@ -165,7 +180,22 @@ def test_presplit_word_job_with_line_eos_then_vocab_from(tmp_path: Path) -> None
     (job_dir / "metadata.json").write_text((out / "ptb.metadata.json").read_text())
     options, _ = run.parse_args(["--input", str(new / "more.txt"), "--output_dir", str(tmp_path / "x"),
                                  "--data_prefix", "x", "--vocab_from", str(job_dir), "--tokenizer", "word"])
-    assert options.vocab == metadata.vocab and options.line_eos
+    assert options.vocab == metadata.vocab and options.line_eos and options.word_split == "whitespace"
+    with pytest.raises(run.UsageError, match="--word_split pattern conflicts with --vocab_from"):
+        run.parse_args(["--input", str(new / "more.txt"), "--output_dir", str(tmp_path / "x"),
+                        "--data_prefix", "x", "--vocab_from", str(job_dir), "--word_split", "pattern"])
+
+
+def test_word_split_flag_defaults() -> None:
+    def split(*flags: str) -> str:
+        options, _ = run.parse_args(["--input", "a.txt", "--output_dir", "out", "--data_prefix", "x",
+                                     "--tokenizer", "word", *flags])
+        return options.word_split
+
+    assert split() == "pattern"  # raw books
+    assert split("--line_eos") == "whitespace"  # PTB/WikiText style implies pre-tokenized text
+    assert split("--line_eos", "--word_split", "pattern") == "pattern"
+    assert split("--word_split", "whitespace") == "whitespace"
 
 
 def test_rerun_replaces_stale_shards_and_a_crash_keeps_the_previous_run(
@@ -215,6 +245,8 @@ def test_no_usable_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.Capt
     (["--input", "{tmp}/a.txt", "--direct_running_mode", "multi_threading"], "multi_threading"),
     (["--input", "{tmp}/a.txt", "--valid_fraction", "0.6", "--test_fraction", "0.5"], "leave something"),
     (["--input", "{tmp}/a.txt", "--line_eos"], "--line_eos needs --tokenizer word"),
+    (["--input", "{tmp}/a.txt", "--word_split", "whitespace"], "--word_split needs --tokenizer word"),
+    (["--input", "{tmp}/a.txt", "--tokenizer", "word", "--word_split", "spaces"], "invalid choice"),
     (["--input", "{tmp}/a.txt", "--vocab_from", "{tmp}/missing"], "missing.metadata.json or"),
     (["--input", "{tmp}/a.txt", "--tokenizer", "bpe"], "invalid choice"),
 ])
