@@ -1,11 +1,15 @@
-# The image the pipeline's steps run in on Vertex AI: verne on TensorFlow's own image.
+# The image verne runs in on Vertex AI: training jobs (config.yaml, trainer.submit) and the
+# pipeline's steps alike, verne installed on TensorFlow's own image.
 #
 #   gcloud artifacts repositories create verne --repository-format=docker --location=REGION
 #   gcloud builds submit --tag REGION-docker.pkg.dev/PROJECT/verne/verne:latest .
+#   python -m trainer.submit --image REGION-docker.pkg.dev/PROJECT/verne/verne:latest ...
 #   python -m pipelines.run --image REGION-docker.pkg.dev/PROJECT/verne/verne:latest ...
 #
-# The GPU build of TensorFlow runs on CPU-only machines too, so one image serves every step;
+# The GPU build of TensorFlow runs on CPU-only machines too, so one image serves every job;
 # `docker build --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0 .` makes a smaller CPU-only one.
+# Not TPU VMs: those need TensorFlow's TPU build (tensorflow-tpu, which brings libtpu), and there
+# is none for TensorFlow 2.21 yet; docs/cloud.md ("TPU") says what a TPU image takes.
 ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 FROM ${BASE_IMAGE}
 
@@ -22,4 +26,5 @@ RUN python3 -m pip install --no-cache-dir -c constraints.txt . \
  && python3 -m pip check \
  && python3 -c "import tensorflow as tf, kfp, pipelines.steps; assert tf.__version__.startswith('2.21'), tf.__version__"
 
-# No ENTRYPOINT: KFP gives each step its command (python3 -m kfp.dsl.executor_main ...).
+# No ENTRYPOINT: KFP gives each step its command (python3 -m kfp.dsl.executor_main ...) and each
+# training pool's containerSpec says `python3 -m trainer.task`.

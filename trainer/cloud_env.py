@@ -26,6 +26,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from trainer.errors import UsageError
 from trainer.hparams import HParams
 
 MODEL_DIR = "AIP_MODEL_DIR"
@@ -45,7 +46,9 @@ def _json_env(env: Mapping[str, str], name: str) -> dict[str, Any]:
     try:
         body = json.loads(text)
     except json.JSONDecodeError:
-        raise ValueError(f"environment variable {name} is not valid JSON: {text[:80]!r}") from None
+        # Vertex writes valid JSON; a broken value was set by hand (a local multi-worker run).
+        raise UsageError(f"environment variable {name} is not valid JSON ({text[:80]!r}); "
+                         "unset or fix it") from None
     return body if isinstance(body, dict) else {}
 
 

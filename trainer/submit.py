@@ -1,9 +1,10 @@
-"""Train on Vertex AI: stage this checkout's sdist and create a CustomJob running trainer.task.
+"""Train on Vertex AI: create a CustomJob that runs trainer.task in verne's own container image.
 
     python -m trainer.submit --project=P --region=us-central1 --staging_bucket=gs://B/staging \\
-        [--config=config.yaml] [--variant=multi_worker] [--machine_type=...] [--accelerator=...] \\
-        [--accelerator_count=N] [--replicas=N] [--tpu=v5e] [--spot] [--service_account=...] \\
-        [--tensorboard=projects/P/locations/R/tensorboards/ID] [--dry_run] [--tune] \\
+        [--config=config.yaml] [--variant=multi_worker] [--image=...] [--machine_type=...] \\
+        [--accelerator=...] [--accelerator_count=N] [--replicas=N] [--tpu=v5e] [--spot] \\
+        [--service_account=...] [--tensorboard=projects/P/locations/R/tensorboards/ID] \\
+        [--dry_run] [--tune] \\
         -- --data_dir=gs://B/data --data_prefix=jules --job-dir=gs://B/job/%JOB% --layers=2 ...
 
 Everything after `--` goes to trainer.task unchanged, except that `%JOB%` in --job-dir and
@@ -11,27 +12,29 @@ Everything after `--` goes to trainer.task unchanged, except that `%JOB%` in --j
 trainer.flags, the data's metadata through trainer.checkpoints.resolve_hparams), so the printed
 job dir is the one training will write. Without trainer flags, the `args` of config.yaml are used.
 
+Each worker pool runs a `containerSpec`: the image built from ./Dockerfile, which has verne
+installed, with `python3 -m trainer.task ARGS`. Vertex's `pythonPackageSpec` must name one of
+Vertex's prebuilt training images, and none of those has the Python 3.11 and TensorFlow 2.21
+verne needs, so a spec using it is refused rather than sent to fail on the server.
+
 The job spec starts from config.yaml (a camelCase CustomJobSpec, also usable with
 `gcloud ai custom-jobs create --config`), flags override it, and the result is parsed by the
 Vertex SDK's CustomJobSpec, which rejects unknown keys. `--dry_run` builds everything offline
-(the sdist too, to name it by content) and prints the exact request the SDK would send plus the
-equivalent gcloud command; nothing is uploaded or created.
+and prints the exact request the SDK would send plus the equivalent gcloud command; nothing is
+created and nothing is written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-import hashlib
+import datetime
 import json
 import logging
 import re
 import shlex
-import subprocess
-import sys
-import tarfile
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +44,17 @@ from absl import app, flags
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import JOB_PLACEHOLDER, HParams, job_name
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PACKAGE_NAME = "verne"
-TPU_MACHINES = {"v5e": "ct5lp-hightpu-4t"}
-# The image built from ./Dockerfile (docs/pipelines.md). Vertex's prebuilt TensorFlow training
-# images lag behind (Python 3.10, TF <= 2.17) and cannot install verne. The GPU build also runs on
-# CPU-only machines; TPU VMs take the TPU build. MY_PROJECT becomes --project.
+# --tpu name -> (machine type, topology). One TPU VM: TPUStrategy drives the chips of one host;
+# multi-host slices would need a TPU pod runtime verne does not set up.
+TPU_MACHINES = {"v5e": ("ct5lp-hightpu-4t", "2x2")}
+# The image built from ./Dockerfile (docs/cloud.md). Its TensorFlow GPU build also runs on CPU-only
+# machines; TPU VMs need a TPU build of TensorFlow (docs/cloud.md, "TPU"). MY_PROJECT becomes
+# --project.
 IMAGE_REPOSITORY = "us-central1-docker.pkg.dev/MY_PROJECT/verne/verne"
-IMAGES = {"gpu": IMAGE_REPOSITORY + ":gpu", "tpu": IMAGE_REPOSITORY + ":tpu"}
+IMAGE = IMAGE_REPOSITORY + ":latest"
+TPU_IMAGE = IMAGE_REPOSITORY + ":tpu"
+# The Dockerfile sets no ENTRYPOINT (KFP gives pipeline steps their own command), so say it.
+TRAINER_COMMAND = ["python3", "-m", "trainer.task"]
 _VARIANT_MARK = re.compile(r"^# ---- variant: (\w+) ----\s*$")
 _JOB_DIR_FLAGS = ("--job-dir", "--job_dir", "--summary_dir")
 _TENSORBOARD_NAME = re.compile(r"^projects/[^/]+/locations/[^/]+/tensorboards/[^/]+$")
@@ -86,6 +92,7 @@ def load_config(text: str, source: str, variant: str | None = None) -> dict[str,
     if not isinstance(body, dict):
         raise UsageError(f"{source}: expected a CustomJobSpec mapping with workerPoolSpecs")
     parse_spec(body, source)
+    check_containers(body, source)
     return body
 
 
@@ -102,6 +109,21 @@ def parse_spec(body: dict[str, Any], source: str) -> Any:
     if not spec.worker_pool_specs:
         raise UsageError(f"{source}: no workerPoolSpecs")
     return spec
+
+
+def check_containers(body: dict[str, Any], source: str) -> None:
+    """Every pool must run verne's container: the SDK accepts a pythonPackageSpec with any image,
+    but Vertex runs one only on its prebuilt training images, none of which can install verne."""
+    for i, pool in enumerate(body["workerPoolSpecs"]):
+        if "pythonPackageSpec" in pool:
+            raise UsageError(
+                f"{source}: workerPoolSpecs[{i}] uses pythonPackageSpec, which runs only on Vertex's "
+                "prebuilt images (none has Python 3.11 and TensorFlow 2.21); use containerSpec with "
+                "the image built from ./Dockerfile (docs/cloud.md)")
+        command = pool.get("containerSpec", {}).get("command")
+        if command and list(command) != TRAINER_COMMAND:
+            raise UsageError(f"{source}: workerPoolSpecs[{i}].containerSpec.command must be "
+                             f"{TRAINER_COMMAND} (trainer.submit resolves trainer.task's flags)")
 
 
 # --- trainer arguments and %JOB% ---------------------------------------------------------------
@@ -140,17 +162,28 @@ def _resolved(path: str, hparams: HParams) -> str:
     return path.replace(JOB_PLACEHOLDER, job_name(hparams))
 
 
-def substitute_job_dirs(args: Sequence[str], name: str) -> list[str]:
-    """`args` with %JOB% replaced by `name` in the values of --job-dir/--job_dir/--summary_dir only
-    (the trainer resolves it nowhere else)."""
+def map_job_dirs(args: Sequence[str], change: Callable[[str], str]) -> list[str]:
+    """`args` with `change` applied to the values of --job-dir/--job_dir/--summary_dir only."""
     out = list(args)
     for i, arg in enumerate(out):
-        flag = arg.split("=", 1)[0]
-        owned = flag in _JOB_DIR_FLAGS and "=" in arg
-        follows = i > 0 and out[i - 1] in _JOB_DIR_FLAGS
-        if owned or follows:
-            out[i] = arg.replace(JOB_PLACEHOLDER, name)
+        flag, has_value, value = arg.partition("=")
+        if flag in _JOB_DIR_FLAGS and has_value:
+            out[i] = f"{flag}={change(value)}"
+        elif i > 0 and out[i - 1] in _JOB_DIR_FLAGS:
+            out[i] = change(arg)
     return out
+
+
+def substitute_job_dirs(args: Sequence[str], name: str) -> list[str]:
+    """`args` with %JOB% replaced by `name` in the job and summary dirs (the trainer resolves it
+    nowhere else)."""
+    return map_job_dirs(args, lambda value: value.replace(JOB_PLACEHOLDER, name))
+
+
+def study_id(now: datetime.datetime) -> str:
+    """Names one tuning submission. Trial ids restart at 1 in every study, so without it a second
+    study's trial 3 would resume the first study's trial-3 checkpoints."""
+    return f"study-{now.astimezone(datetime.UTC):%Y%m%d-%H%M%S}"
 
 
 # --- the job spec ------------------------------------------------------------------------------
@@ -159,7 +192,6 @@ def substitute_job_dirs(args: Sequence[str], name: str) -> list[str]:
 class Overrides:
     """What the command line changes in the spec from config.yaml."""
 
-    package_uri: str
     args: tuple[str, ...]
     base_output_dir: str
     machine_type: str = ""
@@ -167,8 +199,7 @@ class Overrides:
     accelerator_count: int = 0
     replicas: int = 0
     tpu: str = ""
-    tpu_topology: str = "2x2"
-    executor_image: str = ""
+    image: str = ""
     spot: bool = False
     service_account: str = ""
     tensorboard: str = ""
@@ -190,8 +221,12 @@ def apply_overrides(body: dict[str, Any], o: Overrides) -> dict[str, Any]:
     if o.accelerator and o.accelerator not in AcceleratorType.__members__:
         names = ", ".join(n for n in AcceleratorType.__members__ if n.startswith("NVIDIA"))
         raise UsageError(f"--accelerator={o.accelerator}: not a Vertex accelerator; one of {names}")
-    if o.tpu and o.tpu not in TPU_MACHINES:
-        raise UsageError(f"--tpu={o.tpu}: choose one of {', '.join(TPU_MACHINES)}")
+    if o.tpu:
+        if o.tpu not in TPU_MACHINES:
+            raise UsageError(f"--tpu={o.tpu}: choose one of {', '.join(TPU_MACHINES)}")
+        if o.accelerator or o.accelerator_count:
+            raise UsageError(f"--tpu={o.tpu} takes no --accelerator/--accelerator_count: "
+                             "the TPU machine type names its chips")
     for pool in pools:
         machine = pool.setdefault("machineSpec", {})
         if o.machine_type:
@@ -207,13 +242,13 @@ def apply_overrides(body: dict[str, Any], o: Overrides) -> dict[str, Any]:
         if o.tpu:
             machine.pop("acceleratorType", None)
             machine.pop("acceleratorCount", None)
-            machine.update(machineType=TPU_MACHINES[o.tpu], tpuTopology=o.tpu_topology)
-        package = pool.setdefault("pythonPackageSpec", {})
-        package["packageUris"] = [o.package_uri]
-        package["pythonModule"] = "trainer.task"
-        package["args"] = list(o.args)
-        image = o.executor_image or (IMAGES["tpu"] if o.tpu else package.get("executorImageUri", ""))
-        package["executorImageUri"] = image.replace("MY_PROJECT", o.project or "MY_PROJECT")
+            machine_type, topology = TPU_MACHINES[o.tpu]
+            machine.update(machineType=machine_type, tpuTopology=topology)
+        container = pool.setdefault("containerSpec", {})
+        image = o.image or (TPU_IMAGE if o.tpu else container.get("imageUri") or IMAGE)
+        container.update(imageUri=image.replace("MY_PROJECT", o.project or "MY_PROJECT"),
+                         command=list(TRAINER_COMMAND), args=list(o.args))
+    check_single_tpu_host(pools, o)
     spec["workerPoolSpecs"] = pools
     spec["baseOutputDirectory"] = {"outputUriPrefix": o.base_output_dir}
     if o.spot:
@@ -225,45 +260,23 @@ def apply_overrides(body: dict[str, Any], o: Overrides) -> dict[str, Any]:
             raise UsageError(f"--tensorboard={o.tensorboard}: give the resource name "
                              "projects/P/locations/R/tensorboards/ID (gcloud ai tensorboards list)")
         spec["tensorboard"] = o.tensorboard
+    if spec.get("tensorboard") and not spec.get("serviceAccount"):
+        # Vertex uploads to a TensorBoard instance only as an attached service account.
+        raise UsageError("--tensorboard needs --service_account=SA@PROJECT.iam.gserviceaccount.com "
+                         "(Vertex TensorBoard uploads as that account; docs/cloud.md, TensorBoard)")
     return spec
 
 
-# --- packaging ---------------------------------------------------------------------------------
-
-def build_sdist(out_dir: str, root: Path = REPO_ROOT) -> Path:
-    """Builds this checkout's sdist into out_dir (the package Vertex pip-installs)."""
-    if not (root / "setup.py").exists():
-        raise UsageError(f"{root}/setup.py not found: run trainer.submit from a verne checkout")
-    result = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "--dist-dir", out_dir],
-                            cwd=root, capture_output=True, text=True)
-    if result.returncode:
-        raise UsageError(f"python setup.py sdist failed in {root}: {result.stderr.strip()[-300:]}")
-    built = sorted(Path(out_dir).glob(f"{PACKAGE_NAME}-*.tar.gz"))
-    if len(built) != 1:
-        raise UsageError(f"python setup.py sdist left {len(built)} archives in {out_dir}, expected 1")
-    return built[0]
-
-
-def package_uri(sdist: Path, staging_bucket: str) -> str:
-    """gs:// name of the staged sdist, keyed by content: a rerun never replaces the package of a
-    job that is still starting, and an unchanged checkout uploads nothing new."""
-    digest = hashlib.sha256()
-    # The files, not the archive: gzip and tar stamp build times into the bytes.
-    with tarfile.open(sdist) as archive:
-        for member in sorted(archive.getmembers(), key=lambda m: m.name):
-            content = archive.extractfile(member) if member.isfile() else None
-            digest.update(member.name.encode() + b"\0" + (content.read() if content else b"") + b"\0")
-    stem = sdist.name.removesuffix(".tar.gz")
-    return f"{staging_bucket.rstrip('/')}/packages/{stem}-{digest.hexdigest()[:12]}.tar.gz"
-
-
-def upload(sdist: Path, uri: str, client: Any) -> None:
-    """Uploads `sdist` to `uri` with google-cloud-storage unless that exact object is there."""
-    bucket_name, _, blob_name = uri.removeprefix("gs://").partition("/")
-    blob = client.bucket(bucket_name).blob(blob_name)
-    if blob.exists():
-        return
-    blob.upload_from_filename(str(sdist), content_type="application/gzip")
+def check_single_tpu_host(pools: Sequence[dict[str, Any]], o: Overrides) -> None:
+    """A TPU job runs on one TPU VM: more replicas would each start their own TPUStrategy and
+    train separate copies that overwrite each other's checkpoints."""
+    tpu_pools = [p for p in pools if p.get("machineSpec", {}).get("tpuTopology")]
+    replicas = sum(int(p.get("replicaCount", 1)) for p in pools)
+    if tpu_pools and replicas > 1:
+        flag = f"--tpu={o.tpu} with --replicas={o.replicas}" if o.tpu and o.replicas else (
+            f"a TPU machine in {replicas} replicas")
+        raise UsageError(f"{flag}: verne trains on one TPU VM (multi-host TPU slices are not "
+                         "supported); use one replica, or GPUs for several machines")
 
 
 # --- requests ----------------------------------------------------------------------------------
@@ -350,20 +363,38 @@ def check_carried(sent_spec: Any, wanted_spec: Any, source: str) -> None:
                          "remove them or use gcloud ai custom-jobs create --config")
 
 
-def request_json(parent: str, resource: Any) -> str:
-    body = json.loads(type(resource).to_json(resource, use_integers_for_enums=False,
+def request_body(resource: Any) -> dict[str, Any]:
+    """A job resource as the REST API's camelCase JSON, only the fields that are set."""
+    return json.loads(type(resource).to_json(resource, use_integers_for_enums=False,
                                              always_print_fields_with_no_presence=False))
+
+
+def request_json(parent: str, resource: Any) -> str:
+    body = request_body(resource)
     kind = "customJob" if "jobSpec" in body else "hyperparameterTuningJob"
     return json.dumps({"parent": parent, kind: body}, indent=1)
 
 
-def gcloud_command(spec_body: dict[str, Any], project: str, region: str, display_name: str,
-                   spec_file: str = "verne-job.yaml") -> str:
-    """Shell lines that make the same job with gcloud (the spec written next to it)."""
-    text = yaml.safe_dump(spec_body, sort_keys=False)
-    create = shlex.join(["gcloud", "ai", "custom-jobs", "create", f"--project={project}",
-                         f"--region={region}", f"--display-name={display_name}", f"--config={spec_file}"])
+def gcloud_command(config_body: dict[str, Any], project: str, region: str, display_name: str,
+                   tune: bool = False) -> str:
+    """Shell lines that make the same job with gcloud, its --config written by a here-document:
+    a CustomJobSpec for custom-jobs, the HyperparameterTuningJob itself for hp-tuning-jobs."""
+    group, spec_file = ("hp-tuning-jobs", "verne-tuning.yaml") if tune else (
+        "custom-jobs", "verne-job.yaml")
+    text = yaml.safe_dump(config_body, sort_keys=False)
+    create = shlex.join(["gcloud", "ai", group, "create", f"--project={project}",
+                         f"--region={region}", f"--display-name={display_name}",
+                         f"--config={spec_file}"])
     return f"cat > {spec_file} <<'EOF'\n{text}EOF\n{create}\n"
+
+
+def gcloud_config(prepared: Prepared) -> dict[str, Any]:
+    """What gcloud's --config takes for the prepared job (--display-name is given apart)."""
+    if "trialJobSpec" not in (body := request_body(prepared.request)):
+        return prepared.spec_body
+    # The trial spec as built (plain numbers), not as JSON-encoded (int64s become strings).
+    return {**{key: value for key, value in body.items() if key != "displayName"},
+            "trialJobSpec": prepared.spec_body}
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -374,18 +405,20 @@ def _define_flags() -> None:
     flags.DEFINE_boolean("check_config", False, "Only check --config and all its variants, then exit.")
     flags.DEFINE_string("project", None, "Google Cloud project id.")
     flags.DEFINE_string("region", None, "Vertex AI region, e.g. us-central1.")
-    flags.DEFINE_string("staging_bucket", None, "gs:// prefix where the sdist and job outputs go.")
+    flags.DEFINE_string("staging_bucket", None,
+                        "gs:// prefix for the SDK and for job outputs when --job-dir names none.")
     flags.DEFINE_string("display_name", None, "Job name in the console (default: verne-%JOB%).")
+    flags.DEFINE_string("image", None, "Container image with verne installed (default: the config's; "
+                        f"with --tpu {TPU_IMAGE}).")
     flags.DEFINE_string("machine_type", None, "e.g. n1-standard-8, a2-highgpu-1g, g2-standard-8.")
     flags.DEFINE_string("accelerator", None, "e.g. NVIDIA_TESLA_T4, NVIDIA_L4, NVIDIA_TESLA_A100.")
     flags.DEFINE_integer("accelerator_count", None, "Accelerators per machine.")
     flags.DEFINE_integer("replicas", None, "Machines in total (more than 1: multi-worker training).")
-    flags.DEFINE_string("tpu", None, f"Train on a TPU VM: {', '.join(TPU_MACHINES)}.")
-    flags.DEFINE_string("tpu_topology", "2x2", "TPU slice topology (v5e 4 chips: 2x2).")
-    flags.DEFINE_string("executor_image", None, "Prebuilt training image (default: config's).")
+    flags.DEFINE_string("tpu", None, f"Train on one TPU VM: {', '.join(TPU_MACHINES)}.")
     flags.DEFINE_boolean("spot", False, "Use Spot VMs (cheaper; preempted jobs restart and resume).")
     flags.DEFINE_string("service_account", None, "Service account the job runs as.")
-    flags.DEFINE_string("tensorboard", None, "Vertex TensorBoard: projects/P/locations/R/tensorboards/ID.")
+    flags.DEFINE_string("tensorboard", None, "Vertex TensorBoard: projects/P/locations/R/tensorboards/ID "
+                        "(needs --service_account).")
     flags.DEFINE_boolean("dry_run", False, "Print the request and the gcloud command; send nothing.")
     flags.DEFINE_boolean("tune", False, "Hyperparameter tuning over trainer.tuning.SEARCH_SPACE.")
     flags.DEFINE_integer("max_trials", 12, "--tune: trials in total.")
@@ -415,10 +448,15 @@ def _require(name: str, value: str | None) -> str:
 
 
 def plan(trainer_args: Sequence[str], config_args: Sequence[str], tune: bool,
-         read_metadata: Callable[[str, str], Any]) -> tuple[list[str], HParams]:
-    """The trainer's final args and the hparams they make, %JOB% resolved unless tuning (trials
-    change the model's shape, so each trial's trainer names its own dir)."""
+         read_metadata: Callable[[str, str], Any], study: str = "") -> tuple[list[str], HParams]:
+    """The trainer's final args and the hparams they make. %JOB% is resolved unless tuning (trials
+    change the model's shape, so each trial's trainer names its own dir); a tuning study's job
+    and summary dirs get `/<study>` so no trial resumes another study's checkpoints."""
     args = list(trainer_args or config_args)
+    if tune:
+        if not study:
+            raise ValueError("tuning needs a study id")
+        args = map_job_dirs(args, lambda value: f"{value.rstrip('/')}/{study}")
     hparams = trainer_hparams(args)
     if tune or JOB_PLACEHOLDER not in hparams.job_dir + hparams.summary_dir:
         return args, hparams
@@ -436,13 +474,12 @@ class SubmitOptions:
     config: str = "config.yaml"
     variant: str = ""
     display_name: str = ""
+    image: str = ""
     machine_type: str = ""
     accelerator: str = ""
     accelerator_count: int = 0
     replicas: int = 0
     tpu: str = ""
-    tpu_topology: str = "2x2"
-    executor_image: str = ""
     spot: bool = False
     service_account: str = ""
     tensorboard: str = ""
@@ -458,17 +495,15 @@ class Prepared:
     spec_body: dict[str, Any]
     display_name: str
     base_output_dir: str
-    sdist: Path
-    package_uri: str
     parent: str
     request: Any
     make_target: Callable[[Any], Any]
     launch: Callable[[Any], None]
 
 
-def prepare(o: SubmitOptions, trainer_args: Sequence[str], out_dir: str,
-            read_metadata: Callable[[str, str], Any]) -> Prepared:
-    """Builds the sdist into out_dir and the job, and records the request the SDK would send."""
+def prepare(o: SubmitOptions, trainer_args: Sequence[str], read_metadata: Callable[[str, str], Any],
+            now: datetime.datetime | None = None) -> Prepared:
+    """Builds the job and records the request the SDK would send; `now` names a tuning study."""
     from google.auth.credentials import AnonymousCredentials
 
     from trainer import tuning
@@ -481,25 +516,24 @@ def prepare(o: SubmitOptions, trainer_args: Sequence[str], out_dir: str,
     config_path = Path(o.config)
     source = f"{config_path}" + (f" (variant {o.variant})" if o.variant else "")
     body = load_config(_read_config(config_path), str(config_path), o.variant or None)
-    config_args = body["workerPoolSpecs"][0].get("pythonPackageSpec", {}).get("args", [])
-    args, hparams = plan(trainer_args, config_args, o.tune, read_metadata)
+    config_args = body["workerPoolSpecs"][0].get("containerSpec", {}).get("args", [])
+    study = study_id(now or datetime.datetime.now(datetime.UTC)) if o.tune else ""
+    args, hparams = plan(trainer_args, config_args, o.tune, read_metadata, study)
     if o.tensorboard and hparams.summary_dir:
         raise UsageError("--tensorboard uploads only AIP_TENSORBOARD_LOG_DIR: drop --summary_dir "
                          "from the trainer flags (the trainer then writes there)")
     job_dir_known = bool(hparams.job_dir) and JOB_PLACEHOLDER not in hparams.job_dir
-    default_name = hparams.job_dir.rstrip("/").split("/")[-1] if job_dir_known else (
+    default_name = hparams.job_dir.rstrip("/").split("/")[-1] if job_dir_known and not o.tune else (
         "tuning" if o.tune else "train")
     display_name = o.display_name or f"verne-{default_name}"
     # Vertex's AIP_* dirs land inside the job dir (model/, logs/), next to the checkpoints.
-    base_output_dir = hparams.job_dir if job_dir_known else f"{staging}/jobs/{display_name}"
-
-    sdist = build_sdist(out_dir)
-    uri = package_uri(sdist, staging)
+    base_output_dir = hparams.job_dir if job_dir_known else "/".join(
+        filter(None, [f"{staging}/jobs/{display_name}", study]))
     overrides = Overrides(
-        package_uri=uri, args=tuple(args), base_output_dir=base_output_dir,
-        machine_type=o.machine_type, accelerator=o.accelerator, accelerator_count=o.accelerator_count,
-        replicas=o.replicas, tpu=o.tpu, tpu_topology=o.tpu_topology, executor_image=o.executor_image,
-        spot=o.spot, service_account=o.service_account, tensorboard=o.tensorboard, project=o.project)
+        args=tuple(args), base_output_dir=base_output_dir, machine_type=o.machine_type,
+        accelerator=o.accelerator, accelerator_count=o.accelerator_count, replicas=o.replicas,
+        tpu=o.tpu, image=o.image, spot=o.spot, service_account=o.service_account,
+        tensorboard=o.tensorboard, project=o.project)
     spec_body = apply_overrides(body, overrides)
     spec = parse_spec(spec_body, f"{source} with the command line's flags")
     kwargs = submit_kwargs(spec)
@@ -522,17 +556,62 @@ def prepare(o: SubmitOptions, trainer_args: Sequence[str], out_dir: str,
     # The SDK's own code path, recorded offline: what --dry_run prints is what gets sent.
     parent, request = record_request(make_target(AnonymousCredentials()), launch)
     check_carried(request.trial_job_spec if o.tune else request.job_spec, spec, source)
-    return Prepared(spec_body, display_name, base_output_dir, sdist, uri, parent, request,
-                    make_target, launch)
+    return Prepared(spec_body, display_name, base_output_dir, parent, request, make_target, launch)
 
 
-def submit(prepared: Prepared, storage_client: Any, credentials: Any = None) -> Any:
-    """Stages the sdist and creates the job for real; returns the SDK job object."""
-    upload(prepared.sdist, prepared.package_uri, storage_client)
-    print(f"staged {prepared.package_uri}", flush=True)
+@contextlib.contextmanager
+def google_errors(project: str) -> Iterator[None]:
+    """Turns what Google's clients raise for a fixable set-up problem (no or stale credentials,
+    no permission, a missing bucket or project) into one UsageError line with the fix."""
+    from google.api_core import exceptions as api
+    from google.auth import exceptions as auth
+
+    login = "run `gcloud auth application-default login`"
+    try:
+        yield
+    except auth.DefaultCredentialsError:
+        raise UsageError(f"no Google Cloud credentials: {login} (or set "
+                         "GOOGLE_APPLICATION_CREDENTIALS to a key file)") from None
+    except auth.RefreshError as err:
+        raise UsageError(f"the credentials were refused ({_first_line(err)}): {login} again") from None
+    except api.Forbidden as err:
+        raise UsageError(f"permission denied ({_first_line(err)}): the account needs "
+                         f"roles/aiplatform.user and access to the bucket in project {project}, "
+                         "and the Vertex AI API enabled (docs/cloud.md, step 1)") from None
+    except api.NotFound as err:
+        raise UsageError(f"not found ({_first_line(err)}): check --project={project}, --region "
+                         "and the image name") from None
+    except api.GoogleAPICallError as err:
+        raise UsageError(f"Google Cloud refused the request: {_first_line(err)}") from None
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:300]
+
+
+def check_bucket(uri: str, storage_client: Any, region: str) -> None:
+    """The job writes under `uri`; a missing bucket would fail it only after the machines start."""
+    bucket = uri.removeprefix("gs://").split("/", 1)[0]
+    if storage_client.lookup_bucket(bucket) is None:
+        raise UsageError(f"gs://{bucket} does not exist: create it with "
+                         f"`gcloud storage buckets create gs://{bucket} --location={region}`")
+
+
+def submit(prepared: Prepared, storage_client: Any, region: str, credentials: Any = None) -> Any:
+    """Checks the output bucket and creates the job for real; returns the SDK job object."""
+    check_bucket(prepared.base_output_dir, storage_client, region)
     target = prepared.make_target(credentials)  # None: application-default credentials
     prepared.launch(target)
     return target
+
+
+def submit_with_default_credentials(prepared: Prepared, project: str, region: str) -> Any:
+    """`submit` with the application-default credentials, set-up problems as one-line errors."""
+    from google.cloud import storage
+
+    with google_errors(project):
+        return submit(prepared, storage.Client(project=project), region)
 
 
 def options_from_flags(values: flags.FlagValues) -> SubmitOptions:
@@ -553,18 +632,14 @@ def main(argv: list[str]) -> None:
         print(f"{flags.FLAGS.config}: the spec and variants {', '.join(n for n in names if n)} parse")
         return
     options = options_from_flags(flags.FLAGS)
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = prepare(options, argv[1:], tmp, _read_metadata)
-        if flags.FLAGS.dry_run:
-            print(request_json(prepared.parent, prepared.request))
-            if not options.tune:
-                command = gcloud_command(prepared.spec_body, options.project, options.region,
-                                         prepared.display_name)
-                print("\n# The same job with gcloud:\n" + command)
-            return
-        from google.cloud import storage
-
-        target = submit(prepared, storage.Client(project=options.project))
+    prepared = prepare(options, argv[1:], _read_metadata)
+    if flags.FLAGS.dry_run:
+        print(request_json(prepared.parent, prepared.request))
+        command = gcloud_command(gcloud_config(prepared), options.project, options.region,
+                                 prepared.display_name, tune=options.tune)
+        print("\n# The same job with gcloud:\n" + command)
+        return
+    target = submit_with_default_credentials(prepared, options.project, options.region)
     print(f"created {target.resource_name}\njob dir: {prepared.base_output_dir}")
 
 

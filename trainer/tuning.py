@@ -3,10 +3,12 @@
 `python -m trainer.submit --tune ... -- TRAINER FLAGS` wraps the usual CustomJob in a
 HyperparameterTuningJob. Vertex runs each trial as that job with `--NAME=VALUE` appended for
 every parameter below (absl keeps the last value of a repeated flag, so these win over the
-config's args). Each trial trains in its own job dir: the trainer appends the trial id to
---job-dir (trainer.cloud_env), and %JOB% is resolved per trial because the state size changes
-the model's shape. After each evaluation the trainer reports `valid_loss`
-(trainer.cloud_env.report_metric, through cloudml-hypertune); Vertex minimises it.
+config's args). Each trial trains in its own job dir: trainer.submit appends a study id (the
+submission time) to --job-dir, the trainer appends the trial id (trainer.cloud_env), and %JOB%
+is resolved per trial because the state size changes the model's shape. Trial ids restart at 1
+in every study, so the study id is what keeps a new study from resuming an old one's trials.
+After each evaluation the trainer reports `valid_loss` (trainer.cloud_env.report_metric, through
+cloudml-hypertune); Vertex minimises it.
 """
 
 from __future__ import annotations
