@@ -28,10 +28,20 @@ def preprocess(corpus: str, data_prefix: str, tokenizer: str, preprocess_args: l
 
 def train(dataset: Input[Dataset], cell: str, layers: int, lstm_state_size: int,
           embedding_size: int, unroll_steps: int, batch_size: int, epochs: int, max_steps: int,
-          learning_rate: float, seed: int, hparams: dict, model: Output[Model]):
-    """Trains a model whose job dir is the `model` artifact (trainer.runner.train)."""
+          learning_rate: float, seed: int, hparams: dict, train_cpu_limit: str,
+          train_memory_limit: str, train_accelerator_type: str, train_accelerator_limit: int,
+          accelerated: bool, model: Output[Model]):
+    """Trains a model whose job dir is the `model` artifact (trainer.runner.train).
+
+    The machine's parameters are here only to be checked: a run that asks for an accelerator
+    from a spec compiled without one fails with a reason instead of training on CPUs. (Not
+    named cpu_limit, accelerator_type, …: the KFP compiler adds task inputs of those names for
+    the resource placeholders, and they would overwrite ours.)
+    """
     from pipelines import steps
 
+    steps.check_run_machine(train_cpu_limit, train_memory_limit, train_accelerator_type,
+                            train_accelerator_limit, accelerated)
     values = dict(hparams, cell=cell, layers=layers, lstm_state_size=lstm_state_size,
                   embedding_size=embedding_size, unroll_steps=unroll_steps, batch_size=batch_size,
                   epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, seed=seed)

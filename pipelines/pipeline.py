@@ -1,8 +1,9 @@
 """The one pipeline factory: preprocess → train → evaluate → (quality gate) → sample + publish.
 
-`create_pipeline(...)` takes what must be fixed when the pipeline is compiled (the image, the
-train step's machine, which metric the gate reads); everything a user changes from run to run
-is a pipeline parameter. The local runner (kfp.local) and the Vertex AI runner use the same
+`create_pipeline(...)` takes what must be fixed when the pipeline is compiled (the image, whether
+the train step asks for an accelerator, which metric the gate reads); everything a user changes
+from run to run is a pipeline parameter, the train step's CPUs, memory and accelerator type and
+count included. The local runner (kfp.local) and the Vertex AI runner use the same
 pipeline and differ only in where things go (pipelines/run.py).
 
 No `from __future__ import annotations` here: KFP reads the pipeline's annotations as live types.
@@ -14,7 +15,7 @@ from typing import Any
 from kfp import dsl
 
 from pipelines.components import Components, build_components
-from pipelines.steps import GATE_METRICS
+from pipelines.steps import DEFAULT_CPU_LIMIT, DEFAULT_MEMORY_LIMIT, GATE_METRICS, check_machine
 from trainer.hparams import HParams
 
 PIPELINE_NAME = "verne-train"
@@ -24,33 +25,43 @@ _DEFAULTS = HParams()
 
 @dataclasses.dataclass(frozen=True)
 class Resources:
-    """Machine for the train step on Vertex AI (kfp.local ignores it). Empty means the default.
+    """The train step's machine on Vertex AI (kfp.local ignores it).
 
-    accelerator_type takes Vertex's names, e.g. NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V5_LITEPOD.
+    Each value is the default of a pipeline parameter (train_cpu_limit, train_memory_limit,
+    train_accelerator_type, train_accelerator_limit), so one compiled spec serves runs on
+    different machines. Whether the spec asks for an accelerator at all is fixed when compiling,
+    by a non-empty accelerator_type: KFP cannot leave an accelerator out at run time (an empty
+    type is not a documented Vertex AI value, and choosing between two train tasks with
+    dsl.If + dsl.OneOf does not run under kfp.local 2.17). accelerator_type takes Vertex's names,
+    e.g. NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V5_LITEPOD.
     """
 
-    cpu_limit: str = ""
-    memory_limit: str = ""
+    cpu_limit: str = DEFAULT_CPU_LIMIT
+    memory_limit: str = DEFAULT_MEMORY_LIMIT
     accelerator_type: str = ""
     accelerator_limit: int = 0
 
+    @property
+    def accelerated(self) -> bool:
+        return bool(self.accelerator_type)
+
     def validate(self) -> "Resources":
-        if self.accelerator_limit < 0:
-            raise ValueError(f"--train_accelerator_limit={self.accelerator_limit}: must be ≥ 0")
-        if self.accelerator_limit and not self.accelerator_type:
-            raise ValueError("--train_accelerator_limit needs --train_accelerator_type "
-                             "(e.g. NVIDIA_TESLA_T4)")
-        return self
+        """Checked, with the count a type implies (one accelerator unless told otherwise)."""
+        limit = self.accelerator_limit or (1 if self.accelerated else 0)
+        resources = dataclasses.replace(self, accelerator_limit=limit)
+        check_machine(resources.cpu_limit, resources.memory_limit, resources.accelerator_type,
+                      resources.accelerator_limit, accelerated=resources.accelerated)
+        return resources
 
 
-def apply_resources(task: dsl.PipelineTask, resources: Resources) -> dsl.PipelineTask:
-    if resources.cpu_limit:
-        task.set_cpu_limit(resources.cpu_limit)
-    if resources.memory_limit:
-        task.set_memory_limit(resources.memory_limit)
-    if resources.accelerator_type:
-        task.set_accelerator_type(resources.accelerator_type)
-        task.set_accelerator_limit(resources.accelerator_limit or 1)
+def apply_resources(task: dsl.PipelineTask, machine: dict[str, Any],
+                    accelerated: bool) -> dsl.PipelineTask:
+    """Asks for the machine through the pipeline parameters in `machine`, so a run may change it."""
+    task.set_cpu_limit(machine["train_cpu_limit"])
+    task.set_memory_limit(machine["train_memory_limit"])
+    if accelerated:
+        task.set_accelerator_type(machine["train_accelerator_type"])
+        task.set_accelerator_limit(machine["train_accelerator_limit"])
     return task
 
 
@@ -77,7 +88,7 @@ def create_pipeline(image: str = DEFAULT_IMAGE, resources: Resources = Resources
     """Returns the pipeline function (compile it, run it under kfp.local, or submit it)."""
     if gate_metric not in GATE_METRICS:
         raise ValueError(f"--gate_metric={gate_metric!r}: choose one of {', '.join(GATE_METRICS)}")
-    resources.validate()
+    resources = resources.validate()
     components = build_components(image)
 
     @dsl.pipeline(name=name, description="verne: preprocess → train → evaluate → sample/publish")
@@ -105,14 +116,23 @@ def create_pipeline(image: str = DEFAULT_IMAGE, resources: Resources = Resources
         temperature: float = 0.8,
         prime: str = "",
         seed: int = 1,
+        train_cpu_limit: str = resources.cpu_limit,
+        train_memory_limit: str = resources.memory_limit,
+        train_accelerator_type: str = resources.accelerator_type,
+        train_accelerator_limit: int = resources.accelerator_limit,
     ):
         data = components.preprocess(corpus=corpus, data_prefix=data_prefix, tokenizer=tokenizer,
                                      preprocess_args=preprocess_args)
+        machine = {"train_cpu_limit": train_cpu_limit, "train_memory_limit": train_memory_limit,
+                   "train_accelerator_type": train_accelerator_type,
+                   "train_accelerator_limit": train_accelerator_limit}
+        # The step gets its machine's parameters too, to refuse one the spec cannot give it.
         training = apply_resources(components.train(
             dataset=data.outputs["dataset"], cell=cell, layers=layers,
             lstm_state_size=lstm_state_size, embedding_size=embedding_size,
             unroll_steps=unroll_steps, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
-            learning_rate=learning_rate, seed=seed, hparams=hparams), resources)
+            learning_rate=learning_rate, seed=seed, hparams=hparams, **machine,
+            accelerated=resources.accelerated), machine, resources.accelerated)
         model = training.outputs["model"]
         evaluation = components.evaluate(model=model, split=eval_split, best=eval_best)
         sample_args = {"num_samples": num_samples, "length": sample_length,

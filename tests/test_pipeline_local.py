@@ -1,7 +1,9 @@
 """The whole pipeline run by kfp.local on a tiny corpus, and both branches of its quality gate.
 
-One run of preprocess → train (a few steps) → evaluate → sample + publish, shared by the tests
-of this module; each step is a subprocess that pays a TensorFlow import.
+Two runs of the real pipeline, shared by the tests of this module: preprocess → train (a few
+steps) → evaluate → sample + publish with a threshold every model passes, and preprocess → train
+→ evaluate → not-published with one nothing passes. Each step is a subprocess that pays a
+TensorFlow import, so there are no more runs than that.
 """
 
 from __future__ import annotations
@@ -39,9 +41,8 @@ def artifacts_by_task(run_dir: str) -> dict[str, run.LocalArtifact]:
     return {f"{a.task}/{a.name}": a for a in run.local_artifacts(run_dir)}
 
 
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    base = tmp_path_factory.mktemp("pipeline")
+def run_pipeline(base: Path, quality_threshold: float, *argv: str) -> dict[str, Any]:
+    """One local run of the full pipeline on the tiny book; its root, run dir and printout."""
     (base / "books").mkdir()
     (base / "books" / "play.txt").write_text(BOOK, encoding="utf-8")
     root = base / "root"
@@ -50,11 +51,30 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         run.main(["pipelines.run", "--local", "--pipeline_root", str(root),
                   "--corpus", str(base / "books" / "*.txt"), "--data_prefix", "play",
                   "--preprocess_arg=--valid_fraction=0.1", "--preprocess_arg=--test_fraction=0.1",
-                  *TINY_MODEL, "--quality_threshold", "1000", "--num_samples", "2",
-                  "--generate_length", "30", "--prime", "ROMEO."])
+                  *TINY_MODEL, "--quality_threshold", str(quality_threshold), *argv])
     runs = [p for p in root.iterdir() if p.name.startswith("verne-train-")]
     assert len(runs) == 1
     return {"root": root, "run_dir": str(runs[0]), "printed": printed.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_pipeline(tmp_path_factory.mktemp("pipeline"), 1000, "--num_samples", "2",
+                        "--generate_length", "30", "--prime", "ROMEO.")
+
+
+@pytest.fixture(scope="module")
+def failing_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    # No model gets below 0.5 bits per character after three steps.
+    return run_pipeline(tmp_path_factory.mktemp("failing"), 0.5)
+
+
+def summary_tags(directory: Path) -> set[str]:
+    import tensorflow as tf
+
+    return {value.tag for path in directory.rglob("events.out.tfevents.*")
+            for event in tf.compat.v1.train.summary_iterator(str(path))
+            for value in event.summary.value}
 
 
 def test_every_step_leaves_its_artifact(local_run: dict[str, Any]) -> None:
@@ -94,6 +114,18 @@ def test_metrics_are_what_trainer_evaluate_gives(local_run: dict[str, Any]) -> N
     assert logged["tokens"] == expected["tokens"]
 
 
+def test_evaluation_leaves_the_trained_model_as_it_was(local_run: dict[str, Any]) -> None:
+    # The model is the train step's artifact: evaluate reads it, and its scores live in its own
+    # Metrics artifact only (trainer.evaluate would otherwise add eval-test.json and test/ scalars).
+    found = artifacts_by_task(local_run["run_dir"])
+    job_dir = Path(found["train/model"].uri)
+    assert not list(job_dir.rglob("eval-*.json"))
+    tags = summary_tags(job_dir)
+    assert tags, "training wrote no TensorBoard summaries to look at"
+    assert not [tag for tag in tags if tag.startswith("test")]
+    assert found["evaluate/metrics"].metadata["split"] == "test"
+
+
 def test_a_model_that_passes_the_gate_is_published(local_run: dict[str, Any]) -> None:
     found = artifacts_by_task(local_run["run_dir"])
     published = Path(found["publish/published"].uri)
@@ -117,10 +149,24 @@ def test_a_model_that_passes_the_gate_is_published(local_run: dict[str, Any]) ->
     assert len(texts) == 2 and all(text.startswith("ROMEO.") for text in texts)
 
 
-def test_a_model_that_fails_the_gate_is_not_published(local_run: dict[str, Any],
-                                                      tmp_path: Path) -> None:
-    # The same gate as the full pipeline (add_quality_gate), on the trained model, with a
-    # threshold nothing beats.
+def test_a_model_that_fails_the_gate_is_not_published(failing_run: dict[str, Any]) -> None:
+    found = artifacts_by_task(failing_run["run_dir"])
+    assert set(found) == {"preprocess/dataset", "train/model", "evaluate/metrics",
+                          "not-published/report"}
+    bpc = found["evaluate/metrics"].metadata["bpc"]
+    assert bpc >= 0.5
+    report = found["not-published/report"]
+    assert {k: v for k, v in report.metadata.items() if k != "display_name"} == {
+        "metric": "bpc", "value": bpc, "threshold": 0.5}
+    text = Path(report.uri).read_text()
+    assert "Not published" in text and f"{bpc:.6g}" in text and found["train/model"].uri in text
+    assert not (failing_run["root"] / "models").exists()
+    assert f"not-published/report: {report.uri}" in failing_run["printed"]
+
+
+def test_the_gate_alone_rejects_a_trained_model(local_run: dict[str, Any], tmp_path: Path) -> None:
+    # create_gate_pipeline: the same gate (add_quality_gate) on an existing job dir and scores,
+    # with a threshold nothing beats.
     found = artifacts_by_task(local_run["run_dir"])
     scores = found["evaluate/metrics"].metadata
     models = tmp_path / "models"
