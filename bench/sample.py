@@ -19,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from trainer.hparams import HParams  # noqa: E402
+from trainer.hparams import HParams, resolve_precision  # noqa: E402
 from trainer.models import build_model  # noqa: E402
 from trainer.sampling import Generator, SamplingOptions  # noqa: E402
 
@@ -55,11 +55,13 @@ def main() -> None:
     parser.add_argument("--state", type=int, default=512)
     parser.add_argument("--embedding", type=int, default=128)
     args = parser.parse_args()
-    hparams = HParams(language_model="char", vocab_size=VOCAB, layers=args.layers,
-                      lstm_state_size=args.state, embedding_size=args.embedding).validate()
+    # Resolved as trainer.task resolves it, so this measures what a default model samples at here.
+    hparams = resolve_precision(HParams(language_model="char", vocab_size=VOCAB, layers=args.layers,
+                                        lstm_state_size=args.state, embedding_size=args.embedding).validate())
     model = build_model(hparams)
     prime = [1, 2, 3]
-    print(f"model: {hparams.cell} {args.layers}x{args.state}, embedding {args.embedding}, vocab {VOCAB}; "
+    print(f"model: {hparams.cell} {args.layers}x{args.state} {hparams.precision}, "
+          f"embedding {args.embedding}, vocab {VOCAB}; "
           f"{args.length} new tokens after a {len(prime)}-token prime", flush=True)
 
     tf.get_logger().setLevel("ERROR")  # the naive loop's 16 traces are deliberate

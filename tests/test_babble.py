@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,8 +10,10 @@ from pathlib import Path
 import pytest
 from generation_job import MODEL, python_env, trained_job
 
+from trainer import checkpoints
 from trainer.babble import generate_from_job
 from trainer.errors import UsageError
+from trainer.hparams import HParams
 
 
 @pytest.fixture(scope="session")
@@ -43,11 +46,60 @@ def test_cli_streams_the_same_text_for_the_same_seed_from_either_job_dir(char_jo
     assert library == [concrete.stdout[:-1]]
 
 
-def test_cli_errors_are_one_line(root: Path) -> None:
+def test_cli_finds_a_job_dir_from_the_shape_flags_without_data_dir(char_job: str, tmp_path: Path) -> None:
+    # The issue's own command: no --data_dir, no --language_model; the job dir alone (copied
+    # away from its data) is enough.
+    shutil.copytree(char_job, tmp_path / "job" / Path(char_job).name)
+    shape = [f"--{name}={value}" for name, value in MODEL.items()]
+    result = babble("--job-dir", str(tmp_path / "job" / "%JOB%"), "--data_prefix", "tiny", *shape,
+                    "--prime", "All", "--length", "30", "--seed", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == generate_from_job(char_job, "All", 30, seed=4)[0] + "\n"
+
+
+def test_job_dir_resolution_without_data_names_what_it_tried(char_job: str, tmp_path: Path) -> None:
+    name = Path(char_job).name
+    hparams = HParams(job_dir=str(tmp_path / "job" / "%JOB%"), data_prefix="tiny", **MODEL)
+    with pytest.raises(UsageError, match="no trained job") as none:
+        checkpoints.resolve_job_dir(hparams)
+    for kind in ("char", "byte", "word"):
+        assert str(tmp_path / "job" / name.replace("-char", f"-{kind}")) in str(none.value)
+    shutil.copytree(char_job, tmp_path / "job" / name)
+    assert checkpoints.resolve_job_dir(hparams) == str(tmp_path / "job" / name)
+    shutil.copytree(char_job, tmp_path / "job" / name.replace("-char", "-word"))
+    with pytest.raises(UsageError, match="several trained jobs match.*--language_model=char or "
+                                         "--language_model=word"):
+        checkpoints.resolve_job_dir(hparams)
+    chosen = hparams.replace(language_model="char")
+    assert checkpoints.resolve_job_dir(chosen) == str(tmp_path / "job" / name)
+    with pytest.raises(UsageError, match="no trained job"):
+        checkpoints.resolve_job_dir(hparams.replace(language_model="byte"))
+
+
+def test_cli_errors_are_one_line(root: Path, tmp_path: Path) -> None:
     missing = babble("--job-dir", str(root / "no-such-job"), "--length", "5")
     assert missing.returncode == 1
     assert missing.stderr.strip().splitlines()[-1].startswith("error: --job-dir=")
     assert "Traceback" not in missing.stderr
+    unresolved = babble("--job-dir", str(tmp_path / "%JOB%"), "--data_prefix", "tiny", "--length", "5")
+    assert unresolved.returncode == 1 and "Traceback" not in unresolved.stderr
+    assert unresolved.stderr.strip().splitlines()[-1].startswith("error: --job-dir=")
+    assert "tiny-512-states-2-layers-byte" in unresolved.stderr
+    huge_seed = babble("--job-dir", str(root / "no-such-job"), "--seed", str(2**63))
+    assert huge_seed.returncode == 1 and "Traceback" not in huge_seed.stderr
+    assert huge_seed.stderr.strip().splitlines()[-1].startswith("error: --seed=9223372036854775808")
+
+
+def test_cli_ends_quietly_when_the_reader_goes_away(char_job: str) -> None:
+    # `babble | head -c 10`: more than a pipe buffer (64 KiB) is due, so some write must fail.
+    process = subprocess.Popen([sys.executable, "-m", "trainer.babble", "--job-dir", char_job,
+                                "--length", "100000", "--prime", "All"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=python_env())
+    assert process.stdout.read(10).startswith(b"All")
+    process.stdout.close()
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 1, stderr.decode()
+    assert b"Traceback" not in stderr and b"BrokenPipe" not in stderr, stderr.decode()
 
 
 def test_generate_from_job_batches_samples(char_job: str) -> None:

@@ -93,3 +93,15 @@ def test_data_module_error_for_a_missing_split(trained_job, tmp_path) -> None:
     _, data_dir = trained_job
     with pytest.raises(Exception, match="no valid shards"):
         data.shard_files(str(tmp_path), "tiny", "valid")
+
+
+def test_unroll_steps_is_honoured_and_a_too_long_one_names_the_fix(trained_job) -> None:
+    job_dir, _ = trained_job
+    assert evaluate(job_dir, split="test", unroll_steps=8, write=False)["unroll_steps"] == 8
+    test_tokens = json.loads(Path(job_dir, "metadata.json").read_text())["splits"]["test"]["tokens"]
+    done = subprocess.run([sys.executable, "-m", "trainer.evaluate", f"--job-dir={job_dir}",
+                           "--split=test", "--unroll_steps=5000"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    # The split is cut into one stream, so the longest window that fits is the split minus one.
+    assert done.stderr.strip().splitlines()[-1].endswith(f"use --unroll_steps <= {test_tokens - 1}")

@@ -1,5 +1,6 @@
 """Preemption: `python -m trainer.task` stopped mid-run by SIGTERM (a Spot VM's notice) or
-SIGKILL, then rerun with the same command, must end where an uninterrupted run ends.
+SIGKILL, then rerun with the same command, must end where an uninterrupted run ends; Ctrl-C
+(SIGINT) checkpoints and stops like SIGTERM.
 
 No timing: the trainer logs one line per step into a pipe shrunk to one page, and the test stops
 reading once it has seen step 12. The trainer then blocks on its own log within a few dozen
@@ -117,3 +118,19 @@ def test_sigterm_and_sigkill_resume_where_an_uninterrupted_run_ends(tmp_path: Pa
         assert (epoch, window) == divmod(step, per_epoch)  # the data position came back too
         _assert_no_partial_files(dirs[name])
         _assert_same_final_state(dirs[name], dirs["whole"])
+
+
+def test_ctrl_c_saves_where_it_stopped_and_the_rerun_resumes_there(tmp_path: Path, make_data_dir) -> None:
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    common = [f"--data_dir={data_dir}", f"--data_prefix={prefix}", *MODEL, f"--job-dir={tmp_path / 'job'}"]
+    run = _start(common)
+    output = _interrupt_after_step(run, 12, signal.SIGINT)
+    assert run.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    stopped = int(re.search(r"^SIGINT: saving a checkpoint at step (\d+) and stopping$", output,
+                            re.MULTILINE).group(1))
+    assert 12 <= stopped < MAX_STEPS
+    assert re.search(rf"^interrupted: step {stopped}, ", output, re.MULTILINE)
+    _assert_no_partial_files(tmp_path / "job")
+    rerun = _finish(_start([*common, f"--max_steps={stopped + 1}"]))
+    assert int(RESUMED.search(rerun).group(1)) == stopped

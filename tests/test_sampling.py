@@ -140,7 +140,16 @@ def test_streamed_text_equals_generated_text_for_bytes() -> None:
 
 
 @pytest.mark.parametrize("bad", [dict(sample_mode=3), dict(temperature=-1.0), dict(top_k=-1),
-                                 dict(top_p=0.0), dict(top_p=1.5)])
+                                 dict(top_p=0.0), dict(top_p=1.5), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")), dict(top_p=float("nan")),
+                                 dict(seed=-1), dict(seed=2**63), dict(top_k=2**31)])
 def test_options_are_validated(bad: dict) -> None:
-    with pytest.raises(ValueError, match="--"):
+    (name,) = bad
+    with pytest.raises(ValueError, match=f"--{name}="):
         SamplingOptions(**bad).validate()
+
+
+def test_the_largest_valid_seed_and_top_k_become_tensors() -> None:
+    options = SamplingOptions(seed=sampling.MAX_SEED, top_k=sampling.MAX_TOP_K).validate()
+    params = sampling.options_as_tensors(options)
+    assert int(params["seed"]) == 2**63 - 1 and int(params["top_k"]) == 2**31 - 1

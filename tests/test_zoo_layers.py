@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.hparams import HParams
+from trainer.hparams import LAYER_NORM_CELLS, HParams
 from trainer.models import build_model
 from trainer.models.mlstm import MLSTMLayer
 from trainer.models.mogrifier import MogrifierLayer
@@ -215,9 +215,11 @@ def test_transformer_window_limits_attention_to_max_context() -> None:
 def test_every_weight_reaches_the_checkpoint(cell: str, tmp_path) -> None:
     # Keras 3 lists and dicts are invisible to tf.train.Checkpoint: a layer kept only in one
     # would silently be missing from every checkpoint (and resume from fresh weights).
-    model = build_model(HParams(cell=cell, vocab_size=7, layers=2, lstm_state_size=4, embedding_size=3,
-                                d_model=4, heads=2, mogrify_rounds=3, mogrify_rank=2, layer_norm=True,
-                                weight_norm=cell == "mlstm", pos_encoding="learned"))
+    # Every optional weight on: layer norm where the cell has it (validate refuses it elsewhere).
+    hparams = HParams(cell=cell, vocab_size=7, layers=2, lstm_state_size=4, embedding_size=3, d_model=4,
+                      heads=2, mogrify_rounds=3, mogrify_rank=2, layer_norm=cell in LAYER_NORM_CELLS,
+                      weight_norm=cell == "mlstm", pos_encoding="learned").validate()
+    model = build_model(hparams)
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]
     assert len(saved) == len(model.weights)

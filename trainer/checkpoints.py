@@ -23,7 +23,7 @@ import tensorflow as tf
 from preprocessing import contract
 from trainer import data
 from trainer.errors import UsageError
-from trainer.hparams import HPARAMS_FILE, JOB_PLACEHOLDER, HParams, resolve_job_dirs
+from trainer.hparams import HPARAMS_FILE, JOB_PLACEHOLDER, LANGUAGE_MODELS, HParams, resolve_job_dirs
 from trainer.models import build_model
 from trainer.models.base import LanguageModel
 
@@ -87,12 +87,50 @@ def resolve_hparams(hparams: HParams, metadata: contract.Metadata) -> HParams:
 
 
 def resolve_job_dir(hparams: HParams) -> str:
-    """The concrete job dir for loaders: `%JOB%` is resolved from the flags and the data."""
+    """The concrete job dir for loaders (evaluate, babble, serve, export).
+
+    `%JOB%` is resolved from the shape flags and the language model: the data's when --data_dir
+    is given (as training resolved it), else --language_model, else whichever of char, byte and
+    word names a job dir that training wrote. A job dir outlives its data, so loaders must not
+    need the data just to find it.
+    """
     if not hparams.job_dir:
         raise UsageError("--job-dir is missing: give the job dir that training wrote")
     if JOB_PLACEHOLDER not in hparams.job_dir:
         return hparams.job_dir
-    return resolve_hparams(hparams, data.read_metadata(hparams.data_dir, hparams.data_prefix)).job_dir
+    if hparams.data_dir:
+        job_dir = resolve_hparams(hparams, data.read_metadata(hparams.data_dir, hparams.data_prefix)).job_dir
+        if not _is_trained_job(job_dir):
+            raise UsageError(f"--job-dir={job_dir}: no trained job there ({HPARAMS_FILE}); check the "
+                             "shape flags (--layers, --lstm_state_size, ...) or give the concrete job dir")
+        return job_dir
+    return _find_trained_job(hparams)
+
+
+def job_dir_candidates(hparams: HParams) -> list[tuple[str, str]]:
+    """(language model, job dir) for each language model `%JOB%` may stand for: the given
+    --language_model, or all of them."""
+    models = (hparams.language_model,) if hparams.language_model else LANGUAGE_MODELS
+    return [(lm, resolve_job_dirs(hparams.replace(language_model=lm)).job_dir) for lm in models]
+
+
+def _is_trained_job(job_dir: str) -> bool:
+    return tf.io.gfile.exists(join(job_dir, HPARAMS_FILE))
+
+
+def _find_trained_job(hparams: HParams) -> str:
+    candidates = job_dir_candidates(hparams)
+    found = [(lm, job_dir) for lm, job_dir in candidates if _is_trained_job(job_dir)]
+    if len(found) == 1:
+        return found[0][1]
+    if not found:
+        tried = ", ".join(job_dir for _, job_dir in candidates)
+        raise UsageError(f"--job-dir={hparams.job_dir}: no trained job ({HPARAMS_FILE}) at {tried}; "
+                         "check the shape flags (--layers, --lstm_state_size, ...) and --data_prefix, "
+                         "or give the concrete job dir")
+    choices = " or ".join(f"--language_model={lm}" for lm, _ in found)
+    raise UsageError(f"--job-dir={hparams.job_dir}: several trained jobs match "
+                     f"({', '.join(job_dir for _, job_dir in found)}); give {choices}")
 
 
 def checkpoint_path(job_dir: str, best: bool = False) -> str:

@@ -91,11 +91,17 @@ def layout_for(split_tokens: int, batch_size: int, unroll_steps: int, split: str
     row = split_tokens // (pieces * batch_size)
     per_chunk = (row - 1) // unroll_steps if row > 1 else 0
     if per_chunk <= 0:
-        most = max((split_tokens // batch_size) - 1, 0)
+        most = (split_tokens // batch_size) - 1
+        fixes = [f"--unroll_steps <= {most}"] if most >= 1 else []
+        fixes += ["a smaller --batch_size"] if batch_size > 1 else []
+        if not fixes:
+            more = f" (preprocessing.run --{split}_fraction)" if split != "train" else ""
+            fixes = [f"more {split} text{more}"]
+        fix = " or ".join(fixes)
         raise UsageError(
             f"--unroll_steps={unroll_steps} with --batch_size={batch_size} needs "
             f"{batch_size * (unroll_steps + 1)} {split} tokens, the {split} split has {split_tokens}; "
-            f"use --unroll_steps <= {most} or a smaller --batch_size")
+            f"use {fix}")
     chunk_tokens = batch_size * (per_chunk * unroll_steps + 1)
     return Layout(batch_size, unroll_steps, per_chunk, split_tokens // chunk_tokens)
 

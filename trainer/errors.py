@@ -32,6 +32,11 @@ def run_cli(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
             return main(argv)
         except (UsageError, ContractError) as err:
             fail(str(err))
+        except KeyboardInterrupt:
+            # Ctrl-C outside training (which checkpoints and exits by itself): stop without a
+            # traceback, with the shell's status for SIGINT.
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
 
     return wrapped
 

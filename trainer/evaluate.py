@@ -1,8 +1,11 @@
-"""`python -m trainer.evaluate --job-dir DIR [--split valid|test] [--best] [--eval_steps N]`.
+"""`python -m trainer.evaluate --job-dir DIR [--split valid|test] [--best] [--eval_steps N]
+[--batch_size B] [--unroll_steps T]`.
 
 Loss (nats/token), perplexity and bits per token over a whole split (or its first N windows),
 with the same stateful windows as training: the split cut into parallel streams, the state carried
-from window to window. Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to TensorBoard.
+from window to window. The job's --batch_size and --unroll_steps shape the windows unless given
+(a small split gets fewer streams). Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to
+TensorBoard.
 `--job-dir` may hold `%JOB%` (resolved from the other flags and the data, as in training) or name
 a concrete job dir (its hparams.json supplies the rest). `--data_dir` overrides the data location
 saved in the job dir, for data that moved. `--cache_pointer [--theta --lambda --window]` also
@@ -27,7 +30,8 @@ from trainer.summaries import Summaries, bits_name_for
 
 def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps: int = 0,
              data_dir: str | None = None, batch_size: int | None = None,
-             write: bool = True, pointer: cache_pointer.PointerConfig | None = None) -> dict[str, object]:
+             unroll_steps: int | None = None, write: bool = True,
+             pointer: cache_pointer.PointerConfig | None = None) -> dict[str, object]:
     """Evaluates the job's latest (or best) checkpoint on `split`; returns the metrics.
 
     eval_steps 0 means the whole split. The result is also written as JSON into the job dir
@@ -37,7 +41,8 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
         raise UsageError(f"--split={split}: choose one of {', '.join(contract.SPLITS)}")
     hparams, metadata, model = checkpoints.load_job(job_dir, best=best)
     hparams = hparams.replace(data_dir=data_dir or hparams.data_dir,
-                              batch_size=batch_size or hparams.batch_size)
+                              batch_size=batch_size or hparams.batch_size,
+                              unroll_steps=unroll_steps or hparams.unroll_steps)
     _check_same_vocabulary(hparams, metadata)
     layout = runner.eval_layout(metadata.splits[split].tokens, hparams, split)
     dataset = data.windows(data.shard_files(hparams.data_dir, hparams.data_prefix, split), layout)
@@ -121,6 +126,7 @@ def main(argv: list[str]) -> None:
                       eval_steps=hparams.eval_steps,
                       data_dir=hparams.data_dir if "data_dir" in given else None,
                       batch_size=hparams.batch_size if "batch_size" in given else None,
+                      unroll_steps=hparams.unroll_steps if "unroll_steps" in given else None,
                       pointer=_pointer_from_flags())
     print(describe(result), flush=True)
 

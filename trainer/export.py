@@ -3,18 +3,47 @@
     python -m trainer.export --job-dir job/NAME [--best] [--export_dir DIR]
 
 The SavedModel holds the weights, the vocabulary (string constants and a lookup table) and
-tokenization as TensorFlow ops, so it loads with plain `tf.saved_model.load` and no verne:
+tokenization as TensorFlow ops, so it loads with plain `tf.saved_model.load` and no verne.
+Every signature runs `trainer.sampling.generation_loop`, the code babble and serve run, so the
+same seed gives the same tokens.
 
-- `generate` (also `serving_default`): prime (string), length, temperature, top_k, top_p, seed,
-  sample_mode, num_samples, no_unk -> `text` [num_samples] (each the prime followed by the
-  generated text) and `tokens` [num_samples, length]. It runs `trainer.sampling.generation_loop`,
-  the code babble and serve run, so the same seed gives the same tokens.
-- `next_token_log_probs`: prime -> `log_probs` [V] for the token after the prime, `vocab` [V].
+- `serving_default` (for TF Serving and Vertex AI): every input is a vector with one value per
+  instance — prime (string), length, temperature, top_k, top_p, seed (int64), sample_mode,
+  no_unk (bool) — and the outputs are `text` [B] (each the prime followed by the generated
+  text) and `tokens` [B, max length] (-1 past a row's own length). Each instance is generated
+  alone with its own values, one after another: exactly what `generate` gives it with
+  num_samples 1. Every input is required (signatures have no defaults). A Vertex AI prediction
+  request (TF Serving's row format, each field stacked along the batch dimension)::
 
-Tokenization in TF: char primes are split into code points, byte primes into bytes, word primes
-with an RE2 translation of `preprocessing.tokenizers.WORD_PATTERN` (newlines normalised and
-case folded as the corpus was; Unicode NFC is not applied). Word output is spaced with regular
-expressions implementing the tokenizer's rules except the alternation of straight quotes.
+      {"instances": [
+        {"prime": "The ", "length": 200, "temperature": 0.8, "top_k": 0, "top_p": 1.0,
+         "seed": 7, "sample_mode": 1, "no_unk": false}]}
+
+  answers `{"predictions": [{"text": "The ...", "tokens": [...]}]}`. For more samples of one
+  prime, send more instances with other seeds.
+- `generate`: the same with scalar inputs plus num_samples, for Python (see
+  `generate_with_saved_model`) or TF Serving's columnar format (`{"inputs": {...}}`):
+  `text` [num_samples], `tokens` [num_samples, length].
+- `next_token_log_probs`: prime [B] -> `log_probs` [B, V] for the token after each prime, and
+  `vocab` [B, V] (the vocabulary, repeated per row because the row format splits every output
+  by instance); `{"signature_name": "next_token_log_probs", "instances": [{"prime": "The"}]}`.
+
+From Python, without verne::
+
+    loaded = tf.saved_model.load(export_dir)
+    out = loaded.signatures["serving_default"](
+        prime=tf.constant(["The "]), length=tf.constant([200]), temperature=tf.constant([0.8]),
+        top_k=tf.constant([0]), top_p=tf.constant([1.0]), seed=tf.constant([7], tf.int64),
+        sample_mode=tf.constant([1]), no_unk=tf.constant([False]))
+    out["text"][0].numpy().decode("utf-8")
+
+Tokenization in TF: newlines are normalised and case folded as the corpus was (Unicode NFC is
+not applied); char primes are split into code points, byte primes into bytes, word primes with
+an RE2 translation of `preprocessing.tokenizers.WORD_PATTERN` (or of `WHITESPACE_PATTERN` for
+data preprocessed with `--word_split whitespace`). Byte output that is not valid
+UTF-8 becomes U+FFFD. Word output is spaced with regular
+expressions implementing the tokenizer's rules except the alternation of straight quotes
+(whitespace-split models: single spaces between tokens, none around line breaks).
 Training writes one to JOB_DIR/export at its end (see trainer.runner).
 """
 
@@ -28,7 +57,6 @@ from absl import app, flags
 
 from preprocessing import contract
 from trainer import checkpoints
-from trainer.babble import find_job_dir
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.models.base import LanguageModel
@@ -36,12 +64,18 @@ from trainer.sampling import banned_logits, boundary_mask, default_prime, genera
 
 EXPORT_DIR = "export"
 BEST_EXPORT_DIR = "export-best"
+# serving_default's inputs, in order: each [None], one value per instance.
+ROW_INPUTS = (("prime", tf.string), ("length", tf.int32), ("temperature", tf.float32),
+              ("top_k", tf.int32), ("top_p", tf.float32), ("seed", tf.int64),
+              ("sample_mode", tf.int32), ("no_unk", tf.bool))
 
 # preprocessing.tokenizers.WORD_PATTERN in RE2: Python's Unicode \w, \d and \s become
 # explicit Unicode classes (RE2's shorthands are ASCII-only).
 _SPACE = r"\s\x0b\x1c-\x1f\x{85}\p{Z}"
 WORD_PATTERN_RE2 = (r"<unk>|<eos>|\n|\p{Nd}+(?:[.,:]\p{Nd}+)+|[\pL\pN]+(?:['’][\pL\pN]+)*"
                     rf"|[^\pL\pN_{_SPACE}]|_")
+# preprocessing.tokenizers.WHITESPACE_PATTERN: runs of what str.split() keeps, and newlines.
+WHITESPACE_PATTERN_RE2 = rf"\n|[^{_SPACE}]+"
 _SEPARATOR = "\x00"
 # tokenizers._WordDecoder's spacing, as substitutions on tokens joined by single spaces.
 _WORD_SPACING = (
@@ -50,10 +84,14 @@ _WORD_SPACING = (
     (r" ?([-–—/]) ?", r"\1"),
     (r" ?\n ?", "\n"),
 )
+# By metadata.word_split: the RE2 pattern and the spacing (tokenizers._SpaceDecoder's for
+# pre-tokenized text: single spaces, none around line breaks).
+_WORD_SPLITS_RE2 = {"pattern": (WORD_PATTERN_RE2, _WORD_SPACING),
+                    "whitespace": (WHITESPACE_PATTERN_RE2, _WORD_SPACING[-1:])}
 
 
 class GenerationModule(tf.Module):
-    """The exported object: a model, its vocabulary and the two serving functions."""
+    """The exported object: a model, its vocabulary and the serving functions."""
 
     def __init__(self, model: LanguageModel, metadata: contract.Metadata) -> None:
         super().__init__(name="verne")
@@ -63,6 +101,7 @@ class GenerationModule(tf.Module):
         self.weights = list(model.variables)
         self._untracked = _Untracked(model)
         self.kind, self.lowercase = metadata.tokenizer, metadata.lowercase
+        self.word_split = metadata.word_split
         self.vocab = tf.constant(vocab)
         self.vocab_size = len(vocab)
         self.token_text = tf.constant(_token_texts(metadata))
@@ -83,6 +122,40 @@ class GenerationModule(tf.Module):
     def generate(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
                  top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor, num_samples: tf.Tensor,
                  no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
+        return self._generate(prime, length, temperature, top_k, top_p, seed, sample_mode,
+                              num_samples, no_unk)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in ROW_INPUTS])
+    def generate_rows(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
+                      top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor,
+                      no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
+        """One text per row, each exactly what `generate` gives that row's values alone.
+
+        Rows run one after another: their primes and lengths differ, and a row alone keeps
+        the same-seed-same-text promise with babble. `tokens` is padded with -1 to the longest row.
+        """
+        inputs = (prime, length, temperature, top_k, top_p, seed, sample_mode, no_unk)
+        rows = tf.shape(prime)[0]
+        checks = [tf.debugging.assert_positive(rows, message="send at least one instance")]
+        checks += [tf.debugging.assert_equal(tf.shape(x)[0], rows, message="every input needs one value "
+                                             "per instance") for x in inputs[1:]]
+        with tf.control_dependencies(checks):
+            width = tf.reduce_max(length)
+
+        def row(i, texts, tokens):
+            out = self._generate(prime[i], length[i], temperature[i], top_k[i], top_p[i], seed[i],
+                                 sample_mode[i], tf.constant(1), no_unk[i])
+            padded = tf.pad(out["tokens"][0], [[0, width - length[i]]], constant_values=-1)
+            return i + 1, texts.write(i, out["text"][0]), tokens.write(i, padded)
+
+        texts = tf.TensorArray(tf.string, size=rows, element_shape=[])
+        tokens = tf.TensorArray(tf.int32, size=rows, element_shape=[None])
+        _, texts, tokens = tf.while_loop(lambda i, *_: i < rows, row, (tf.constant(0), texts, tokens))
+        return {"text": texts.stack(), "tokens": tokens.stack()}
+
+    def _generate(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
+                  top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor, num_samples: tf.Tensor,
+                  no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
         checks = [tf.debugging.assert_positive(length, message="length must be at least 1"),
                   tf.debugging.assert_positive(num_samples, message="num_samples must be at least 1")]
         with tf.control_dependencies(checks):
@@ -95,21 +168,33 @@ class GenerationModule(tf.Module):
                                           params, self.boundary, banned)
         return {"text": prime + self.detokenize(tokens, ids[-1]), "tokens": tokens}
 
-    @tf.function(input_signature=[tf.TensorSpec([], tf.string, name="prime")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prime")])
     def next_token_log_probs(self, prime: tf.Tensor) -> dict[str, tf.Tensor]:
-        logits, _, _ = prime_model(self._untracked.model, self.prime_ids(prime), tf.constant(1))
-        return {"log_probs": tf.nn.log_softmax(logits[0]), "vocab": self.vocab}
+        """Per row: `log_probs` [V] of the token after that row's prime and the `vocab` [V] (repeated
+        per row, because TF Serving's row format splits every output by instance)."""
+        def row(i, out):
+            logits, _, _ = prime_model(self._untracked.model, self.prime_ids(prime[i]), tf.constant(1))
+            return i + 1, out.write(i, tf.nn.log_softmax(logits[0]))
+
+        rows = tf.shape(prime)[0]
+        out = tf.TensorArray(tf.float32, size=rows, element_shape=[self.vocab_size])
+        _, out = tf.while_loop(lambda i, _: i < rows, row, (tf.constant(0), out))
+        return {"log_probs": out.stack(), "vocab": tf.tile(self.vocab[None], [rows, 1])}
 
     def prime_ids(self, prime: tf.Tensor) -> tf.Tensor:
-        """int32 [P]: the prime's token ids (unknown pieces -> <unk>); a line break if empty."""
+        """int32 [P]: the prime's token ids (unknown pieces -> <unk>); a line break if empty.
+
+        Newlines and case are normalised as the corpus was, for byte models too (as
+        `Tokenizer.encode` does), so a byte prime means here what it means to babble.
+        """
+        text = tf.strings.regex_replace(prime, "\r\n?", "\n")
+        if self.lowercase:
+            text = tf.strings.lower(text, encoding="utf-8")
         if self.kind == "byte":
-            ids = tf.cast(tf.io.decode_raw(prime, tf.uint8), tf.int32)
+            ids = tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32)
         else:
-            text = tf.strings.regex_replace(prime, "\r\n?", "\n")
-            if self.lowercase:
-                text = tf.strings.lower(text, encoding="utf-8")
             pieces = (tf.strings.unicode_split(text, "UTF-8") if self.kind == "char"
-                      else word_pieces(text))
+                      else word_pieces(text, _WORD_SPLITS_RE2[self.word_split][0]))
             ids = self.table.lookup(pieces)
             ids = tf.boolean_mask(ids, ids >= 0)  # unknown pieces when there is no <unk>
         return tf.cond(tf.size(ids) > 0, lambda: ids, lambda: self.start)
@@ -126,7 +211,7 @@ class GenerationModule(tf.Module):
         head = tf.gather(self.token_text, last_prime_id)
         heads = tf.fill([tf.shape(tokens)[0]], head)
         joined = tf.strings.reduce_join(tf.concat([heads[:, None], texts], axis=1), axis=-1, separator=" ")
-        for pattern, rewrite in _WORD_SPACING:
+        for pattern, rewrite in _WORD_SPLITS_RE2[self.word_split][1]:
             joined = tf.strings.regex_replace(joined, pattern, rewrite)
         return tf.strings.substr(joined, tf.strings.length(head), -1)
 
@@ -136,9 +221,9 @@ class _Untracked:
     model: LanguageModel
 
 
-def word_pieces(text: tf.Tensor) -> tf.Tensor:
+def word_pieces(text: tf.Tensor, pattern: str = WORD_PATTERN_RE2) -> tf.Tensor:
     """string [N]: `tokenizers.word_pieces` of a scalar string, in TF ops (RE2)."""
-    marked = tf.strings.regex_replace(text, f"({WORD_PATTERN_RE2})", rf"{_SEPARATOR}\1{_SEPARATOR}")
+    marked = tf.strings.regex_replace(text, f"({pattern})", rf"{_SEPARATOR}\1{_SEPARATOR}")
     pieces = tf.strings.split(marked, _SEPARATOR)
     blank = tf.strings.regex_full_match(pieces, f"[{_SPACE}]*")
     return tf.boolean_mask(pieces, tf.logical_or(tf.equal(pieces, "\n"), tf.logical_not(blank)))
@@ -162,7 +247,7 @@ def _lookup_entries(metadata: contract.Metadata) -> tuple[list[str], list[int]]:
 def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: str) -> str:
     """Writes the SavedModel to `export_dir`, replacing an older export only once complete."""
     module = GenerationModule(model, metadata)
-    signatures = {"serving_default": module.generate, "generate": module.generate,
+    signatures = {"serving_default": module.generate_rows, "generate": module.generate,
                   "next_token_log_probs": module.next_token_log_probs}
     staging = f"{export_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
     tf.saved_model.save(module, staging, signatures=signatures)
@@ -212,9 +297,10 @@ def define_flags() -> None:
 @run_cli
 def main(argv: list[str]) -> int:
     hparams = hparams_from_command_line(argv)
-    job_dir = find_job_dir(hparams)
+    job_dir = checkpoints.resolve_job_dir(hparams)
     path = export_job(job_dir, flags.FLAGS.best, flags.FLAGS.export_dir or None)
-    print(f"exported {job_dir} -> {path} (signatures: generate, next_token_log_probs)", flush=True)
+    print(f"exported {job_dir} -> {path} (signatures: serving_default, generate, "
+          "next_token_log_probs)", flush=True)
     return 0
 
 

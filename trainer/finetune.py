@@ -49,7 +49,16 @@ def check(hparams: HParams, metadata: contract.Metadata) -> None:
     if mismatches:
         raise UsageError(f"--init_from={hparams.init_from} holds a model of another shape "
                          f"({'; '.join(mismatches)}); give the flags it was trained with")
-    checkpoints.checkpoint_path(hparams.init_from)
+    _source_checkpoint(hparams.init_from)
+
+
+def _source_checkpoint(source: str) -> str:
+    """The checkpoint --init_from starts from; the error names --init_from, not --job-dir."""
+    path = tf.train.latest_checkpoint(source)
+    if path is None:
+        raise UsageError(f"--init_from={source}: no checkpoint there (hparams.json but no ckpt-N); "
+                         "let that job save a checkpoint first or point --init_from at another job dir")
+    return path
 
 
 def warm_start(model: LanguageModel, hparams: HParams, metadata: contract.Metadata) -> list[str]:
@@ -57,7 +66,7 @@ def warm_start(model: LanguageModel, hparams: HParams, metadata: contract.Metada
     check(hparams, metadata)
     lines = []
     if hparams.init_from:
-        path = checkpoints.checkpoint_path(hparams.init_from)
+        path = _source_checkpoint(hparams.init_from)
         checkpoints.restore_model(model, path)
         lines.append(f"--init_from: starting from the weights of {path} (fresh optimizer and step)")
     if hparams.word2vec_embedding:

@@ -22,7 +22,7 @@ _HELP = {
     "layers": "Number of stacked recurrent (or transformer) layers.",
     "lstm_state_size": "Hidden state size of each recurrent layer.",
     "embedding_size": "Size of the token embedding.",
-    "layer_norm": "Layer-normalise the recurrent cells.",
+    "layer_norm": "Layer-normalise the recurrent cells (lstm, gru, rnn; refused for the others).",
     "tie_embeddings": "Share the input embedding with the output projection.",
     "weight_norm": "Weight-normalise the mLSTM matrices (on by default for --cell=mlstm).",
     "mogrify_rounds": "Mogrifier rounds (0 reduces to an LSTM).",
@@ -43,7 +43,8 @@ _HELP = {
     "max_steps": "Stop after this many global steps (0: as many as --epochs take).",
     "learning_rate": "Peak learning rate.",
     "optimizer": "adam, rmsprop, sgd or ntasgd.",
-    "lr_schedule": "constant, linear (decay to 0) or cosine.",
+    "lr_schedule": "constant, linear (decay to 0) or cosine. Default: linear for --cell=mlstm "
+                   "(as its seed), constant otherwise.",
     "warmup_steps": "Linear warm-up steps before the schedule.",
     "state_reset_windows": "Each stream restarts from a zero state every N windows (staggered), so "
                            "the model also learns to write from a cold start (0: carry the whole epoch).",
@@ -57,7 +58,7 @@ _HELP = {
     "freeze_embedding": "Keep the embedding fixed during training.",
     "job_dir": "Where checkpoints go; %JOB% becomes a name built from the model's shape.",
     "summary_dir": "TensorBoard directory; %JOB% as in --job-dir. Default: JOB_DIR/tensorboard.",
-    "save_checkpoints_steps": "Checkpoint every N steps.",
+    "save_checkpoints_steps": "Checkpoint every N steps (0: only at the end and on SIGTERM/Ctrl-C).",
     "keep_checkpoint_max": "Checkpoints kept (the best one is kept apart in best/).",
     "eval_every": "Evaluate on the validation split every N steps.",
     "eval_steps": "Validation windows per evaluation (0: the whole split).",
@@ -119,15 +120,19 @@ def hparams_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
     values = {f.name: flag_values[f.name].value for f in dataclasses.fields(HParams)}
     if values["language_model"] == "":
         values["language_model"] = None
+    if values["cell"] == "mlstm":
+        # The mLSTM seed weight-normalises and decays the learning rate linearly to zero by
+        # default; resolving both here keeps hparams.json (and, for weight norm, %JOB%) true to
+        # the run. `--noweight_norm`, `--lr_schedule` or the seed's `--nolr_decay` override them.
+        if not flag_values["weight_norm"].present:
+            values["weight_norm"] = True
+        if not flag_values["lr_schedule"].present:
+            values["lr_schedule"] = "constant" if flag_values["lr_decay"].value is False else "linear"
     if flag_values["lr_decay"].value:
         values["lr_schedule"] = "linear"
     decay = flag_values["decay_rate"].value
     if decay is not None and decay < 1.0:
         values["lr_schedule"] = "cosine"
-    if values["cell"] == "mlstm" and not flag_values["weight_norm"].present:
-        # The mLSTM seed weight-normalises by default; resolving it here keeps hparams.json and
-        # %JOB% true to the model (`--noweight_norm` turns it off).
-        values["weight_norm"] = True
     # --precision=auto stays unresolved here: pipelines.run and trainer.submit build hparams on a
     # machine other than the one that trains; runner.prepare_job resolves it where training runs.
     return HParams(**values).validate()

@@ -29,6 +29,9 @@ PRECISIONS = ("auto", "float32", "bfloat16")
 # Cells whose matmuls honour --precision=bfloat16 (trainer/models/recurrent.py); the zoo cells
 # (mlstm, mogrifier, qrnn, transformer) compute in float32 whatever --precision says.
 BF16_CELLS = ("lstm", "gru", "rnn")
+# Cells with a --layer_norm variant (trainer/models/recurrent.py). The transformer always
+# normalises; mlstm, mogrifier and qrnn have none, so the flag would be silently ignored.
+LAYER_NORM_CELLS = ("lstm", "gru", "rnn")
 # /proc/cpuinfo flags of native bf16 matmuls: oneDNN runs bf16 matmuls ~1.8x faster than float32
 # with them, and emulates bf16 (slower than float32) without them.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -85,8 +88,9 @@ class HParams:
     state_reset_windows: int = 32
     seed: int = 1
     # "auto": bfloat16 matmuls where they are native and fast (see resolve_precision), else
-    # float32. Resolved on the training machine (runner.prepare_job), so hparams.json holds the
-    # concrete value; models built from HParams() in code resolve it the same way.
+    # float32. Resolved on the training machine (runner.prepare_job; bench/train.py explicitly),
+    # so hparams.json holds the concrete value. Models never resolve it themselves (build_model
+    # stays pure: no /proc/cpuinfo, no device query) and compute an unresolved "auto" in float32.
     precision: str = "auto"
 
     # --- fine-tuning and embeddings ---
@@ -97,7 +101,7 @@ class HParams:
     # --- bookkeeping ---
     job_dir: str = ""
     summary_dir: str = ""
-    save_checkpoints_steps: int = 500
+    save_checkpoints_steps: int = 500  # 0: only at the end and on SIGTERM/SIGINT
     keep_checkpoint_max: int = 5
     eval_every: int = 500
     eval_steps: int = 0  # 0: the whole validation split
@@ -127,13 +131,23 @@ class HParams:
         for name in ("dropout", "embed_dropout", "input_dropout", "weight_drop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
-        if self.state_reset_windows < 0:
-            raise ValueError(f"--state_reset_windows={self.state_reset_windows}: must be >= 0 (0: never)")
+        non_negative = {"state_reset_windows": "0: never", "save_checkpoints_steps": "0: only at the "
+                        "end and on SIGTERM/Ctrl-C", "mogrify_rounds": "0: a plain LSTM",
+                        "mogrify_rank": "0: full rank"}
+        for name, zero in non_negative.items():
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0 ({zero})")
+        if self.layer_norm and self.cell not in LAYER_NORM_CELLS:
+            always = " (it always normalises)" if self.cell == "transformer" else ""
+            raise ValueError(f"--layer_norm: --cell={self.cell} has no layer-norm variant{always}; "
+                             f"drop --layer_norm (it exists for {', '.join(LAYER_NORM_CELLS)})")
         if self.precision == "bfloat16" and self.cell not in BF16_CELLS:
             raise ValueError(f"--precision=bfloat16: --cell={self.cell} computes in float32 (bfloat16 "
                              f"matmuls exist for {', '.join(BF16_CELLS)}); use --precision=auto or float32")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
+        if not 0 <= self.seed < 2 ** 63:  # it seeds TensorFlow's int64 stateless random ops
+            raise ValueError(f"--seed={self.seed}: must be in [0, 2**63)")
         if self.cell == "transformer" and self.d_model % self.heads:
             raise ValueError(f"--d_model={self.d_model} must be divisible by --heads={self.heads}")
         return self
@@ -153,17 +167,18 @@ class HParams:
 
 # Fields that fix the variables of a checkpoint, per cell. `vocab_size` and `language_model`
 # come from the data and are checked separately (a clearer error names the data).
+# `layer_norm` only where a cell implements it (LAYER_NORM_CELLS): elsewhere validate refuses it.
 _COMMON_SHAPE = ("embedding_size", "tie_embeddings")
+_STACK_SHAPE = ("layers", "lstm_state_size") + _COMMON_SHAPE
 _RECURRENT_SHAPE = ("layers", "lstm_state_size", "layer_norm") + _COMMON_SHAPE
 SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
     "lstm": _RECURRENT_SHAPE,
     "gru": _RECURRENT_SHAPE,
     "rnn": _RECURRENT_SHAPE,
-    "qrnn": _RECURRENT_SHAPE,
-    "mlstm": _RECURRENT_SHAPE + ("weight_norm",),
-    "mogrifier": _RECURRENT_SHAPE + ("mogrify_rounds", "mogrify_rank"),
-    "transformer": ("layers", "d_model", "heads", "pos_encoding", "max_context", "layer_norm")
-    + _COMMON_SHAPE,
+    "qrnn": _STACK_SHAPE,
+    "mlstm": _STACK_SHAPE + ("weight_norm",),
+    "mogrifier": _STACK_SHAPE + ("mogrify_rounds", "mogrify_rank"),
+    "transformer": ("layers", "d_model", "heads", "pos_encoding", "max_context") + _COMMON_SHAPE,
 }
 
 _DEFAULTS = HParams()
@@ -215,7 +230,7 @@ def job_name(hparams: HParams) -> str:
         raise ValueError("job_name needs language_model; resolve it from the data first")
     width = hparams.d_model if hparams.cell == "transformer" else hparams.lstm_state_size
     parts = [hparams.data_prefix or "model", f"{width}-states", f"{hparams.layers}-layers"]
-    if hparams.layer_norm:
+    if hparams.layer_norm and "layer_norm" in SHAPE_FIELDS[hparams.cell]:
         parts.append("norm")
     parts.append(hparams.language_model)
     if hparams.cell != _DEFAULTS.cell:

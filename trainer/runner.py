@@ -4,8 +4,11 @@ One job dir, one model: the first run writes `hparams.json` and a copy of the da
 every run resumes from the newest checkpoint (global step, optimizer slots, epoch, window
 position in the epoch and the carried recurrent state) and says so in one line. Checkpoints go
 out every `save_checkpoints_steps`, at the end and on SIGTERM (preemption; with several workers a
-SIGTERM to any one of them stops all after the same step, see `distribute.stop_agreement`); the
-best checkpoint by validation loss is kept in `best/`. A NaN or Inf stops the run before anything is saved.
+SIGTERM to any one of them stops all after the same step, see `distribute.stop_agreement`) or
+SIGINT (Ctrl-C); the best checkpoint by validation loss is kept in `best/`. A NaN or Inf stops the
+run before anything is saved. With NT-ASGD, once it has switched to averaging, best/ and the
+exported SavedModel hold the averaged weights; the regular checkpoints keep the raw ones (and the
+averages in the optimizer), so a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -49,17 +52,28 @@ class TrainResult:
     eval_loss: float | None  # the last validation loss (nats/token)
     best_eval_loss: float | None
     tokens_per_second: float
-    stopped: str  # "finished" | "terminated" (SIGTERM)
+    stopped: str  # "finished" | "terminated" (SIGTERM) | "interrupted" (SIGINT, Ctrl-C)
 
 
 # --------------------------------------------------------------------------- set-up
 
 
-def prepare_job(hparams: HParams) -> tuple[HParams, contract.Metadata]:
+def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None,
+                ) -> tuple[HParams, contract.Metadata]:
     """Resolves hparams against the data and the job dir, checks every user error, then writes
-    hparams.json and metadata.json into the job dir. Nothing is written if a check fails."""
+    hparams.json and metadata.json into the job dir. Nothing is written if a check fails.
+
+    `strategy` (None: one device) must be able to split --batch_size between its replicas."""
     metadata = data.read_metadata(hparams.data_dir, hparams.data_prefix)
-    hparams = resolve_precision(checkpoints.resolve_hparams(hparams, metadata).validate())
+    try:
+        hparams = checkpoints.resolve_hparams(hparams, metadata).validate()
+    except ValueError as err:  # HParams built in code (pipelines, tests) skip the flags' check
+        raise UsageError(str(err)) from None
+    hparams = resolve_precision(hparams)
+    if strategy is not None:
+        # Before anything is written: an uneven split would silently drop streams, then fail
+        # on the first assignment of the carried state.
+        distribute.per_replica_batch(hparams.batch_size, strategy)
     data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
     data.layout_for(metadata.splits["train"].tokens, hparams.batch_size, hparams.unroll_steps)
     _check_existing_job(hparams, metadata)
@@ -154,13 +168,14 @@ class _Position:
 class _Trainer:
     """Holds the objects of one run; `run()` is the loop."""
 
-    def __init__(self, hparams: HParams, metadata: contract.Metadata) -> None:
+    def __init__(self, hparams: HParams, metadata: contract.Metadata,
+                 strategy: tf.distribute.Strategy) -> None:
         self.hparams, self.metadata = hparams, metadata
         self.layout = data.layout_for(metadata.splits["train"].tokens, hparams.batch_size,
                                       hparams.unroll_steps)
         self.total = total_steps(hparams, self.layout)
         self.train_files = data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
-        self.strategy = strategy_from_environment()
+        self.strategy = strategy
         # Only the chief writes summaries and samples; with several workers the others save
         # their (identical) checkpoints into a scratch dir, as MultiWorkerMirroredStrategy needs.
         self.chief = distribute.is_chief(self.strategy)
@@ -193,16 +208,27 @@ class _Trainer:
         self.eval_step = loops.make_eval_step(self.params, self.strategy)
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
-        self.terminate = False  # set by SIGTERM on this worker
+        self.terminate = False  # set by SIGTERM or SIGINT on this worker
+        # What stopped the run, for its last line and exit status; another worker's SIGTERM
+        # (preemption) stops this one too, hence the default.
+        self.stop_signal = signal.SIGTERM
         self.agree_to_stop = distribute.stop_agreement(self.strategy)
         self.saved_step = -1
 
     def _valid_split(self) -> tuple[list[str], data.Layout] | None:
-        tokens = self.metadata.splits["valid"].tokens
-        if self.hparams.eval_every <= 0 or tokens <= self.hparams.unroll_steps + 1:
+        if self.hparams.eval_every <= 0:
             return None
-        files = data.shard_files(self.hparams.data_dir, self.hparams.data_prefix, "valid")
-        return files, eval_layout(tokens, self.hparams, "valid", self.strategy.num_replicas_in_sync)
+        tokens = self.metadata.splits["valid"].tokens
+        try:
+            layout = eval_layout(tokens, self.hparams, "valid", self.strategy.num_replicas_in_sync)
+        except UsageError:
+            # A short valid split must not stop training, but the user must know why no
+            # validation loss and no best/ appear.
+            print(f"Evaluation is off: the valid split has {tokens} tokens, too few for one "
+                  f"window of --unroll_steps={self.hparams.unroll_steps}; no validation loss and no "
+                  f"best/ checkpoint (use a smaller --unroll_steps or more validation text)", flush=True)
+            return None
+        return data.shard_files(self.hparams.data_dir, self.hparams.data_prefix, "valid"), layout
 
     # ------------------------------------------------------------ resume and save
 
@@ -242,6 +268,13 @@ class _Trainer:
         if self.saved_step == position.step:
             return
         self._check_weights_finite(position.step)
+        self._record(position, state)
+        self.manager.save(checkpoint_number=position.step)
+        self._drop_scratch()
+        self.saved_step = position.step
+
+    def _record(self, position: _Position, state: Any) -> None:
+        """Copies the position, layout and carried state into the checkpointed variables."""
         for name, value in (("step", position.step), ("epoch", position.epoch),
                             ("position", position.window)):
             self.counters[name].assign(value)
@@ -251,9 +284,6 @@ class _Trainer:
             state = loops.gather_state(self.strategy, state)
         for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
             variable.assign(value)
-        self.manager.save(checkpoint_number=position.step)
-        self._drop_scratch()
-        self.saved_step = position.step
 
     def _fresh_state(self) -> Any:
         """Zero state for every stream (per replica under a multi-device strategy)."""
@@ -278,22 +308,26 @@ class _Trainer:
 
     # ------------------------------------------------------------ evaluation and samples
 
-    def evaluate(self, step: int) -> float | None:
+    def evaluate(self, position: _Position, state: Any) -> float | None:
+        """The validation loss at `position` (None with evaluation off); keeps best/ up to date."""
         if self.valid is None:
             return None
+        step = position.step
         files, layout = self.valid
         dataset = data.windows(files, layout)
         if self.hparams.eval_steps > 0:
             dataset = dataset.take(self.hparams.eval_steps)
-        state = loops.initial_state(self.params, self.strategy, layout.batch_size)
+        eval_state = loops.initial_state(self.params, self.strategy, layout.batch_size)
         # NT-ASGD evaluates (and keeps as best/) the averaged weights once it has switched.
         with optimizers.averaged_weights(self.optimizer):
-            nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), state)
+            nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), eval_state)
             loss = nats / tokens
             self.summaries.eval(step, loss)
             cloud_env.report_metric(loss, step)  # Vertex hyperparameter tuning reads it
+            # The loss is all-reduced, so every worker takes this branch (and its collectives) alike.
             if loss < float(self.best_loss.numpy()):
                 self.best_loss.assign(loss)
+                self._record(position, state)  # else best/ would carry the last save's position
                 self.best_manager.save(checkpoint_number=step)
                 self._drop_scratch()
         if isinstance(self.optimizer, optimizers.NTASGD) and self.optimizer.observe_validation(loss):
@@ -350,9 +384,10 @@ class _Trainer:
                     progress.log(position.epoch, rate, norm)
                 with progress.paused():
                     if hparams.eval_every > 0 and position.step % hparams.eval_every == 0:
-                        eval_loss, last_eval_step = self.evaluate(position.step), position.step
+                        eval_loss, last_eval_step = self.evaluate(position, state), position.step
                         progress.note_eval(eval_loss)
-                    if position.step % hparams.save_checkpoints_steps == 0:
+                    if (hparams.save_checkpoints_steps > 0
+                            and position.step % hparams.save_checkpoints_steps == 0):
                         self.save(position, state)
                     if (self.chief and hparams.sample_every > 0
                             and position.step % hparams.sample_every == 0):
@@ -365,11 +400,13 @@ class _Trainer:
                 position.window = 0
                 state = self._fresh_state()
         if stopping:
-            stopped = "terminated"
-            print(f"SIGTERM: saving a checkpoint at step {position.step} and stopping", flush=True)
+            interrupted = self.stop_signal == signal.SIGINT
+            stopped = "interrupted" if interrupted else "terminated"
+            print(f"{signal.Signals(self.stop_signal).name}: saving a checkpoint at step "
+                  f"{position.step} and stopping", flush=True)
         else:
             if last_eval_step != position.step and self.valid is not None:
-                eval_loss = self.evaluate(position.step)
+                eval_loss = self.evaluate(position, state)
                 progress.note_eval(eval_loss)
             if self.chief:
                 self.sample(position.step)
@@ -382,34 +419,42 @@ class _Trainer:
                            best if math.isfinite(best) else None, progress.tokens_per_second, stopped)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 @contextmanager
-def _sigterm_sets_flag(trainer: _Trainer) -> Iterator[None]:
-    """SIGTERM (preemption) asks the loop to checkpoint and stop after the current step."""
+def _signals_set_flag(trainer: _Trainer) -> Iterator[None]:
+    """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop after the
+    current step, so an interrupted run resumes where it stopped."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        trainer.terminate = True
+        trainer.terminate, trainer.stop_signal = True, signum
 
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def train(hparams: HParams) -> TrainResult:
     """Trains (or resumes) the job described by `hparams`; see the module docstring."""
-    hparams, metadata = prepare_job(hparams)
-    trainer = _Trainer(hparams, metadata)
-    with _sigterm_sets_flag(trainer):
+    strategy = strategy_from_environment()
+    hparams, metadata = prepare_job(hparams, strategy)
+    trainer = _Trainer(hparams, metadata, strategy)
+    with _signals_set_flag(trainer):
         result = trainer.run()
     if result.stopped == "finished" and trainer.chief:
-        # A serving-ready SavedModel of the final weights (trainer.export; AIP_MODEL_DIR on Vertex).
+        # A serving-ready SavedModel of the final weights (trainer.export; AIP_MODEL_DIR on Vertex),
+        # NT-ASGD's averaged ones once it has switched (what awd-lstm-lm keeps as its model).
         from trainer import export  # deferred: export imports babble, which imports this package
 
-        export.export_model(trainer.model, metadata, cloud_env.model_export_dir(hparams, os.environ))
+        with optimizers.averaged_weights(trainer.optimizer):
+            export.export_model(trainer.model, metadata, cloud_env.model_export_dir(hparams, os.environ))
     return result
 
 

@@ -14,12 +14,13 @@ words whole. Temperature 0 is argmax in every mode; `top_k` / `top_p` truncate w
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from preprocessing import contract
+from preprocessing import cleaning, contract
 from preprocessing.tokenizers import tokenizer_from_metadata
 from trainer.models.base import LanguageModel, State
 
@@ -30,6 +31,11 @@ SAMPLE_MODES = (ARGMAX, SAMPLE, SAMPLE_AT_BOUNDARIES)
 # overhead of a call vanishes, small enough that text appears as it is written.
 STREAM_CHUNK = 32
 _NEG_INF = float("-inf")
+# Seeds and top_k travel as int64 / int32 tensors; larger values cannot become tensors.
+MAX_SEED = 2**63 - 1
+MAX_TOP_K = 2**31 - 1
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """How the next token is chosen from the model's logits.
@@ -48,11 +54,16 @@ class SamplingOptions:
         if self.sample_mode not in SAMPLE_MODES:
             raise ValueError(f"--sample_mode={self.sample_mode}: choose 0 (argmax), 1 (sample) or "
                              "2 (sample at word boundaries)")
-        if self.temperature < 0:
-            raise ValueError(f"--temperature={self.temperature}: must be >= 0 (0 is argmax)")
-        if self.top_k < 0:
-            raise ValueError(f"--top_k={self.top_k}: must be >= 0 (0 keeps every token)")
-        if not 0.0 < self.top_p <= 1.0:
+        # NaN passes every comparison below as False, and an infinite temperature would
+        # silently sample uniformly: both are mistakes, not settings.
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"--temperature={self.temperature}: must be a finite number >= 0 "
+                             "(0 is argmax)")
+        if not 0 <= self.top_k <= MAX_TOP_K:
+            raise ValueError(f"--top_k={self.top_k}: must be in [0, {MAX_TOP_K}] (0 keeps every token)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed={self.seed}: must be in [0, {MAX_SEED}]")
+        if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"--top_p={self.top_p}: must be in (0, 1] (1 keeps every token)")
         return self
 
@@ -248,7 +259,9 @@ class Sampler:
 
     def generate(self, prime: list[int], length: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
         """`length` new token ids following `prime` (temperature 0: greedy argmax)."""
-        options = SamplingOptions(temperature=temperature, seed=seed)
+        # Training passes seed + step, and HParams lets --seed be any integer: fold it into
+        # the range a seed tensor holds rather than stop training over a sample.
+        options = SamplingOptions(temperature=temperature, seed=seed % (MAX_SEED + 1))
         return self.generator.generate(prime, length, options)[0].tolist()
 
 
@@ -276,16 +289,18 @@ class TextGenerator:
         self.generator = Generator(model, metadata.vocab, metadata.tokenizer, metadata.unk_id)
 
     def encode_prime(self, prime: str) -> Prime:
-        """Prime text to ids; unknown pieces become `<unk>` (dropped if the vocabulary has none).
+        """Prime text to ids, normalised as the corpus was (NFC, LF, lowercase if the data is);
+        unknown pieces become `<unk>` (dropped if the vocabulary has none).
 
         An empty prime starts from a line break, as a new paragraph would.
         """
         if not prime:
             return Prime(default_prime(self.metadata), [])
-        index = {token: i for i, token in enumerate(self.tokenizer.vocab)}
         if self.metadata.tokenizer == "byte":
             return Prime(self.tokenizer.encode(prime), [])
-        pieces = self.tokenizer.pieces(prime)
+        index = {token: i for i, token in enumerate(self.tokenizer.vocab)}
+        # Not tokenizer.encode: the pieces left out of the vocabulary are reported to the user.
+        pieces = self.tokenizer.pieces(cleaning.normalize(prime, self.metadata.lowercase))
         unknown = [piece for piece in pieces if piece not in index]
         unk = self.tokenizer.unk_id
         ids = [index.get(piece, unk) for piece in pieces if piece in index or unk is not None]

@@ -275,7 +275,8 @@ def define_flags() -> None:
 
 @run_cli
 def main(argv: list[str]) -> int:
-    from trainer.babble import find_job_dir, load_text_generator
+    from trainer import checkpoints
+    from trainer.babble import load_text_generator
     from trainer.flags import hparams_from_command_line
 
     flag = flags.FLAGS
@@ -284,7 +285,7 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--port={flag.port}: must be in [0, 65535]")
     limits = Limits(max_length=flag.max_length, max_prime_chars=flag.max_prime_chars,
                     max_samples=flag.max_samples)
-    job_dir = find_job_dir(hparams)
+    job_dir = checkpoints.resolve_job_dir(hparams)
     generator = load_text_generator(job_dir, flag.best)
     description = {"job_dir": job_dir, "language_model": generator.metadata.tokenizer,
                    "vocab_size": generator.metadata.vocab_size, "best": flag.best}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from absl import app
 
@@ -12,6 +13,8 @@ from trainer.flags import define_hparams_flags, hparams_from_command_line
 
 define_hparams_flags()
 
+EXIT_STATUS = {"terminated": 128 + signal.SIGTERM, "interrupted": 128 + signal.SIGINT}
+
 
 @run_cli
 def main(argv: list[str]) -> int:
@@ -20,8 +23,9 @@ def main(argv: list[str]) -> int:
     hparams = cloud_env.apply_environment(hparams, os.environ)
     result = runner.train(hparams)
     print(runner.describe(result), flush=True)
-    # 143 = 128 + SIGTERM: a supervisor sees that the job stopped early (and will resume it).
-    return 143 if result.stopped == "terminated" else 0
+    # 128 + the signal (143 SIGTERM, 130 SIGINT): a supervisor or shell sees that the job
+    # stopped early (and may resume it).
+    return EXIT_STATUS.get(result.stopped, 0)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import functools
 import keras
 import tensorflow as tf
 
-from trainer.hparams import HParams, resolve_precision
+from trainer.hparams import HParams
 from trainer.kernels import gru_sequence, lstm_sequence
 from trainer.models import awd
 from trainer.models.base import LanguageModel, State
@@ -24,6 +24,8 @@ _EPSILON = 1e-5
 
 
 def compute_dtype_of(precision: str) -> tf.DType:
+    """bfloat16 only when asked for by name: an unresolved "auto" computes in float32, because
+    resolving it needs the machine (hparams.resolve_precision) and building a model stays pure."""
     return tf.bfloat16 if precision == "bfloat16" else tf.float32
 
 
@@ -151,8 +153,7 @@ class RecurrentLM(LanguageModel):
     def __init__(self, hparams: HParams, **kwargs: object) -> None:
         super().__init__(**kwargs)
         _reject_unsupported(hparams)
-        dtype = compute_dtype_of(resolve_precision(hparams).precision)  # HParams() built in code: auto
-        self.compute_dtype_ = dtype
+        self.compute_dtype_ = compute_dtype_of(hparams.precision)
         self.ar_alpha, self.tar_beta = hparams.ar_alpha, hparams.tar_beta
         self.dropout_rate, self.input_dropout = hparams.dropout, hparams.input_dropout
         self.embed_dropout = hparams.embed_dropout

@@ -16,7 +16,7 @@ Design (so the runner drives it exactly like a recurrent model):
   absolute positions would run out in a stream longer than any table, and relative distances are
   always inside the window.
 - Pre-layer-norm blocks (attention, then a 4x GELU MLP) with a final layer norm: the transformer
-  always normalises, `--layer_norm` does not change it.
+  always normalises, so HParams.validate refuses `--layer_norm` for it.
 """
 
 from __future__ import annotations
