@@ -8,9 +8,9 @@ One run, one machine: the corpus is encoded once at character level (bench/quali
 real runner — trains a model whose width is chosen so its parameter count is as close as
 possible to `--params`, and is stopped with SIGTERM when `--seconds` of wall clock are spent
 (start-up and compilation included, so slow-to-trace models pay for it). Each job is then
-evaluated on the whole validation split. tokens/s is the runner's own last progress reading
-(steady state). With `--write_docs`, the table replaces the block between the
-`<!-- bench:models -->` markers of that file.
+evaluated on the whole validation split. tokens/s is the median of the runner's own progress
+readings (the first include tracing, the last the final checkpoint). With `--write_docs`, the
+table replaces the block between the `<!-- bench:models -->` markers of that file.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,23 +76,24 @@ def width_flags(cell: str, width: int) -> list[str]:
 
 
 def train_for(seconds: float, data_dir: Path, job_dir: Path, flags: list[str]) -> tuple[int, float | None]:
-    """Runs trainer.task for `seconds`; returns (exit status, last tokens/s it reported)."""
+    """Runs trainer.task for `seconds`; returns (exit status, median tokens/s it reported)."""
     command = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}",
                f"--data_prefix={quality.PREFIX}", f"--job-dir={job_dir}", "--epochs=1000",
                "--eval_every=0", "--sample_every=0", "--save_checkpoints_steps=1000000", *flags]
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + seconds
-    rate = None
+    rates = []
     stopped = False
     assert child.stdout is not None
     for line in child.stdout:
         found = re.search(r"([\d,]+) tok/s", line)
         if found:
-            rate = float(found.group(1).replace(",", ""))
+            rates.append(float(found.group(1).replace(",", "")))
         if not stopped and time.monotonic() > deadline:
             child.send_signal(signal.SIGTERM)  # checkpoint and stop after the current step
             stopped = True
-    return child.wait(), rate
+    # The median reading: the first ones include tracing and the last one the final checkpoint.
+    return child.wait(), statistics.median(rates) if rates else None
 
 
 def table(rows: list[dict[str, object]], seconds: float) -> str:
