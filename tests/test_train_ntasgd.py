@@ -1,5 +1,6 @@
-"""NT-ASGD through the runner: once it switches, best/ and the exported SavedModel hold the
-averaged weights (awd-lstm-lm's model), and best/ records where in training it was taken."""
+"""NT-ASGD through the runner: once it switches, best/, the exported SavedModel and the model
+that evaluate/babble load hold the averaged weights (awd-lstm-lm's model), and best/ records
+where in training it was taken."""
 
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ def test_the_export_holds_the_averaged_weights_after_the_switch(tmp_path, make_d
     assert any(not np.allclose(a, r) for a, r in zip(averaged, raw, strict=True))
     exported = tf.saved_model.load(str(tmp_path / "job" / "export"))
     for got, want in zip(exported.weights, averaged, strict=True):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
+    # evaluate, babble and serve load the latest checkpoint's average too.
+    _, _, loaded = checkpoints.load_job(str(tmp_path / "job"))
+    for got, want in zip(loaded.variables, averaged, strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-6)
 
 

@@ -21,7 +21,7 @@ import uuid
 import tensorflow as tf
 
 from preprocessing import contract
-from trainer import data
+from trainer import data, optimizers
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, JOB_PLACEHOLDER, LANGUAGE_MODELS, HParams, resolve_job_dirs
 from trainer.models import build_model
@@ -153,6 +153,10 @@ def load_job(job_dir: str, best: bool = False) -> tuple[HParams, contract.Metada
     path = checkpoint_path(job_dir, best)
     model = build_model(hparams)
     restore_model(model, path)
+    if hparams.optimizer == "ntasgd" and not best:
+        # As awd-lstm-lm: once NT-ASGD has switched, the model is the average (best/ already
+        # holds it; the regular checkpoints keep the raw weights for an exact resume).
+        optimizers.restore_averaged(model, path)
     return hparams, metadata, model
 
 

@@ -106,3 +106,17 @@ def averaged_weights(optimizer: keras.optimizers.Optimizer) -> Iterator[bool]:
         yield True
     finally:
         _swap(optimizer)
+
+
+def restore_averaged(model: keras.Model, path: str) -> bool:
+    """Puts NT-ASGD's averaged weights from the training checkpoint at `path` into `model` (whose
+    raw weights are already restored) if the run had switched; returns whether it had. The
+    checkpoint stores the optimizer under "optimizer", its variables built from the model's
+    trainable variables in order, as trainer.runner builds them."""
+    optimizer = NTASGD()
+    optimizer.build(model.trainable_variables)
+    tf.train.Checkpoint(optimizer=optimizer).read(path).expect_partial()
+    if not optimizer.triggered:
+        return False
+    _swap(optimizer)
+    return True
