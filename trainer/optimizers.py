@@ -108,12 +108,24 @@ def averaged_weights(optimizer: keras.optimizers.Optimizer) -> Iterator[bool]:
         _swap(optimizer)
 
 
+class _NoLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """Stands in for the training schedule in an optimizer that is only restored, never stepped."""
+
+    def __call__(self, step: Any) -> tf.Tensor:
+        return tf.constant(0.0)
+
+    def get_config(self) -> dict[str, Any]:
+        return {}
+
+
 def restore_averaged(model: keras.Model, path: str) -> bool:
     """Puts NT-ASGD's averaged weights from the training checkpoint at `path` into `model` (whose
     raw weights are already restored) if the run had switched; returns whether it had. The
     checkpoint stores the optimizer under "optimizer", its variables built from the model's
     trainable variables in order, as trainer.runner builds them."""
-    optimizer = NTASGD()
+    # A schedule, as trainer.runner always passes one: a float would add a learning-rate
+    # variable and shift every optimizer variable against the checkpoint's.
+    optimizer = NTASGD(_NoLearningRate())
     optimizer.build(model.trainable_variables)
     tf.train.Checkpoint(optimizer=optimizer).read(path).expect_partial()
     if not optimizer.triggered:
