@@ -29,7 +29,7 @@ _HELP = {
     "mogrify_rank": "Low-rank factorisation of the Mogrifier matrices (0: full rank).",
     "d_model": "Transformer width.",
     "heads": "Transformer attention heads.",
-    "pos_encoding": "Transformer positional encoding: none, sinusoidal or learned.",
+    "pos_encoding": "Transformer positional encoding: learned (relative distance bias), sinusoidal or none.",
     "max_context": "Transformer attention window (tokens).",
     "dropout": "Dropout between layers and before the output.",
     "embed_dropout": "AWD embedding dropout (drops whole words).",

@@ -58,7 +58,9 @@ class HParams:
     mogrify_rank: int = 0
     d_model: int = 256
     heads: int = 4
-    pos_encoding: str = "none"
+    # Relative distance bias: with the carried key/value cache every query sees a full window,
+    # and attention without positions cannot tell order (docs/models.md).
+    pos_encoding: str = "learned"
     max_context: int = 256
 
     # --- regularisation (AWD-LSTM); free to change between runs ---
