@@ -112,10 +112,7 @@ def test_byte_export_returns_valid_utf8_for_a_non_ascii_prime(root: Path, tmp_pa
     prime = "Ciéizen, ça va — ünïcode?\r\nAll"
     # Hot sampling from a barely trained byte model writes bytes that are not UTF-8.
     texts = export.generate_with_saved_model(loaded, prime, 80, temperature=2.0, seed=5, num_samples=4)
-    out = loaded.signatures["generate"](
-        prime=tf.constant(prime), length=tf.constant(80), temperature=tf.constant(2.0), top_k=tf.constant(0),
-        top_p=tf.constant(1.0), seed=tf.constant(5, tf.int64), sample_mode=tf.constant(1),
-        num_samples=tf.constant(4), no_unk=tf.constant(False))
+    out = _generate_signature(loaded, prime, length=80, temperature=2.0, seed=5, num_samples=4)
     raw = [bytes(row) for row in out["tokens"].numpy().tolist()]
     assert any(_invalid_utf8(b) for b in raw), "the test needs invalid byte sequences to mean anything"
     for text, tokens in zip(out["text"].numpy(), raw, strict=True):
@@ -127,6 +124,15 @@ def test_byte_export_returns_valid_utf8_for_a_non_ascii_prime(root: Path, tmp_pa
     tokens = Generator(model, metadata.vocab, "byte").generate(ids, 80, SamplingOptions(2.0, seed=5), 4)
     np.testing.assert_array_equal(out["tokens"].numpy(), tokens)
     assert texts == TextGenerator(model, metadata).generate(prime, 80, SamplingOptions(2.0, seed=5), 4)
+
+
+def _generate_signature(loaded: object, prime: str, length: int, temperature: float, seed: int,
+                        num_samples: int) -> dict[str, tf.Tensor]:
+    """The `generate` signature called as a serving client would: every input, as tensors."""
+    return loaded.signatures["generate"](
+        prime=tf.constant(prime), length=tf.constant(length), temperature=tf.constant(temperature),
+        top_k=tf.constant(0), top_p=tf.constant(1.0), seed=tf.constant(seed, tf.int64),
+        sample_mode=tf.constant(1), num_samples=tf.constant(num_samples), no_unk=tf.constant(False))
 
 
 def _invalid_utf8(data: bytes) -> bool:
@@ -144,10 +150,7 @@ def test_training_exports_a_word_model_that_generates_the_generators_tokens(root
     loaded = tf.saved_model.load(export_dir)
     prime = "You are, zebra!\nAll"
     texts = export.generate_with_saved_model(loaded, prime, 30, temperature=1.2, seed=3, num_samples=3)
-    out = loaded.signatures["generate"](
-        prime=tf.constant(prime), length=tf.constant(30), temperature=tf.constant(1.2), top_k=tf.constant(0),
-        top_p=tf.constant(1.0), seed=tf.constant(3, tf.int64), sample_mode=tf.constant(1),
-        num_samples=tf.constant(3), no_unk=tf.constant(False))
+    out = _generate_signature(loaded, prime, length=30, temperature=1.2, seed=3, num_samples=3)
 
     _, metadata, model = checkpoints.load_job(job)
     text_generator = TextGenerator(model, metadata)
