@@ -1,7 +1,7 @@
 """verne: train text-generating language models on books, locally or on Google Cloud.
 
 One distribution ships to every place the code runs: this machine, Dataflow workers
-(`--setup_file ./setup.py`) and Vertex AI (`python -m trainer.submit` stages its sdist).
+(`--setup_file ./setup.py`) and Vertex AI (the image ./Dockerfile builds installs it).
 Versions are pinned so `pip check` stays clean; constraints.txt pins the whole closure.
 """
 

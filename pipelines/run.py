@@ -315,12 +315,8 @@ def check_sample_args(arguments: dict[str, Any]) -> None:
     (the checks `generate_from_job` makes in the sample step)."""
     from trainer import babble
 
-    if not 1 <= arguments["num_samples"] <= babble.MAX_SAMPLES:
-        raise UsageError(f"--num_samples={arguments['num_samples']}: must be in "
-                         f"[1, {babble.MAX_SAMPLES}]")
-    if not 1 <= arguments["sample_length"] <= babble.MAX_LENGTH:
-        raise UsageError(f"--generate_length={arguments['sample_length']}: must be in "
-                         f"[1, {babble.MAX_LENGTH}]")
+    babble.check_counts(arguments["sample_length"], arguments["num_samples"],
+                        length_flag="--generate_length")
     babble.sampling_options(temperature=arguments["temperature"], seed=arguments["seed"])
 
 

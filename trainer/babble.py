@@ -46,7 +46,7 @@ def generate_from_job(job_dir: str, prime: str = "", length: int = 200, num_samp
     `length` generated tokens. Same arguments, same texts."""
     options = sampling_options(temperature=temperature, sample_mode=sample_mode, top_k=top_k,
                                top_p=top_p, seed=seed, no_unk=no_unk)
-    _check_counts(length, num_samples)
+    check_counts(length, num_samples)
     generator = load_text_generator(job_dir, best)
     return generator.generate(prime, length, options, num_samples)
 
@@ -59,9 +59,11 @@ def sampling_options(**values: object) -> SamplingOptions:
         raise UsageError(str(err)) from None
 
 
-def _check_counts(length: int, num_samples: int) -> None:
+def check_counts(length: int, num_samples: int, length_flag: str = "--length") -> None:
+    """Generated length and sample count within what the compiled loop takes; the errors name
+    `length_flag` (the pipeline calls it --generate_length)."""
     if not 1 <= length <= MAX_LENGTH:
-        raise UsageError(f"--length={length}: must be in [1, {MAX_LENGTH}]")
+        raise UsageError(f"{length_flag}={length}: must be in [1, {MAX_LENGTH}]")
     if not 1 <= num_samples <= MAX_SAMPLES:
         raise UsageError(f"--num_samples={num_samples}: must be in [1, {MAX_SAMPLES}]")
 
@@ -108,7 +110,7 @@ def main(argv: list[str]) -> int:
     flag = flags.FLAGS
     options = sampling_options(temperature=flag.temperature, sample_mode=flag.sample_mode,
                                top_k=flag.top_k, top_p=flag.top_p, seed=flag.seed, no_unk=flag.no_unk)
-    _check_counts(flag.length, flag.num_samples)
+    check_counts(flag.length, flag.num_samples)
     generator = load_text_generator(checkpoints.resolve_job_dir(hparams), flag.best)
     unknown = generator.encode_prime(flag.prime).unknown
     if unknown:

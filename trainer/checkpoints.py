@@ -107,7 +107,7 @@ def resolve_job_dir(hparams: HParams) -> str:
     return _find_trained_job(hparams)
 
 
-def job_dir_candidates(hparams: HParams) -> list[tuple[str, str]]:
+def _job_dir_candidates(hparams: HParams) -> list[tuple[str, str]]:
     """(language model, job dir) for each language model `%JOB%` may stand for: the given
     --language_model, or all of them."""
     models = (hparams.language_model,) if hparams.language_model else LANGUAGE_MODELS
@@ -119,7 +119,7 @@ def _is_trained_job(job_dir: str) -> bool:
 
 
 def _find_trained_job(hparams: HParams) -> str:
-    candidates = job_dir_candidates(hparams)
+    candidates = _job_dir_candidates(hparams)
     found = [(lm, job_dir) for lm, job_dir in candidates if _is_trained_job(job_dir)]
     if len(found) == 1:
         return found[0][1]

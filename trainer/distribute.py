@@ -112,8 +112,8 @@ def _task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
     """True on the one worker that writes summaries and samples and exports the model.
     hparams.json and metadata.json are the exception: every worker writes them (runner.prepare_job
-    runs before the strategy exists), from the same flags and data and each by an atomic rename,
-    so the copies agree and a reader never sees half a file."""
+    runs on each one), from the same flags and data and each by an atomic rename, so the copies
+    agree and a reader never sees half a file."""
     task_type, task_id = _task(strategy)
     if task_type is None or task_type == "chief":
         return True

@@ -40,10 +40,10 @@ From Python, without verne::
 Tokenization in TF: newlines are normalised and case folded as the corpus was (Unicode NFC is
 not applied); char primes are split into code points, byte primes into bytes, word primes with
 an RE2 translation of `preprocessing.tokenizers.WORD_PATTERN` (or of `WHITESPACE_PATTERN` for
-data preprocessed with `--word_split whitespace`). Byte output that is not valid
-UTF-8 becomes U+FFFD. Word output is spaced with regular
-expressions implementing the tokenizer's rules except the alternation of straight quotes
-(whitespace-split models: single spaces between tokens, none around line breaks).
+data preprocessed with `--word_split whitespace`). Byte output that is not valid UTF-8 becomes
+U+FFFD. Word output is spaced with regular expressions implementing the tokenizer's rules except
+the alternation of straight quotes (whitespace-split models: single spaces between tokens, none
+around line breaks).
 Training writes one to JOB_DIR/export at its end (see trainer.runner).
 """
 

@@ -259,7 +259,7 @@ class Sampler:
 
     def generate(self, prime: list[int], length: int, temperature: float = 1.0, seed: int = 0) -> list[int]:
         """`length` new token ids following `prime` (temperature 0: greedy argmax)."""
-        # Training passes seed + step, and HParams lets --seed be any integer: fold it into
+        # Training passes seed + step, which passes MAX_SEED for a --seed near it: fold it into
         # the range a seed tensor holds rather than stop training over a sample.
         options = SamplingOptions(temperature=temperature, seed=seed % (MAX_SEED + 1))
         return self.generator.generate(prime, length, options)[0].tolist()
