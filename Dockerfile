@@ -14,6 +14,9 @@ ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+# g++ builds verne's native CPU recurrences on the machine that runs a CPU job (once per job, ~15 s,
+# for that CPU); GPU jobs use TensorFlow's own kernels and never build them.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/verne
 COPY setup.py constraints.txt ./
 COPY preprocessing ./preprocessing

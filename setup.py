@@ -50,6 +50,8 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["preprocessing", "preprocessing.*", "trainer", "trainer.*",
                                     "pipelines", "pipelines.*"]),
+    # The native CPU kernels' source: compiled on the machine that trains (trainer/kernels/native.py).
+    package_data={"trainer.kernels": ["*.cc"]},
     install_requires=STACK,
     extras_require={"dev": DEV, **TENSORFLOW},
 )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from trainer import kernels
+from trainer.kernels import native
 
 # (batch, time, units): odd sizes, a single step, a single sequence, and windows of 12 and 16
 # (the sizes a blocked loop, tried and measured no faster, would have run in blocks).
@@ -48,24 +51,41 @@ def _run(fn, cell: str, args: dict[str, tf.Tensor], dtype: tf.DType, seed: int =
     return [o.numpy() for o in outs], [g.numpy() for g in grads]
 
 
-FAST = {"lstm": kernels.lstm_sequence, "gru": kernels.gru_sequence}
+IMPLEMENTATIONS = {
+    "fast": {"lstm": kernels.lstm_sequence_fast, "gru": kernels.gru_sequence_fast},
+    "native": {"lstm": kernels.lstm_sequence_native, "gru": kernels.gru_sequence_native},
+}
 REFERENCE = {"lstm": kernels.lstm_sequence_reference, "gru": kernels.gru_sequence_reference}
+
+
+@pytest.fixture(params=["fast", "native"])
+def fast(request: pytest.FixtureRequest) -> dict:
+    return IMPLEMENTATIONS[request.param]
+
+
+def test_native_kernels_build_where_a_compiler_is() -> None:
+    # Not a skip: on a machine with g++ the native kernels must build, or the default is slow.
+    if shutil.which("g++"):
+        assert native.available(), "native_recurrences.cc did not build: see the message above"
+        assert kernels.use_native()
+        with kernels.portable():
+            assert not kernels.use_native()
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_fast_float32_equals_autodiff(cell: str, shape: tuple[int, int, int]) -> None:
+def test_fast_float32_equals_autodiff(fast: dict, cell: str, shape: tuple[int, int, int]) -> None:
     args = _inputs(cell, *shape)
-    fast_out, fast_grad = _run(FAST[cell], cell, args, tf.float32)
+    fast_out, fast_grad = _run(fast[cell], cell, args, tf.float32)
     ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32)
     for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fast_bfloat16_close_to_float32_autodiff(cell: str) -> None:
+def test_fast_bfloat16_close_to_float32_autodiff(fast: dict, cell: str) -> None:
     args = _inputs(cell, 4, 16, 32)
-    fast_out, fast_grad = _run(FAST[cell], cell, args, tf.bfloat16)
+    fast_out, fast_grad = _run(fast[cell], cell, args, tf.bfloat16)
     ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32)
     for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
         # bfloat16 keeps 8 mantissa bits: errors of a few 1e-3 relative to the tensor's scale.
@@ -74,9 +94,9 @@ def test_fast_bfloat16_close_to_float32_autodiff(cell: str) -> None:
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_gradients_without_final_state_and_inside_tf_function(cell: str) -> None:
+def test_gradients_without_final_state_and_inside_tf_function(fast: dict, cell: str) -> None:
     args = _inputs(cell, 2, 5, 6)
-    graph_fast = tf.function(FAST[cell])
+    graph_fast = tf.function(fast[cell])
     fast_out, fast_grad = _run(graph_fast, cell, args, tf.float32, use_final=False)
     ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32, use_final=False)
     for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
@@ -84,25 +104,25 @@ def test_gradients_without_final_state_and_inside_tf_function(cell: str) -> None
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_unknown_batch_size_inside_tf_function(cell: str) -> None:
+def test_unknown_batch_size_inside_tf_function(fast: dict, cell: str) -> None:
     # Sampling and the SavedModel trace with the batch unknown; an 8-step window runs as one block.
     args = _inputs(cell, 3, 8, 4)
     names = ["x_proj", "h0", "c0", "w_h"] if cell == "lstm" else ["x_proj", "h0", "w_h", "b_h"]
     specs = [tf.TensorSpec([None, *args[n].shape[1:]] if n in ("x_proj", "h0", "c0") else args[n].shape)
              for n in names]
-    graph_fast = tf.function(FAST[cell], input_signature=specs)
+    graph_fast = tf.function(fast[cell], input_signature=specs)
     got = graph_fast(*(args[n] for n in names))
     want = REFERENCE[cell](*(args[n] for n in names))
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_final_state_gradient_reaches_initial_state() -> None:
+def test_final_state_gradient_reaches_initial_state(fast: dict) -> None:
     # A loss on the final cell state only: its gradient must flow back to h0 and c0 through every step.
     args = _inputs("lstm", 2, 6, 4)
     with tf.GradientTape() as tape:
         tape.watch([args["h0"], args["c0"]])
-        _, _, c_t = kernels.lstm_sequence(args["x_proj"], args["h0"], args["c0"], args["w_h"])
+        _, _, c_t = fast["lstm"](args["x_proj"], args["h0"], args["c0"], args["w_h"])
         loss = tf.reduce_sum(c_t)
     dh0, dc0 = tape.gradient(loss, [args["h0"], args["c0"]])
     assert np.abs(dh0.numpy()).max() > 1e-4 and np.abs(dc0.numpy()).max() > 1e-4

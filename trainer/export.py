@@ -56,7 +56,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import checkpoints
+from trainer import checkpoints, kernels
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.models.base import LanguageModel
@@ -250,7 +250,8 @@ def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: 
     signatures = {"serving_default": module.generate_rows, "generate": module.generate,
                   "next_token_log_probs": module.next_token_log_probs}
     staging = f"{export_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    tf.saved_model.save(module, staging, signatures=signatures)
+    with kernels.portable():  # verne's C++ ops would tie the SavedModel to this machine and verne
+        tf.saved_model.save(module, staging, signatures=signatures)
     _replace_dir(staging, export_dir)
     return export_dir
 

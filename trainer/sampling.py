@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from preprocessing import cleaning, contract
 from preprocessing.tokenizers import tokenizer_from_metadata
+from trainer import kernels
 from trainer.models.base import LanguageModel, State
 
 # Sample modes, as char-rnn-tensorflow numbers them.
@@ -207,6 +208,17 @@ def generation_loop(model: LanguageModel, logits: tf.Tensor, state: State, prev:
     return tf.transpose(out.stack()), logits, state, prev
 
 
+def _portable_function(fn: Callable) -> Callable:
+    """tf.function tracing `fn` with TensorFlow's own kernels: the exported SavedModel can only use
+    those, and babble, serve and the SavedModel give the same text for the same seed."""
+
+    def traced(*args: object) -> object:
+        with kernels.portable():
+            return fn(*args)
+
+    return tf.function(traced, reduce_retracing=True)
+
+
 class Generator:
     """Fast generation from one model: prime once, then the compiled loop, several samples as rows.
 
@@ -219,8 +231,8 @@ class Generator:
         self.model, self.unk_id = model, unk_id
         self.boundary = (tf.constant(boundary_mask(vocab, language_model))
                          if vocab is not None and language_model is not None else None)
-        self._prime = tf.function(lambda ids, batch: prime_model(model, ids, batch), reduce_retracing=True)
-        self._loop = tf.function(lambda *args: generation_loop(model, *args), reduce_retracing=True)
+        self._prime = _portable_function(lambda ids, batch: prime_model(model, ids, batch))
+        self._loop = _portable_function(lambda *args: generation_loop(model, *args))
 
     def stream(self, prime_ids: Sequence[int], length: int, options: SamplingOptions,
                batch_size: int = 1, chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:

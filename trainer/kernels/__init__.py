@@ -5,20 +5,62 @@
 
 `x_proj` is the input projection for the whole window ([B, T, 4H] gates i, f, g, o, or
 [B, T, 3H] gates z, r, n; input bias folded in), computed by the caller in one matmul.
-`compute_dtype=tf.bfloat16` runs the recurrent matmuls in bfloat16; state, gates and the
-weight-gradient accumulation stay float32. The `*_reference` functions are the plain autodiff
-definitions the fast ones are tested against (tests/test_kernels.py).
+
+Three implementations of one contract:
+- `*_native` (`native.py`, `native_recurrences.cc`): the whole recurrence as one C++ op each way, built
+  for this machine on first use. The default on a CPU-only machine where it builds: it is the
+  fastest there (bench/README.md).
+- `*_fast` (`lstm.py`, `gru.py`): TensorFlow ops in a `tf.while_loop`, portable to any device;
+  `compute_dtype=tf.bfloat16` runs the recurrent matmuls in bfloat16. The default with a GPU or
+  TPU, where the build failed, and inside `portable()` (SavedModels must load without verne).
+- `*_reference`: plain autodiff, the definition both are tested against (tests/test_kernels.py).
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import tensorflow as tf
+
+from trainer.kernels import native
 from trainer.kernels.gru import gru_sequence_fast
 from trainer.kernels.lstm import lstm_sequence_fast
+from trainer.kernels.native import gru_sequence_native, lstm_sequence_native
 from trainer.kernels.reference import gru_sequence_reference, lstm_sequence_reference
 
-# The default path is whichever measured fastest in bench/train.py (see bench/README.md).
-lstm_sequence = lstm_sequence_fast
-gru_sequence = gru_sequence_fast
+_portable_depth = 0
+
+
+@contextlib.contextmanager
+def portable() -> Iterator[None]:
+    """Kernels traced inside use only TensorFlow's own ops (for graphs saved to run elsewhere)."""
+    global _portable_depth
+    _portable_depth += 1
+    try:
+        yield
+    finally:
+        _portable_depth -= 1
+
+
+def use_native() -> bool:
+    return _portable_depth == 0 and native.available()
+
+
+def lstm_sequence(x_proj: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, w_h: tf.Tensor, *,
+                  compute_dtype: tf.DType = tf.float32) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    kernel = lstm_sequence_native if use_native() else lstm_sequence_fast
+    return kernel(x_proj, h0, c0, w_h, compute_dtype=compute_dtype)
+
+
+def gru_sequence(x_proj: tf.Tensor, h0: tf.Tensor, w_h: tf.Tensor, b_h: tf.Tensor, *,
+                 compute_dtype: tf.DType = tf.float32) -> tuple[tf.Tensor, tf.Tensor]:
+    kernel = gru_sequence_native if use_native() else gru_sequence_fast
+    return kernel(x_proj, h0, w_h, b_h, compute_dtype=compute_dtype)
+
 
 __all__ = [
-    "gru_sequence", "gru_sequence_fast", "gru_sequence_reference",
-    "lstm_sequence", "lstm_sequence_fast", "lstm_sequence_reference",
+    "gru_sequence", "gru_sequence_fast", "gru_sequence_native", "gru_sequence_reference",
+    "lstm_sequence", "lstm_sequence_fast", "lstm_sequence_native", "lstm_sequence_reference",
+    "portable", "use_native",
 ]
