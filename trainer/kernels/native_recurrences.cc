@@ -71,6 +71,25 @@ bool CheckShapes(OpKernelContext* ctx, const Tensor& x_proj, const Tensor& w_h,
   return ok;
 }
 
+// hw = h_{t-1} @ w for the rows [first, first + n): h0 at t = 0, else the outputs of step t - 1.
+void PreviousStateTimes(const float* h0, const float* hs, int64_t first, int64_t n, int64_t t, int64_t steps,
+                        const ConstMatrixMap& w, Matrix* hw) {
+  const int64_t units = w.rows();
+  if (t == 0) {
+    hw->noalias() = ConstMatrixMap(h0 + first * units, n, units) * w;
+  } else {
+    hw->noalias() = StridedRows(hs + (first * steps + t - 1) * units, n, units, Eigen::OuterStride<>(steps * units)) * w;
+  }
+}
+
+// out = seq[rows first.., step t] @ w_t for a [B, T, W] tensor seq: the gradient a step's
+// pre-activations send back to the previous state.
+void StepRowsTimes(const float* seq, int64_t first, int64_t n, int64_t t, int64_t steps, const Matrix& w_t,
+                   Matrix* out) {
+  const int64_t width = w_t.rows();
+  out->noalias() = StridedRows(seq + (first * steps + t) * width, n, width, Eigen::OuterStride<>(steps * width)) * w_t;
+}
+
 tensorflow::Status SameAs(InferenceContext* c, std::initializer_list<std::pair<int, int>> output_input) {
   for (auto [out, in] : output_input) c->set_output(out, c->input(in));
   return tensorflow::OkStatus();
@@ -122,11 +141,7 @@ class LstmSequenceOp : public OpKernel {
       const int64_t n = last - first;
       Matrix hw(n, 4 * H);
       for (int64_t t = 0; t < T; ++t) {
-        if (t == 0) {
-          hw.noalias() = ConstMatrixMap(h0_p + first * H, n, H) * w;
-        } else {
-          hw.noalias() = StridedRows(hs + (first * T + t - 1) * H, n, H, Eigen::OuterStride<>(T * H)) * w;
-        }
+        PreviousStateTimes(h0_p, hs, first, n, t, T, w, &hw);
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = first + r, bt = b * T + t;
           Row z(gates_p + bt * 4 * H, 4 * H);
@@ -180,7 +195,8 @@ class LstmSequenceGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, H}), &dh0));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({B, H}), &dc0));
     const float* c0_p = c0.flat<float>().data();
-    ConstMatrixMap w(w_h.flat<float>().data(), H, 4 * H);
+    // W_hᵀ laid out once per call: the per-step product then reads it row by row.
+    const Matrix w_t = ConstMatrixMap(w_h.flat<float>().data(), H, 4 * H).transpose();
     const float* cs_p = cs.flat<float>().data();
     const float* gates_p = gates.flat<float>().data();
     const float* d_out_p = d_out.flat<float>().data();
@@ -212,8 +228,7 @@ class LstmSequenceGradOp : public OpKernel {
           Row(dzb + 3 * H, H) = dh * tanh_c * o * (1.0f - o);
           dc_r *= f;
         }
-        dh_rec.noalias() = StridedRows(dz_p + (first * T + t) * 4 * H, n, 4 * H, Eigen::OuterStride<>(T * 4 * H)) *
-                           w.transpose();
+        StepRowsTimes(dz_p, first, n, t, T, w_t, &dh_rec);
       }
       Eigen::Map<Matrix>(dh0_p + first * H, n, H) = dh_rec;
       Eigen::Map<Matrix>(dc0_p + first * H, n, H) = dc;
@@ -265,11 +280,7 @@ class GruSequenceOp : public OpKernel {
       const int64_t n = last - first;
       Matrix hw(n, 3 * H);
       for (int64_t t = 0; t < T; ++t) {
-        if (t == 0) {
-          hw.noalias() = ConstMatrixMap(h0_p + first * H, n, H) * w;
-        } else {
-          hw.noalias() = StridedRows(hs + (first * T + t - 1) * H, n, H, Eigen::OuterStride<>(T * H)) * w;
-        }
+        PreviousStateTimes(h0_p, hs, first, n, t, T, w, &hw);
         for (int64_t r = 0; r < n; ++r) {
           const int64_t b = first + r, bt = b * T + t;
           const float* xb = x + bt * 3 * H;
@@ -327,7 +338,7 @@ class GruSequenceGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, TensorShape({B, T, 3 * H}), &dhz_t));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(2, TensorShape({B, H}), &dh0));
     const float* h0_p = h0.flat<float>().data();
-    ConstMatrixMap w(w_h.flat<float>().data(), H, 3 * H);
+    const Matrix w_t = ConstMatrixMap(w_h.flat<float>().data(), H, 3 * H).transpose();
     const float* hs = outputs.flat<float>().data();
     const float* gates_p = gates.flat<float>().data();
     const float* d_out_p = d_out.flat<float>().data();
@@ -360,8 +371,7 @@ class GruSequenceGradOp : public OpKernel {
           Row(dhzb + 2 * H, H) = dn_pre * rg;
           Row(direct.data() + r * H, H) = dh * z;
         }
-        carry.noalias() = StridedRows(dhz_p + (first * T + t) * 3 * H, n, 3 * H, Eigen::OuterStride<>(T * 3 * H)) *
-                          w.transpose();
+        StepRowsTimes(dhz_p, first, n, t, T, w_t, &carry);
         carry += direct;
       }
       Eigen::Map<Matrix>(dh0_p + first * H, n, H) = carry;
