@@ -33,7 +33,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import data, loops, runner
+from trainer import data, kernels, loops, runner
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import HParams, resolve_precision
 from trainer.model_fn import Mode, Params, model_fn
@@ -241,7 +241,9 @@ def header(shape: Shape, torch_info: dict | None) -> list[str]:
             f"versions: Python {platform.python_version()}, tensorflow {tf.__version__}{torch}",
             f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, "
             f"vocab {shape.vocab}, batch {shape.batch}, unroll {shape.unroll}, Adam, clip 5; "
-            f"{shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token"]
+            f"{shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token",
+            "recurrence: " + ("verne's native C++ ops (trainer/kernels/native_recurrences.cc)"
+                              if kernels.use_native() else "TensorFlow ops (tf.while_loop kernels)")]
 
 
 def main(argv: list[str]) -> None:
