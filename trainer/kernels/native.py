@@ -7,7 +7,8 @@ the recurrent weight gradient stay single large TensorFlow matmuls around them.
 
 The library is compiled with the machine's C++ compiler against the installed TensorFlow's
 headers (`tf.sysconfig`), for this CPU (`-march=native`), into a cache directory keyed by the
-source, TensorFlow's version and the CPU's flags, so a change to any of them rebuilds it. Where
+source, TensorFlow's version, the compile command and the CPU's flags, so a change to any of
+them rebuilds it. Where
 no compiler is found or the build fails, `load()` returns None and the callers keep the
 pure-TensorFlow kernels (`lstm.py`, `gru.py`); `VERNE_NATIVE_KERNELS=0` asks for that explicitly.
 """
@@ -25,20 +26,11 @@ import tempfile
 
 import tensorflow as tf
 
+from trainer.hparams import cpu_flags
 from trainer.kernels.lstm import cast, zeros_if_none
 
 SOURCE = pathlib.Path(__file__).with_name("native_recurrences.cc")
 ENV_SWITCH = "VERNE_NATIVE_KERNELS"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return ""
 
 
 def cache_dir() -> pathlib.Path:
@@ -47,18 +39,20 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(root) / "ops"
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def _compile_flags() -> list[str]:
+    return ["-shared", "-fPIC", "-O3", "-march=native", "-w",
+            *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
 def library_path() -> pathlib.Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), tf.__version__.encode(), " ".join(_compile_command("x", "y")).encode(),
-                 _cpu_flags().encode()):
-        key.update(part)
+    for part in (SOURCE.read_bytes(), tf.__version__, _compiler(), *_compile_flags(), *sorted(cpu_flags())):
+        key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
-
-
-def _compile_command(source: str, output: str) -> list[str]:
-    compiler = os.environ.get("CXX") or "g++"
-    return [compiler, "-shared", "-fPIC", "-O3", "-march=native", "-w", source, "-o", output,
-            *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
 
 
 def build(path: pathlib.Path) -> None:
@@ -67,8 +61,8 @@ def build(path: pathlib.Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         partial = os.path.join(scratch, path.name)
-        result = subprocess.run(_compile_command(str(SOURCE), partial), capture_output=True, text=True,
-                                check=False)
+        result = subprocess.run([_compiler(), str(SOURCE), "-o", partial, *_compile_flags()],
+                                capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
                                else f"compiler exited with {result.returncode}")
@@ -82,7 +76,7 @@ def load() -> object | None:
         return None
     if tf.config.list_physical_devices("GPU") or tf.config.list_logical_devices("TPU"):
         return None  # CPU kernels only: accelerators run the portable kernels
-    compiler = os.environ.get("CXX") or "g++"
+    compiler = _compiler()
     if shutil.which(compiler) is None:
         _say(f"no C++ compiler ({compiler}) to build the native CPU kernels: using the slower "
              "TensorFlow ones (install g++ for the fast ones)")
@@ -111,9 +105,9 @@ def lstm_sequence_native(
     compute_dtype: tf.DType = tf.float32,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """Same contract as `lstm_sequence_reference`, one op each way. The recurrence computes in
-    float32 whatever `compute_dtype` says: here float32 is as fast as bfloat16 (the per-step
-    matmuls are small) and more accurate; `compute_dtype` still sets the dtype of the weight
-    gradient's one large matmul."""
+    float32 whatever `compute_dtype` says: that is already faster than the TensorFlow kernels'
+    bfloat16 loop (bench/README.md) and more accurate; `compute_dtype` still sets the dtype of
+    the weight gradient's one large matmul."""
     ops = load()
     w_h = tf.convert_to_tensor(w_h)
 
