@@ -49,7 +49,7 @@ flags.DEFINE_integer("embedding", 128, "Embedding size.")
 flags.DEFINE_integer("vocab", 65, "Vocabulary size (65: tinyshakespeare's characters).")
 flags.DEFINE_integer("batch", 64, "Batch size.")
 flags.DEFINE_integer("unroll", 128, "Unroll steps.")
-flags.DEFINE_enum("precision", HParams().precision, ["auto", "float32", "bfloat16"],
+flags.DEFINE_enum("precision", HParams().precision, ["auto", "float32", "bfloat16", "float16"],
                   "verne's --precision for the headline ratio (default: verne's default; auto "
                   "resolves as trainer.task resolves it).")
 flags.DEFINE_integer("repeats", 3, "Interleaved rounds (verne, torch fp32, torch bf16 each round).")

@@ -58,14 +58,16 @@ def test_hparams_json_round_trip_and_unknown_keys() -> None:
         HParams.from_json('{"layerz": 3}')
 
 
-def test_auto_precision_is_bfloat16_only_for_native_bf16_cpus_and_recurrent_cells() -> None:
+def test_auto_precision_per_device_for_recurrent_cells_only() -> None:
     bf16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
     assert auto_precision("lstm", bf16, has_gpu=False) == "bfloat16"
     assert auto_precision("gru", frozenset({"amx_bf16", "amx_tile"}), has_gpu=False) == "bfloat16"
     assert auto_precision("lstm", frozenset({"avx2", "avx512f"}), has_gpu=False) == "float32"
-    assert auto_precision("lstm", bf16, has_gpu=True) == "float32"
+    assert auto_precision("lstm", bf16, has_gpu=True) == "float16"
+    assert auto_precision("gru", frozenset(), has_gpu=False, has_tpu=True) == "bfloat16"
     for zoo in ("mlstm", "mogrifier", "qrnn", "transformer"):
-        assert auto_precision(zoo, bf16, has_gpu=False) == "float32", zoo
+        for gpu, tpu in ((False, False), (True, False), (False, True)):
+            assert auto_precision(zoo, bf16, has_gpu=gpu, has_tpu=tpu) == "float32", zoo
 
 
 def test_cpu_flags_reads_the_flags_line(tmp_path) -> None:
@@ -84,5 +86,8 @@ def test_resolve_precision_leaves_only_concrete_values() -> None:
 
 def test_bfloat16_is_refused_for_float32_only_cells() -> None:
     HParams(cell="gru", precision="bfloat16").validate()
+    HParams(cell="lstm", precision="float16").validate()
     with pytest.raises(ValueError, match="--precision=bfloat16: --cell=transformer"):
         HParams(cell="transformer", precision="bfloat16").validate()
+    with pytest.raises(ValueError, match="--precision=float16: --cell=qrnn"):
+        HParams(cell="qrnn", precision="float16").validate()

@@ -102,6 +102,10 @@ def strategy_from_environment(env: Mapping[str, str] | None = None) -> tf.distri
     return tf.distribute.get_strategy()
 
 
+def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
+    return isinstance(strategy, tf.distribute.TPUStrategy)
+
+
 def _task(strategy: tf.distribute.Strategy) -> tuple[str | None, int]:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not getattr(resolver, "task_type", None):

@@ -50,9 +50,10 @@ _HELP = {
                            "the model also learns to write from a cold start (0: carry the whole epoch).",
     "grad_clip": "Clip the global gradient norm to this (0: off).",
     "seed": "Random seed for initialisation, dropout and sampling.",
-    "precision": "auto, float32 or bfloat16 (bf16 matmuls, fp32 state and weights). auto: bfloat16 "
-                 "for lstm/gru/rnn on a CPU with AVX512_BF16 or AMX and no GPU, else float32. The "
-                 "zoo cells (mlstm, mogrifier, qrnn, transformer) always compute in float32.",
+    "precision": "auto, float32, bfloat16 or float16 (16-bit matmuls; fp32 state and weights; float16 "
+                 "adds dynamic loss scaling). auto: lstm/gru/rnn use bfloat16 on a TPU, float16 on a "
+                 "GPU, bfloat16 on a CPU with AVX512_BF16 or AMX, else float32. The zoo cells "
+                 "(mlstm, mogrifier, qrnn, transformer) always compute in float32.",
     "init_from": "Job dir whose weights start this run (fine-tuning; same vocabulary).",
     "word2vec_embedding": "word2vec/GloVe file to initialise a word model's embedding.",
     "freeze_embedding": "Keep the embedding fixed during training.",

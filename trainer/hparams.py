@@ -25,9 +25,9 @@ LANGUAGE_MODELS = ("char", "byte", "word")
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "ntasgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 POS_ENCODINGS = ("none", "sinusoidal", "learned")
-PRECISIONS = ("auto", "float32", "bfloat16")
-# Cells whose matmuls honour --precision=bfloat16 (trainer/models/recurrent.py); the zoo cells
-# (mlstm, mogrifier, qrnn, transformer) compute in float32 whatever --precision says.
+PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+# Cells whose matmuls honour --precision=bfloat16/float16 (trainer/models/recurrent.py); the zoo
+# cells (mlstm, mogrifier, qrnn, transformer) compute in float32 whatever --precision says.
 BF16_CELLS = ("lstm", "gru", "rnn")
 # Cells with a --layer_norm variant (trainer/models/recurrent.py). The transformer always
 # normalises; mlstm, mogrifier and qrnn have none, so the flag would be silently ignored.
@@ -143,9 +143,10 @@ class HParams:
             always = " (it always normalises)" if self.cell == "transformer" else ""
             raise ValueError(f"--layer_norm: --cell={self.cell} has no layer-norm variant{always}; "
                              f"drop --layer_norm (it exists for {', '.join(LAYER_NORM_CELLS)})")
-        if self.precision == "bfloat16" and self.cell not in BF16_CELLS:
-            raise ValueError(f"--precision=bfloat16: --cell={self.cell} computes in float32 (bfloat16 "
-                             f"matmuls exist for {', '.join(BF16_CELLS)}); use --precision=auto or float32")
+        if self.precision in ("bfloat16", "float16") and self.cell not in BF16_CELLS:
+            raise ValueError(f"--precision={self.precision}: --cell={self.cell} computes in float32 "
+                             f"(16-bit matmuls exist for {', '.join(BF16_CELLS)}); use --precision=auto "
+                             "or float32")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
         if not 0 <= self.seed < 2 ** 63:  # it seeds TensorFlow's int64 stateless random ops
@@ -186,12 +187,18 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
 _DEFAULTS = HParams()
 
 
-def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool) -> str:
-    """What --precision=auto means on a machine: bfloat16 for a cell that honours it on a CPU
-    with native bf16 matmuls and no GPU (the GPU path has not been measured), else float32."""
-    if cell in BF16_CELLS and not has_gpu and cpu_flags & BF16_CPU_FLAGS:
+def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool, has_tpu: bool = False) -> str:
+    """What --precision=auto means on a machine, for a cell that honours 16-bit matmuls:
+    bfloat16 on a TPU (its native matmul type), float16 with loss scaling on a GPU (tensor cores;
+    the usual mixed-precision recipe, not measured here: no GPU), bfloat16 on a CPU with native
+    bf16 matmuls; float32 otherwise and for the zoo cells."""
+    if cell not in BF16_CELLS:
+        return "float32"
+    if has_tpu:
         return "bfloat16"
-    return "float32"
+    if has_gpu:
+        return "float16"
+    return "bfloat16" if cpu_flags & BF16_CPU_FLAGS else "float32"
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -206,14 +213,15 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
-def resolve_precision(hparams: HParams) -> HParams:
-    """hparams with --precision=auto replaced by the concrete precision for this machine."""
+def resolve_precision(hparams: HParams, on_tpu: bool = False) -> HParams:
+    """hparams with --precision=auto replaced by the concrete precision for this machine
+    (`on_tpu`: the trainer runs under a TPUStrategy)."""
     if hparams.precision != "auto":
         return hparams
     import tensorflow as tf  # here, not at import: hparams.py is read by light tools too
 
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu))
+    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu, on_tpu))
 
 
 def shape_of(hparams: HParams) -> dict[str, Any]:

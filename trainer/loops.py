@@ -13,6 +13,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from trainer import optimizers
 from trainer.model_fn import Mode, Params, model_fn
 from trainer.models import awd
 from trainer.models.base import State
@@ -47,8 +48,12 @@ def gather_state(strategy: tf.distribute.Strategy, state: State) -> State:
 
 
 def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
-                    strategy: tf.distribute.Strategy) -> TrainStep:
-    """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state)."""
+                    strategy: tf.distribute.Strategy,
+                    loss_scale: optimizers.DynamicLossScale | None = None) -> TrainStep:
+    """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state).
+
+    With `loss_scale` (--precision=float16) a step whose gradient overflows is skipped: the
+    optimizer does not move, and the returned norm is that non-finite value."""
     model, clip = params.model, params.hparams.grad_clip
     replicas = strategy.num_replicas_in_sync
     period = params.hparams.state_reset_windows
@@ -69,8 +74,12 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
                             Mode.TRAIN, params)
             # Gradients are summed over replicas, so each contributes its share of the mean.
             scaled = spec.loss / replicas
+            if loss_scale is not None:
+                scaled = scaled * loss_scale.scale
         variables = model.trainable_variables
         grads = tape.gradient(scaled, variables)
+        if loss_scale is not None:
+            grads = [_scale(g, 1.0 / loss_scale.scale) for g in grads]
         if replicas > 1:
             # Norm and clipping see the summed gradient, as on one device; Keras sums again
             # in apply_gradients, so each replica hands over an equal share of the sum.
@@ -80,7 +89,17 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
             grads, _ = tf.clip_by_global_norm(grads, clip, use_norm=norm)
         if replicas > 1:
             grads = [_scale(g, 1.0 / replicas) for g in grads]
-        optimizer.apply_gradients(zip(grads, variables, strict=True))
+        if loss_scale is None:
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
+        else:
+            finite = tf.math.is_finite(norm)
+
+            def apply() -> tf.Tensor:
+                optimizer.apply_gradients(zip(grads, variables, strict=True))
+                return tf.constant(True)
+
+            tf.cond(finite, apply, lambda: tf.constant(False))
+            loss_scale.update(finite)
         return spec.loss, norm, spec.state
 
     @tf.function

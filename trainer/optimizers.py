@@ -132,3 +132,33 @@ def restore_averaged(model: keras.Model, path: str) -> bool:
         return False
     _swap(optimizer)
     return True
+
+
+class DynamicLossScale(tf.Module):
+    """float16 training's dynamic loss scale (Micikevicius et al. 2018; the rule of Keras'
+    LossScaleOptimizer): the loss is multiplied by `scale` before differentiating so that small
+    gradients survive float16, and the gradient divided by it after. A step whose gradient is
+    not finite is skipped and halves the scale; `period` finite steps in a row double it.
+
+    Not Keras' LossScaleOptimizer, which wraps the optimizer: that would move the optimizer's
+    slots in the checkpoint (a job could not change --precision), hide NT-ASGD, and leave
+    clipping to see the scaled gradient. The scale is not checkpointed: a resumed run finds it
+    again within a few skipped steps.
+    """
+
+    def __init__(self, initial: float = 2.0 ** 15, period: int = 2000) -> None:
+        super().__init__(name="loss_scale")
+        self.period = period
+        # Every replica sees the same all-reduced gradient, so any one's update is everyone's.
+        first = tf.VariableAggregation.ONLY_FIRST_REPLICA
+        self.scale = tf.Variable(initial, dtype=tf.float32, trainable=False, aggregation=first)
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=first)
+        self.skipped = tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=first)
+
+    def update(self, finite: tf.Tensor) -> None:
+        """After a step: `finite` says whether its (unscaled) gradient was finite."""
+        grown = self.good_steps + 1 >= self.period
+        self.scale.assign(tf.where(finite, tf.where(grown, self.scale * 2.0, self.scale),
+                                   self.scale * 0.5))
+        self.good_steps.assign(tf.where(finite & ~grown, self.good_steps + 1, 0))
+        self.skipped.assign_add(tf.where(finite, tf.constant(0, tf.int64), 1))

@@ -69,7 +69,7 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
         hparams = checkpoints.resolve_hparams(hparams, metadata).validate()
     except ValueError as err:  # HParams built in code (pipelines, tests) skip the flags' check
         raise UsageError(str(err)) from None
-    hparams = resolve_precision(hparams)
+    hparams = resolve_precision(hparams, on_tpu=distribute.is_tpu(strategy))
     if strategy is not None:
         # Before anything is written: an uneven split would silently drop streams, then fail
         # on the first assignment of the carried state.
@@ -204,7 +204,12 @@ class _Trainer:
                                                   max_to_keep=hparams.keep_checkpoint_max)
         self.best_manager = tf.train.CheckpointManager(
             self.checkpoint, checkpoints.join(self.save_dir, checkpoints.BEST_DIR), max_to_keep=1)
-        self.train_step = loops.make_train_step(self.params, self.optimizer, self.strategy)
+        with self.strategy.scope():
+            # float16 gradients underflow without it; bfloat16 has float32's exponent range.
+            self.loss_scale = (optimizers.DynamicLossScale() if hparams.precision == "float16"
+                               else None)
+        self.train_step = loops.make_train_step(self.params, self.optimizer, self.strategy,
+                                                self.loss_scale)
         self.eval_step = loops.make_eval_step(self.params, self.strategy)
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
@@ -300,6 +305,12 @@ class _Trainer:
         if not finite:
             self._diverged(step, "the weights")
 
+    def _overflow_skipped(self, loss: float) -> bool:
+        """A float16 step whose gradient overflowed was skipped (the loss scale halved), which is
+        not divergence while the loss is finite and the scale has not collapsed below 1."""
+        return (self.loss_scale is not None and math.isfinite(loss)
+                and float(self.loss_scale.scale.numpy()) >= 1.0)
+
     def _diverged(self, step: int, what: str) -> None:
         last = self.manager.latest_checkpoint or "none yet"
         raise TrainingDiverged(
@@ -370,7 +381,7 @@ class _Trainer:
             for inputs, labels in self._distribute(dataset):
                 loss, norm, state = self.train_step(inputs, labels, state)
                 loss, norm = float(loss), float(norm)
-                if not (math.isfinite(loss) and math.isfinite(norm)):
+                if not (math.isfinite(loss) and math.isfinite(norm) or self._overflow_skipped(loss)):
                     progress.close()
                     what = "the loss" if not math.isfinite(loss) else "the gradient"
                     self._diverged(position.step + 1, what)

@@ -6,7 +6,8 @@
 `x_proj` is the input projection for the whole window ([B, T, 4H] gates i, f, g, o, or
 [B, T, 3H] gates z, r, n; input bias folded in), computed by the caller in one matmul.
 
-Three implementations of one contract:
+On a GPU the plain LSTM and GRU layers call cuDNN instead (`cudnn.py`, through Keras; it takes the
+layer input, not x_proj). On a CPU, three implementations of this module's contract:
 - `*_native` (`native.py`, `native_recurrences.cc`): the whole recurrence as one C++ op each way, built
   for this machine on first use. The default on a CPU-only machine where it builds: it is the
   fastest there (bench/README.md).
@@ -24,6 +25,7 @@ from collections.abc import Iterator
 import tensorflow as tf
 
 from trainer.kernels import native
+from trainer.kernels.cudnn import gru_sequence_cudnn, lstm_sequence_cudnn
 from trainer.kernels.gru import gru_sequence_fast
 from trainer.kernels.lstm import lstm_sequence_fast
 from trainer.kernels.native import gru_sequence_native, lstm_sequence_native
@@ -47,6 +49,11 @@ def use_native() -> bool:
     return _portable_depth == 0 and native.available()
 
 
+def use_cudnn() -> bool:
+    """cuDNN's fused kernels (cudnn.py) wherever a GPU is visible; never inside `portable()`."""
+    return _portable_depth == 0 and bool(tf.config.list_logical_devices("GPU"))
+
+
 def lstm_sequence(x_proj: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, w_h: tf.Tensor, *,
                   compute_dtype: tf.DType = tf.float32) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     kernel = lstm_sequence_native if use_native() else lstm_sequence_fast
@@ -60,7 +67,8 @@ def gru_sequence(x_proj: tf.Tensor, h0: tf.Tensor, w_h: tf.Tensor, b_h: tf.Tenso
 
 
 __all__ = [
-    "gru_sequence", "gru_sequence_fast", "gru_sequence_native", "gru_sequence_reference",
-    "lstm_sequence", "lstm_sequence_fast", "lstm_sequence_native", "lstm_sequence_reference",
-    "portable", "use_native",
+    "gru_sequence", "gru_sequence_cudnn", "gru_sequence_fast", "gru_sequence_native",
+    "gru_sequence_reference", "lstm_sequence", "lstm_sequence_cudnn", "lstm_sequence_fast",
+    "lstm_sequence_native", "lstm_sequence_reference",
+    "portable", "use_cudnn", "use_native",
 ]

@@ -3,7 +3,9 @@
 Each layer computes its input projection for the whole window in one matmul (bias folded in) and
 runs only the recurrence step by step: the plain LSTM and GRU through the speed-tuned kernels of
 `trainer.kernels` (hand-written gradients), the layer-normalised cells and the vanilla RNN through
-a straightforward `tf.scan` here (they are options, not the default).
+a straightforward `tf.scan` here (they are options, not the default). With a GPU visible the plain
+LSTM and GRU instead hand the whole layer, input projection included, to cuDNN
+(`trainer.kernels.cudnn`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import keras
 import tensorflow as tf
 
+from trainer import kernels
 from trainer.hparams import HParams
 from trainer.kernels import gru_sequence, lstm_sequence
 from trainer.models import awd
@@ -24,9 +27,9 @@ _EPSILON = 1e-5
 
 
 def compute_dtype_of(precision: str) -> tf.DType:
-    """bfloat16 only when asked for by name: an unresolved "auto" computes in float32, because
+    """16-bit only when asked for by name: an unresolved "auto" computes in float32, because
     resolving it needs the machine (hparams.resolve_precision) and building a model stays pure."""
-    return tf.bfloat16 if precision == "bfloat16" else tf.float32
+    return {"bfloat16": tf.bfloat16, "float16": tf.float16}.get(precision, tf.float32)
 
 
 def _matmul(a: tf.Tensor, b: tf.Tensor, compute_dtype: tf.DType) -> tf.Tensor:
@@ -89,6 +92,10 @@ class RecurrentLayer(keras.layers.Layer):
         # AWD weight drop: one DropConnect mask on the recurrent matrix for the whole window.
         w_h = awd.drop_connect(tf.convert_to_tensor(self.recurrent_kernel), self.weight_drop, training,
                                dropout_seed)
+        if not self.layer_norm and self.cell in ("lstm", "gru") and kernels.use_cudnn():
+            fused = self._cudnn(x, state, w_h)
+            if fused is not None:
+                return fused
         x_proj = _matmul(x, self.kernel, self.compute_dtype_)
         if self.layer_norm:
             x_proj = _layer_norm(x_proj, *self.norm_x)
@@ -102,6 +109,18 @@ class RecurrentLayer(keras.layers.Layer):
                                       compute_dtype=self.compute_dtype_)
             return outputs, (h,)
         return self._scan(x_proj, state, w_h)
+
+    def _cudnn(self, x: tf.Tensor, state: tuple[tf.Tensor, ...], w_h: tf.Tensor,
+               ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]] | None:
+        kernel, bias = tf.convert_to_tensor(self.kernel), tf.convert_to_tensor(self.bias)
+        if self.cell == "lstm":
+            fused = kernels.lstm_sequence_cudnn(x, state[0], state[1], kernel, w_h, bias,
+                                                compute_dtype=self.compute_dtype_)
+            return None if fused is None else (fused[0], fused[1:])
+        fused = kernels.gru_sequence_cudnn(x, state[0], kernel, w_h, bias,
+                                           tf.convert_to_tensor(self.recurrent_bias),
+                                           compute_dtype=self.compute_dtype_)
+        return None if fused is None else (fused[0], fused[1:])
 
     def _scan(self, x_proj: tf.Tensor, state: tuple[tf.Tensor, ...], w_h: tf.Tensor,
               ) -> tuple[tf.Tensor, tuple[tf.Tensor, ...]]:
