@@ -94,6 +94,9 @@ class HParams:
     # so hparams.json holds the concrete value. Models never resolve it themselves (build_model
     # stays pure: no /proc/cpuinfo, no device query) and compute an unresolved "auto" in float32.
     precision: str = "auto"
+    # Windows per compiled call. Above 1 the training loop runs inside one tf.function per call
+    # (Keras' steps_per_execution): what keeps a TPU busy, where each call has a fixed host cost.
+    steps_per_execution: int = 1
 
     # --- fine-tuning and embeddings ---
     init_from: str = ""
@@ -126,7 +129,7 @@ class HParams:
         if self.language_model is not None and self.language_model not in LANGUAGE_MODELS:
             raise ValueError(f"--language_model={self.language_model!r}: choose char, byte or word")
         positive = ("layers", "lstm_state_size", "embedding_size", "batch_size", "unroll_steps",
-                    "d_model", "heads", "max_context", "keep_checkpoint_max")
+                    "d_model", "heads", "max_context", "keep_checkpoint_max", "steps_per_execution")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be positive")

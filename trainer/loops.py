@@ -19,6 +19,7 @@ from trainer.models import awd
 from trainer.models.base import State
 
 TrainStep = Callable[[tf.Tensor, tf.Tensor, State], tuple[tf.Tensor, tf.Tensor, State]]
+TrainSteps = Callable[[Any, State, tf.Tensor], tuple[tf.Tensor, tf.Tensor, State]]
 EvalStep = Callable[[tf.Tensor, tf.Tensor, State], tuple[tf.Tensor, tf.Tensor, State]]
 
 
@@ -47,13 +48,10 @@ def gather_state(strategy: tf.distribute.Strategy, state: State) -> State:
     return tf.nest.map_structure(lambda leaf: strategy.gather(leaf, axis=0), state)
 
 
-def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
-                    strategy: tf.distribute.Strategy,
-                    loss_scale: optimizers.DynamicLossScale | None = None) -> TrainStep:
-    """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state).
-
-    With `loss_scale` (--precision=float16) a step whose gradient overflows is skipped: the
-    optimizer does not move, and the returned norm is that non-finite value."""
+def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
+                        strategy: tf.distribute.Strategy,
+                        loss_scale: optimizers.DynamicLossScale | None) -> Callable[..., tuple[Any, ...]]:
+    """One replica's training step: (tokens, labels, state) -> (loss, gradient norm, state)."""
     model, clip = params.model, params.hparams.grad_clip
     replicas = strategy.num_replicas_in_sync
     period = params.hparams.state_reset_windows
@@ -102,6 +100,18 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
             loss_scale.update(finite)
         return spec.loss, norm, spec.state
 
+    return replica_step
+
+
+def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
+                    strategy: tf.distribute.Strategy,
+                    loss_scale: optimizers.DynamicLossScale | None = None) -> TrainStep:
+    """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state).
+
+    With `loss_scale` (--precision=float16) a step whose gradient overflows is skipped: the
+    optimizer does not move, and the returned norm is that non-finite value."""
+    replica_step = _replica_train_step(params, optimizer, strategy, loss_scale)
+
     @tf.function
     def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
         loss, norm, state = strategy.run(replica_step, args=(tokens, labels, state))
@@ -109,6 +119,29 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
         return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, norm, axis=None), state)
 
     return step
+
+
+def make_train_steps(params: Params, optimizer: keras.optimizers.Optimizer,
+                     strategy: tf.distribute.Strategy,
+                     loss_scale: optimizers.DynamicLossScale | None = None) -> TrainSteps:
+    """(iterator, state, count) -> (losses [count], norms [count], next state): `count` training
+    steps on the next `count` windows of `iterator` in one compiled call (--steps_per_execution).
+    `count` is a tensor, so a shorter call (the end of an epoch) does not retrace."""
+    replica_step = _replica_train_step(params, optimizer, strategy, loss_scale)
+    mean = tf.distribute.ReduceOp.MEAN
+
+    @tf.function
+    def steps(iterator: Any, state: State, count: tf.Tensor) -> tuple[Any, ...]:
+        losses = tf.TensorArray(tf.float32, size=count)
+        norms = tf.TensorArray(tf.float32, size=count)
+        for i in tf.range(count):
+            tokens, labels = next(iterator)
+            loss, norm, state = strategy.run(replica_step, args=(tokens, labels, state))
+            losses = losses.write(i, strategy.reduce(mean, loss, axis=None))
+            norms = norms.write(i, strategy.reduce(mean, norm, axis=None))
+        return losses.stack(), norms.stack(), state
+
+    return steps
 
 
 def reset_streams(model: Any, state: State, step: tf.Tensor, period: int, first_stream: tf.Tensor,

@@ -210,6 +210,8 @@ class _Trainer:
                                else None)
         self.train_step = loops.make_train_step(self.params, self.optimizer, self.strategy,
                                                 self.loss_scale)
+        self.train_steps = loops.make_train_steps(self.params, self.optimizer, self.strategy,
+                                                  self.loss_scale)
         self.eval_step = loops.make_eval_step(self.params, self.strategy)
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
@@ -360,6 +362,28 @@ class _Trainer:
 
     # ------------------------------------------------------------ the loop
 
+    def _execution_size(self, position: _Position) -> int:
+        """How many windows the next compiled call trains: up to --steps_per_execution, never
+        past the epoch's end, --max_steps, or a step that evaluates, saves or samples."""
+        hparams = self.hparams
+        size = min(hparams.steps_per_execution, self.layout.windows_per_epoch - position.window)
+        if hparams.max_steps > 0:
+            size = min(size, hparams.max_steps - position.step)
+        for every in (hparams.eval_every, hparams.save_checkpoints_steps, hparams.sample_every):
+            if every > 0:
+                size = min(size, every - position.step % every)
+        return max(size, 1)
+
+    def _train(self, windows: Iterator[Any], state: Any, count: int,
+               ) -> tuple[list[float], list[float], Any]:
+        """Trains on the next `count` windows: (their losses, their gradient norms, state)."""
+        if self.hparams.steps_per_execution == 1:
+            inputs, labels = next(windows)
+            loss, norm, state = self.train_step(inputs, labels, state)
+            return [float(loss)], [float(norm)], state
+        losses, norms, state = self.train_steps(windows, state, tf.constant(count))
+        return losses.numpy().tolist(), norms.numpy().tolist(), state
+
     def finished(self, position: _Position) -> bool:
         if self.hparams.max_steps > 0:
             return position.step >= self.hparams.max_steps
@@ -378,21 +402,22 @@ class _Trainer:
         while not self.finished(position) and not stopping:
             dataset = data.windows(self.train_files, self.layout, start=position.window,
                                    shuffle_seed=hparams.seed * 100003 + position.epoch)
-            for inputs, labels in self._distribute(dataset):
-                loss, norm, state = self.train_step(inputs, labels, state)
-                loss, norm = float(loss), float(norm)
-                if not (math.isfinite(loss) and math.isfinite(norm) or self._overflow_skipped(loss)):
-                    progress.close()
-                    what = "the loss" if not math.isfinite(loss) else "the gradient"
-                    self._diverged(position.step + 1, what)
-                position.step += 1
-                position.window += 1
+            windows = iter(self._distribute(dataset))
+            while position.window < self.layout.windows_per_epoch:
+                losses, norms, state = self._train(windows, state, self._execution_size(position))
+                for loss, norm in zip(losses, norms, strict=True):
+                    if not (math.isfinite(loss) and math.isfinite(norm) or self._overflow_skipped(loss)):
+                        progress.close()
+                        what = "the loss" if not math.isfinite(loss) else "the gradient"
+                        self._diverged(position.step + 1, what)
+                    position.step += 1
+                    position.window += 1
+                    if progress.step(position.step, loss):
+                        rate = float(self.optimizer.learning_rate.numpy())
+                        self.summaries.train(position.step, progress.interval_loss, rate, norm,
+                                             progress.tokens_per_second)
+                        progress.log(position.epoch, rate, norm)
                 stopping = self.agree_to_stop(self.terminate)
-                if progress.step(position.step, loss):
-                    rate = float(self.optimizer.learning_rate.numpy())
-                    self.summaries.train(position.step, progress.interval_loss, rate, norm,
-                                         progress.tokens_per_second)
-                    progress.log(position.epoch, rate, norm)
                 with progress.paused():
                     if hparams.eval_every > 0 and position.step % hparams.eval_every == 0:
                         eval_loss, last_eval_step = self.evaluate(position, state), position.step
