@@ -54,7 +54,8 @@ _HELP = {
                  "adds dynamic loss scaling). auto: lstm/gru/rnn use bfloat16 on a TPU, float16 on a "
                  "GPU, bfloat16 on a CPU with AVX512_BF16 or AMX, else float32. The zoo cells "
                  "(mlstm, mogrifier, qrnn, transformer) always compute in float32.",
-    "steps_per_execution": "Training windows run per compiled call (1: one; TPUs want ~32-128). "
+    "steps_per_execution": "Training windows run per compiled call (1: one; more saves a TPU "
+                           "the host round trip between steps). "
                            "Evaluation, checkpoints and samples still happen at their exact steps.",
     "init_from": "Job dir whose weights start this run (fine-tuning; same vocabulary).",
     "word2vec_embedding": "word2vec/GloVe file to initialise a word model's embedding.",

@@ -372,7 +372,7 @@ class _Trainer:
         for every in (hparams.eval_every, hparams.save_checkpoints_steps, hparams.sample_every):
             if every > 0:
                 size = min(size, every - position.step % every)
-        return max(size, 1)
+        return size
 
     def _train(self, windows: Iterator[Any], state: Any, count: int,
                ) -> tuple[list[float], list[float], Any]:

@@ -116,10 +116,10 @@ class RecurrentLayer(keras.layers.Layer):
         if self.cell == "lstm":
             fused = kernels.lstm_sequence_cudnn(x, state[0], state[1], kernel, w_h, bias,
                                                 compute_dtype=self.compute_dtype_)
-            return None if fused is None else (fused[0], fused[1:])
-        fused = kernels.gru_sequence_cudnn(x, state[0], kernel, w_h, bias,
-                                           tf.convert_to_tensor(self.recurrent_bias),
-                                           compute_dtype=self.compute_dtype_)
+        else:
+            fused = kernels.gru_sequence_cudnn(x, state[0], kernel, w_h, bias,
+                                               tf.convert_to_tensor(self.recurrent_bias),
+                                               compute_dtype=self.compute_dtype_)
         return None if fused is None else (fused[0], fused[1:])
 
     def _scan(self, x_proj: tf.Tensor, state: tuple[tf.Tensor, ...], w_h: tf.Tensor,
