@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import keras
@@ -58,14 +59,27 @@ IMPLEMENTATIONS = {
 REFERENCE = {"lstm": kernels.lstm_sequence_reference, "gru": kernels.gru_sequence_reference}
 
 
-@pytest.fixture(params=["fast", "native"])
-def fast(request: pytest.FixtureRequest) -> dict:
+@pytest.fixture(params=["fast", "native", "dispatch-without-native"])
+def fast(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> dict:
+    if request.param == "native" and not native.available():
+        pytest.skip(f"native kernels unavailable here (no g++, or {native.ENV_SWITCH}=0): "
+                    "only the TensorFlow kernels were tested")
+    if request.param == "dispatch-without-native":
+        # What a machine without g++ (or VERNE_NATIVE_KERNELS=0) runs: the dispatching entry
+        # points must fall back to the TensorFlow kernels, not call a missing op.
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+        native.load.cache_clear()
+        request.addfinalizer(native.load.cache_clear)
+        assert not kernels.use_native()
+        return {"lstm": kernels.lstm_sequence, "gru": kernels.gru_sequence}
     return IMPLEMENTATIONS[request.param]
 
 
+@pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0",
+                    reason=f"{native.ENV_SWITCH}=0 is set: the native build was not tried")
 def test_native_kernels_build_where_a_compiler_is() -> None:
     # Not a skip: on a machine with g++ the native kernels must build, or the default is slow.
-    if shutil.which("g++"):
+    if shutil.which(native._compiler()):
         assert native.available(), "native_recurrences.cc did not build: see the message above"
         assert kernels.use_native()
         with kernels.portable():

@@ -7,9 +7,12 @@ the recurrent weight gradient stay single large TensorFlow matmuls around them.
 
 The library is compiled with the machine's C++ compiler against the installed TensorFlow's
 headers (`tf.sysconfig`), for this CPU (`-march=native`), into a cache directory keyed by the
-source, TensorFlow's version, the compile command and the CPU's flags, so a change to any of
-them rebuilds it. Where
-no compiler is found or the build fails, `load()` returns None and the callers keep the
+source, TensorFlow's version, the compiler, the compile commands and the CPU's flags, so a change
+to any of them rebuilds it. Should the build for this exact CPU fail (a compiler or a header that
+does not know it), it is built once more for the newest generic x86-64 level the CPU has, then for
+the compiler's default target, and the first that builds is used; a build that fails every way is
+remembered (a `.failed` file beside where the library would be) so later runs do not pay for it
+again. Where no compiler is found or nothing builds, `load()` returns None and the callers keep the
 pure-TensorFlow kernels (`lstm.py`, `gru.py`); `VERNE_NATIVE_KERNELS=0` asks for that explicitly.
 """
 
@@ -19,6 +22,8 @@ import functools
 import hashlib
 import os
 import pathlib
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -43,30 +48,101 @@ def _compiler() -> str:
     return os.environ.get("CXX") or "g++"
 
 
-def _compile_flags() -> list[str]:
-    return ["-shared", "-fPIC", "-O3", "-march=native", "-w",
-            *tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+# -march=native turns on every extension of this CPU, and TensorFlow 2.21's bundled Eigen does not
+# compile with AVX512-FP16 on (Eigen/src/Core/arch/AVX512/PacketMathFP16.h, GCC 12), which Intel
+# CPUs since Sapphire Rapids have (Google Cloud's C3, N4, C4). The op computes in float32 and uses
+# no FP16 arithmetic, so that one extension is turned off and everything else -march=native finds
+# stays. tests/test_native_build.py compiles the op for a range of CPUs to catch the next one.
+_EIGEN_BREAKING_EXTENSIONS = ("-mno-avx512fp16",)
+# The generic x86-64 levels (GCC 11+, clang 12+), newest first, with the /proc/cpuinfo flags each needs.
+_X86_LEVELS = (
+    ("x86-64-v4", frozenset({"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"})),
+    ("x86-64-v3", frozenset({"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "abm"})),
+)
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def target_flags(march: str) -> list[str]:
+    """The flags that build the op for the CPU `march` names (a GCC -march value; `native` is this
+    one), with the extensions TensorFlow's headers break on turned off."""
+    return [f"-march={march}", *(_EIGEN_BREAKING_EXTENSIONS if _is_x86() else ())]
+
+
+def build_targets(flags: frozenset[str]) -> list[tuple[str, list[str]]]:
+    """(name, flags) to try in turn: this exact CPU, the best generic level its `flags` (from
+    /proc/cpuinfo) allow, and the compiler's default target, which builds wherever anything does."""
+    targets = [("this CPU (-march=native)", target_flags("native"))]
+    if _is_x86():
+        targets += [(level, [f"-march={level}"]) for level, needs in _X86_LEVELS if needs <= flags][:1]
+    return [*targets, ("the compiler's default target", [])]
+
+
+def compile_command(output: str, target: list[str], *, shared: bool = True) -> list[str]:
+    """The compiler's command line for one target (`shared=False`: compile to an object only)."""
+    link = ["-shared", *tf.sysconfig.get_link_flags()] if shared else ["-c"]
+    return [_compiler(), str(SOURCE), "-o", output, "-fPIC", "-O3", *target, "-w",
+            *tf.sysconfig.get_compile_flags(), *link]
+
+
+def first_error(stderr: str) -> str:
+    """The compiler's first `error:` line as `file:line: error: text`, the file relative to
+    TensorFlow's headers or to verne's kernels (a linker's summary line yields the line before it)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for index, line in enumerate(lines):
+        if "error:" not in line:
+            continue
+        if line.startswith("collect2:") and index > 0:
+            line = lines[index - 1]
+        line = re.sub(r"^([^:\s]+):(\d+):\d+:", r"\1:\2:", line)  # drop the column
+        for root in (tf.sysconfig.get_include(), str(SOURCE.parent)):
+            line = line.replace(root.rstrip("/") + "/", "")
+        return line
+    return lines[-1] if lines else "no output"
+
+
+def _compiler_version() -> str:
+    try:
+        result = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, check=False)
+    except OSError:
+        return ""
+    return (result.stdout.splitlines() or [""])[0]
 
 
 def library_path() -> pathlib.Path:
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), tf.__version__, _compiler(), *_compile_flags(), *sorted(cpu_flags())):
+    targets = build_targets(cpu_flags())
+    for part in (SOURCE.read_bytes(), tf.__version__, _compiler(), _compiler_version(),
+                 *(flag for _, target in targets for flag in compile_command("", target)),
+                 *sorted(cpu_flags())):
         key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
 
 
-def build(path: pathlib.Path) -> None:
-    """Compiles the library to `path` (through a temporary name, so a concurrent or interrupted
-    build never leaves a half-written library where a loader would find it)."""
+class BuildError(RuntimeError):
+    """No target built; the message is the compiler's first error line."""
+
+
+def build(path: pathlib.Path) -> str | None:
+    """Compiles the library to `path`, trying `build_targets` in turn, each through a temporary
+    name (a concurrent or interrupted build never leaves a half-written library where a loader
+    would find it). Returns None when it built for this exact CPU, else a one-line note on what
+    it built for and why; raises BuildError when no target builds."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         partial = os.path.join(scratch, path.name)
-        result = subprocess.run([_compiler(), str(SOURCE), "-o", partial, *_compile_flags()],
-                                capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
-                               else f"compiler exited with {result.returncode}")
-        os.replace(partial, path)
+        for name, target in build_targets(cpu_flags()):
+            result = subprocess.run(compile_command(partial, target), capture_output=True, text=True,
+                                    check=False)
+            if result.returncode == 0:
+                os.replace(partial, path)
+                return f"built for {name}, as the build for this CPU failed: {errors[0]}" if errors else None
+            errors.append(first_error(result.stderr) if result.stderr.strip()
+                          else f"{_compiler()} exited with {result.returncode}")
+    raise BuildError(errors[-1])
 
 
 @functools.cache
@@ -82,14 +158,33 @@ def load() -> object | None:
              "TensorFlow ones (install g++ for the fast ones)")
         return None
     path = library_path()
+    failed = path.with_suffix(".failed")
     try:
+        if failed.exists():
+            return _unavailable(failed.read_text().strip(), failed)
         if not path.exists():
             _say(f"building the native CPU kernels for this machine (once, ~15 s): {path}")
-            build(path)
+            note = build(path)
+            if note:
+                _say(note)
         return tf.load_op_library(str(path))
-    except (OSError, RuntimeError, tf.errors.NotFoundError) as error:
-        _say(f"native CPU kernels unavailable ({error}): using the slower TensorFlow ones")
-        return None
+    except BuildError as error:
+        _write_atomic(failed, str(error))
+        return _unavailable(str(error), failed)
+    except (OSError, tf.errors.NotFoundError) as error:
+        return _unavailable(str(error).strip().splitlines()[0], None)
+
+
+def _unavailable(reason: str, failed: pathlib.Path | None) -> None:
+    again = f"; delete {failed} to build again" if failed else ""
+    _say(f"native CPU kernels unavailable ({_compiler()}: {reason}): using the slower TensorFlow ones "
+         f"(install or update g++, or set {ENV_SWITCH}=0 to skip the build{again})")
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    partial.write_text(text + "\n")
+    os.replace(partial, path)
 
 
 def _say(message: str) -> None:
