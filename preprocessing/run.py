@@ -32,6 +32,7 @@ missing or mixed shards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,7 +47,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DirectOptions,
@@ -535,8 +536,13 @@ def _join(directory: str, name: str) -> str:
 
 def _write_atomically(path: str, text: str) -> None:
     temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(text.encode("utf-8"))
+    try:
+        with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(text.encode("utf-8"))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            FileSystems.delete([temp])
+        raise
     FileSystems.rename([temp], [path])
 
 
@@ -614,6 +620,43 @@ def _pipeline(runner: Any, beam_options: PipelineOptions) -> beam.Pipeline:
         raise UsageError("; ".join(line.strip() for line in errors.splitlines() if line.strip())) from None
 
 
+def _make_work_dir(output_dir: str, prefix: str) -> str:
+    """The hidden work dir of this run, made and written to once up front, so an output dir that
+    cannot be written is a one-line error before any input is read."""
+    work_dir = _join(output_dir, f".{prefix}.tmp-{uuid.uuid4().hex[:12]}")
+    with _output_errors(output_dir):
+        if "://" not in work_dir:
+            FileSystems.mkdirs(work_dir)  # object stores have no directories to make
+        probe = _join(work_dir, "probe")
+        _write_atomically(probe, "verne")
+        FileSystems.delete([probe])
+    return work_dir
+
+
+@contextlib.contextmanager
+def _output_errors(output_dir: str) -> Iterator[None]:
+    """A write that fails for want of space or permission, in the driver or in a Beam worker,
+    as one line naming --output_dir (the previous run's files there are untouched until commit)."""
+    try:
+        yield
+    except (OSError, BeamIOError, RuntimeError) as err:
+        reason = _write_failure(err)
+        if reason is None:
+            raise
+        raise UsageError(f"--output_dir {output_dir}: cannot write there ({reason}); give a directory "
+                         "you can write to, with free space") from None
+
+
+_WRITE_FAILURES = ("No space left on device", "Permission denied", "Read-only file system",
+                   "Not a directory", "No such file or directory", "Disk quota exceeded")
+
+
+def _write_failure(err: BaseException) -> str | None:
+    """The reason, if `err` (possibly Beam's wrapper of a worker's error) is a failed write."""
+    text = str(err)
+    return next((reason for reason in _WRITE_FAILURES if reason in text), None)
+
+
 def run_preprocessing(args: Sequence[str]) -> contract.Metadata:
     """The whole job (what `main` and the Kubeflow component call). Raises UsageError."""
     started = time.monotonic()
@@ -622,18 +665,17 @@ def run_preprocessing(args: Sequence[str]) -> contract.Metadata:
     check_dataflow_options(options, beam_options)
     files = match_inputs(options)
     pipeline = _pipeline(runner, beam_options)
-    work_dir = _join(options.output_dir, f".{options.data_prefix}.tmp-{uuid.uuid4().hex[:12]}")
-    if "://" not in work_dir:
-        FileSystems.mkdirs(work_dir)  # object stores have no directories to make
+    work_dir = _make_work_dir(options.output_dir, options.data_prefix)
     try:
-        with pipeline as p:
-            build_pipeline(p, files, options, work_dir)
-        stats = json.loads(_read_text(_join(work_dir, _STATS_FILE)))
-        metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
-        if metadata.documents == 0:
-            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in metadata.skipped[:3])
-            raise UsageError(f"no usable input: all {len(files)} matched files were skipped ({reasons})")
-        metadata = commit(work_dir, options, stats)
+        with _output_errors(options.output_dir):
+            with pipeline as p:
+                build_pipeline(p, files, options, work_dir)
+            stats = json.loads(_read_text(_join(work_dir, _STATS_FILE)))
+            metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
+            if metadata.documents == 0:
+                reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in metadata.skipped[:3])
+                raise UsageError(f"no usable input: all {len(files)} matched files were skipped ({reasons})")
+            metadata = commit(work_dir, options, stats)
     finally:
         _remove_tree(work_dir)
     print(summary(metadata, files, stats["fallback_decodes"], time.monotonic() - started, options))
@@ -658,6 +700,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # multi_processing workers forward harmless start-up warnings through this logger.
     logging.getLogger("apache_beam.runners.portability.local_job_service").setLevel(logging.ERROR)
+    # Beam logs a failing transform's traceback, then raises the same error to us: said once, by
+    # main (as one line when it is a user's mistake, with its traceback when it is a bug).
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.CRITICAL)
     try:
         run_preprocessing(sys.argv[1:] if argv is None else argv)
     except UsageError as err:
