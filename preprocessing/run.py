@@ -47,7 +47,7 @@ from typing import Any
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import BeamIOError, CompressionTypes
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (
     DirectOptions,
@@ -59,7 +59,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from preprocessing import cleaning, contract, splits, tokenizers
+from preprocessing import cleaning, contract, failures, splits, tokenizers
 
 LOG = logging.getLogger("preprocessing.run")
 _DIRECT_RUNNERS = ("", "directrunner", "direct", "fnapirunner")
@@ -639,22 +639,14 @@ def _output_errors(output_dir: str) -> Iterator[None]:
     as one line naming --output_dir (the previous run's files there are untouched until commit)."""
     try:
         yield
-    except (OSError, BeamIOError, RuntimeError) as err:
-        reason = _write_failure(err)
+    except UsageError:
+        raise
+    except Exception as err:
+        reason = failures.write_failure(err)
         if reason is None:
             raise
         raise UsageError(f"--output_dir {output_dir}: cannot write there ({reason}); give a directory "
                          "you can write to, with free space") from None
-
-
-_WRITE_FAILURES = ("No space left on device", "Permission denied", "Read-only file system",
-                   "Not a directory", "No such file or directory", "Disk quota exceeded")
-
-
-def _write_failure(err: BaseException) -> str | None:
-    """The reason, if `err` (possibly Beam's wrapper of a worker's error) is a failed write."""
-    text = str(err)
-    return next((reason for reason in _WRITE_FAILURES if reason in text), None)
 
 
 def run_preprocessing(args: Sequence[str]) -> contract.Metadata:

@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from preprocessing import contract
 from trainer import data, optimizers
-from trainer.errors import UsageError
+from trainer.errors import UsageError, warn
 from trainer.hparams import HPARAMS_FILE, JOB_PLACEHOLDER, LANGUAGE_MODELS, HParams, resolve_job_dirs
 from trainer.models import build_model
 from trainer.models.base import LanguageModel
@@ -133,10 +133,53 @@ def _find_trained_job(hparams: HParams) -> str:
                      f"({', '.join(job_dir for _, job_dir in found)}); give {choices}")
 
 
+def latest_usable(directory: str) -> str | None:
+    """The newest checkpoint in `directory` whose files read whole; None if there is none.
+
+    A checkpoint cut short (a full disk, an interrupted copy) would otherwise stop every resume,
+    evaluation and export with a traceback; the one before it costs only the steps since. Each
+    damaged one passed over is a warning. UsageError if there are checkpoints but none reads.
+    """
+    damaged = []
+    for path in _checkpoints_newest_first(directory):
+        problem = _damage(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path} is damaged ({problem}); using the one before it")
+        damaged.append(path)
+    if damaged:
+        raise UsageError(f"{directory}: every checkpoint is damaged ({', '.join(damaged)}); restore the "
+                         "job dir from a copy, or delete its ckpt-* files and checkpoint to start over")
+    return None
+
+
+def _checkpoints_newest_first(directory: str) -> list[str]:
+    """By the files themselves, not the `checkpoint` state file, which may be damaged too."""
+    try:
+        indexes = tf.io.gfile.glob(join(directory, "ckpt-*.index"))
+    except tf.errors.NotFoundError:
+        return []
+    paths = [index.removesuffix(".index") for index in indexes]
+    numbered = [(int(p.rsplit("-", 1)[1]), p) for p in paths if p.rsplit("-", 1)[1].isdigit()]
+    return [path for _, path in sorted(numbered, reverse=True)]
+
+
+def _damage(path: str) -> str | None:
+    """Why the checkpoint at `path` cannot be read whole, or None: every tensor is read, since a
+    truncated data file passes the index."""
+    try:
+        reader = tf.train.load_checkpoint(path)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, IndexError, ValueError, RuntimeError) as err:
+        return (str(getattr(err, "message", None) or err).strip().splitlines() or ["unreadable"])[0]
+    return None
+
+
 def checkpoint_path(job_dir: str, best: bool = False) -> str:
-    """The newest checkpoint of a job dir (or of its best/); UsageError if there is none."""
+    """The newest usable checkpoint of a job dir (or of its best/); UsageError if there is none."""
     directory = join(job_dir, BEST_DIR) if best else job_dir
-    path = tf.train.latest_checkpoint(directory)
+    path = latest_usable(directory)
     if path is None:
         what = "best checkpoint (run with evaluation first)" if best else "checkpoint"
         raise UsageError(f"--job-dir={job_dir}: no {what} in {directory}; train first or fix --job-dir")
@@ -145,6 +188,11 @@ def checkpoint_path(job_dir: str, best: bool = False) -> str:
 
 def load_job(job_dir: str, best: bool = False) -> tuple[HParams, contract.Metadata, LanguageModel]:
     """Restores a trained model from a concrete job dir, with its hyperparameters and metadata."""
+    return load_job_at(job_dir, best)[:3]
+
+
+def load_job_at(job_dir: str, best: bool = False) -> tuple[HParams, contract.Metadata, LanguageModel, str]:
+    """`load_job`, and the path of the checkpoint it restored."""
     hparams = saved_hparams(job_dir)
     metadata = saved_metadata(job_dir)
     if hparams is None or metadata is None:
@@ -157,7 +205,7 @@ def load_job(job_dir: str, best: bool = False) -> tuple[HParams, contract.Metada
         # As awd-lstm-lm: once NT-ASGD has switched, the model is the average (best/ already
         # holds it; the regular checkpoints keep the raw weights for an exact resume).
         optimizers.restore_averaged(model, path)
-    return hparams, metadata, model
+    return hparams, metadata, model, path
 
 
 MODEL_KEY = "model_variables"

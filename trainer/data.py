@@ -17,11 +17,13 @@ there. The layout depends only on the metadata's token count, batch size and unr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import tensorflow as tf
 
-from preprocessing import contract
+from preprocessing import contract, failures
 from trainer.errors import UsageError
 
 # 2M tokens: 8 MB as int32 once reshaped; large enough that chunk seams are rare.
@@ -59,6 +61,33 @@ def shard_files(data_dir: str, prefix: str, split: str) -> list[str]:
         raise UsageError(f"--data_dir={data_dir} --data_prefix={prefix}: no {split} shards match "
                          f"{pattern}; rerun preprocessing.run or fix the flags")
     return files
+
+
+@contextlib.contextmanager
+def reading_shards(data_dir: str, prefix: str) -> Iterator[None]:
+    """A damaged shard (cut short, corrupt) met while reading becomes one UsageError line naming
+    it; tf.data's own error names neither the file nor the fix."""
+    try:
+        yield
+    except tf.errors.DataLossError as err:
+        damaged = damaged_shards(data_dir, prefix)
+        what = ", ".join(damaged) or f"a shard of --data_dir={data_dir} --data_prefix={prefix}"
+        # "{{function_node ...}} truncated record at 65580' failed with EOF reached [Op:...]"
+        reason = failures.plain(err.message) or "unreadable"
+        raise UsageError(f"{what}: damaged ({reason}); run preprocessing.run again to rewrite the data "
+                         "(a training job then resumes from its last checkpoint)") from None
+
+
+def damaged_shards(data_dir: str, prefix: str) -> list[str]:
+    """The shards of every split that cannot be read to the end (reads them all)."""
+    damaged = []
+    for split in contract.SPLITS:
+        for name in sorted(tf.io.gfile.glob(contract.shard_glob(data_dir, prefix, split))):
+            try:
+                tf.data.TFRecordDataset(name, compression_type="GZIP").reduce(0, lambda count, _: count + 1)
+            except tf.errors.DataLossError:
+                damaged.append(name)
+    return damaged
 
 
 @dataclasses.dataclass(frozen=True)

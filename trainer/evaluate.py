@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import cache_pointer, checkpoints, data, loops, runner
+from trainer import cache_pointer, checkpoints, data, errors, loops, runner
 from trainer.errors import UsageError, run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, explicitly_set, hparams_from_command_line
 from trainer.hparams import HParams
@@ -39,7 +39,7 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
     """
     if split not in contract.SPLITS:
         raise UsageError(f"--split={split}: choose one of {', '.join(contract.SPLITS)}")
-    hparams, metadata, model = checkpoints.load_job(job_dir, best=best)
+    hparams, metadata, model, path = checkpoints.load_job_at(job_dir, best=best)
     hparams = hparams.replace(data_dir=data_dir or hparams.data_dir,
                               batch_size=batch_size or hparams.batch_size,
                               unroll_steps=unroll_steps or hparams.unroll_steps)
@@ -51,9 +51,9 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
     strategy = tf.distribute.get_strategy()
     params = Params(hparams, model)
     state = loops.initial_state(params, strategy, layout.batch_size)
-    nats, tokens, windows = loops.run_eval(loops.make_eval_step(params, strategy), dataset, state)
+    with data.reading_shards(hparams.data_dir, hparams.data_prefix):
+        nats, tokens, windows = loops.run_eval(loops.make_eval_step(params, strategy), dataset, state)
     loss = nats / tokens
-    path = checkpoints.checkpoint_path(job_dir, best)
     step = int(path.rsplit("-", 1)[-1])
     result: dict[str, object] = {
         "split": split, "loss": loss, "perplexity": perplexity(loss),
@@ -64,13 +64,19 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
     if pointer is not None:
         result.update(_pointer_metrics(model, dataset, layout.batch_size, pointer))
     if write:
+        _write_result(job_dir, split, best, result, hparams, metadata, step, loss)
+    return result
+
+
+def _write_result(job_dir: str, split: str, best: bool, result: dict[str, object], hparams: HParams,
+                  metadata: contract.Metadata, step: int, loss: float) -> None:
+    with errors.writing(f"--job-dir={job_dir}"):
         name = f"eval-{split}{'-best' if best else ''}.json"
         checkpoints.write_atomic(checkpoints.join(job_dir, name), json.dumps(result, indent=1) + "\n")
         summaries = Summaries(hparams.summary_dir or checkpoints.join(job_dir, "tensorboard"),
                               metadata.tokenizer)
         summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}")
         summaries.close()
-    return result
 
 
 def _pointer_metrics(model: object, dataset: tf.data.Dataset, batch: int,

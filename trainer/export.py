@@ -56,7 +56,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import checkpoints, kernels
+from trainer import checkpoints, errors, kernels
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.models.base import LanguageModel
@@ -250,8 +250,13 @@ def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: 
     signatures = {"serving_default": module.generate_rows, "generate": module.generate,
                   "next_token_log_probs": module.next_token_log_probs}
     staging = f"{export_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    with kernels.portable():  # verne's C++ ops would tie the SavedModel to this machine and verne
-        tf.saved_model.save(module, staging, signatures=signatures)
+    try:
+        with kernels.portable():  # verne's C++ ops would tie the SavedModel to this machine and verne
+            tf.saved_model.save(module, staging, signatures=signatures)
+    except BaseException:
+        if tf.io.gfile.exists(staging):  # a half-written export is never left behind
+            tf.io.gfile.rmtree(staging)
+        raise
     _replace_dir(staging, export_dir)
     return export_dir
 
@@ -270,7 +275,8 @@ def export_job(job_dir: str, best: bool = False, export_dir: str | None = None) 
     """Exports the latest (or best) checkpoint of a concrete job dir; returns the export dir."""
     _, metadata, model = checkpoints.load_job(job_dir, best=best)
     target = export_dir or checkpoints.join(job_dir, BEST_EXPORT_DIR if best else EXPORT_DIR)
-    return export_model(model, metadata, target)
+    with errors.writing(f"--export_dir={target}" if export_dir else f"--job-dir={job_dir}"):
+        return export_model(model, metadata, target)
 
 
 def generate_with_saved_model(loaded: object, prime: str, length: int, *, temperature: float = 1.0,

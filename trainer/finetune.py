@@ -54,7 +54,7 @@ def check(hparams: HParams, metadata: contract.Metadata) -> None:
 
 def _source_checkpoint(source: str) -> str:
     """The checkpoint --init_from starts from; the error names --init_from, not --job-dir."""
-    path = tf.train.latest_checkpoint(source)
+    path = checkpoints.latest_usable(source)
     if path is None:
         raise UsageError(f"--init_from={source}: no checkpoint there (hparams.json but no ckpt-N); "
                          "let that job save a checkpoint first or point --init_from at another job dir")

@@ -26,7 +26,7 @@ import keras
 import tensorflow as tf
 
 from preprocessing import contract
-from trainer import checkpoints, cloud_env, data, distribute, finetune, loops, optimizers, sampling
+from trainer import checkpoints, cloud_env, data, distribute, errors, finetune, loops, optimizers, sampling
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, HParams, resolve_precision, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
@@ -78,9 +78,10 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
     data.layout_for(metadata.splits["train"].tokens, hparams.batch_size, hparams.unroll_steps)
     _check_existing_job(hparams, metadata)
     finetune.check(hparams, metadata)
-    checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json())
-    checkpoints.write_atomic(checkpoints.join(hparams.job_dir, checkpoints.METADATA_FILE),
-                             contract.metadata_to_json(metadata))
+    with errors.writing(f"--job-dir={hparams.job_dir}"):
+        checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json())
+        checkpoints.write_atomic(checkpoints.join(hparams.job_dir, checkpoints.METADATA_FILE),
+                                 contract.metadata_to_json(metadata))
     return hparams, metadata
 
 
@@ -242,7 +243,7 @@ class _Trainer:
     def restore(self) -> tuple[_Position, Any]:
         """Restores the newest checkpoint if any; returns the position and the carried state."""
         state = self._fresh_state()
-        path = tf.train.latest_checkpoint(self.hparams.job_dir)  # the chief's, on every worker
+        path = checkpoints.latest_usable(self.hparams.job_dir)  # the chief's, on every worker
         if path is None:
             for line in finetune.warm_start(self.model, self.hparams, self.metadata):
                 print(line, flush=True)
@@ -276,7 +277,13 @@ class _Trainer:
             return
         self._check_weights_finite(position.step)
         self._record(position, state)
-        self.manager.save(checkpoint_number=position.step)
+        try:
+            self.manager.save(checkpoint_number=position.step)
+        except Exception:
+            # TensorFlow leaves the parts of a checkpoint it could not finish in ckpt-N_temp/.
+            for partial in tf.io.gfile.glob(checkpoints.join(self.save_dir, "ckpt-*_temp")):
+                tf.io.gfile.rmtree(partial)
+            raise
         self._drop_scratch()
         self.saved_step = position.step
 
@@ -481,16 +488,19 @@ def train(hparams: HParams) -> TrainResult:
     """Trains (or resumes) the job described by `hparams`; see the module docstring."""
     strategy = strategy_from_environment()
     hparams, metadata = prepare_job(hparams, strategy)
-    trainer = _Trainer(hparams, metadata, strategy)
-    with _signals_set_flag(trainer):
-        result = trainer.run()
-    if result.stopped == "finished" and trainer.chief:
-        # A serving-ready SavedModel of the final weights (trainer.export; AIP_MODEL_DIR on Vertex),
-        # NT-ASGD's averaged ones once it has switched (what awd-lstm-lm keeps as its model).
-        from trainer import export  # deferred: export imports babble, which imports this package
+    resume = "; run the same command again to resume from the last checkpoint"
+    with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),
+          data.reading_shards(hparams.data_dir, hparams.data_prefix)):
+        trainer = _Trainer(hparams, metadata, strategy)
+        with _signals_set_flag(trainer):
+            result = trainer.run()
+        if result.stopped == "finished" and trainer.chief:
+            # A serving-ready SavedModel of the final weights (trainer.export; AIP_MODEL_DIR on
+            # Vertex), NT-ASGD's averaged ones once it has switched (what awd-lstm-lm keeps).
+            from trainer import export  # deferred: export imports babble, which imports this package
 
-        with optimizers.averaged_weights(trainer.optimizer):
-            export.export_model(trainer.model, metadata, cloud_env.model_export_dir(hparams, os.environ))
+            with optimizers.averaged_weights(trainer.optimizer):
+                export.export_model(trainer.model, metadata, cloud_env.model_export_dir(hparams, os.environ))
     return result
 
 
