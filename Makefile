@@ -40,7 +40,7 @@ demo: install
 
 test: install
 	sh tests/install_browser.sh
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: install
 	$(PY) bench/preprocess.py
