@@ -71,3 +71,26 @@ def test_missing_data_dir_and_prefix_name_the_flag(tmp_path, make_data_dir) -> N
         data.read_metadata(data_dir, "other")
     with pytest.raises(UsageError, match="no train shards"):
         data.shard_files(str(tmp_path), "tiny", "train")
+
+
+def test_a_shard_that_cannot_be_read_names_the_data_dir(tmp_path) -> None:
+    # Root reads any file, so the permission error is raised as TensorFlow raises it.
+    import tensorflow as tf
+
+    with pytest.raises(UsageError, match=r"--data_dir=d: cannot read a shard \(d/x.tfrecord.gz; Permission"):
+        with data.reading_shards("d", "x"):
+            raise tf.errors.PermissionDeniedError(None, None, "{{function_node f}} d/x.tfrecord.gz; "
+                                                  "Permission denied [Op:IteratorGetNext]")
+
+
+def test_a_damaged_shard_is_named(tmp_path, make_data_dir) -> None:
+    from pathlib import Path
+
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    shard = sorted(Path(data_dir).glob(f"{prefix}.valid-*"))[0]
+    shard.write_bytes(shard.read_bytes()[:-20])  # cut inside the last record
+    assert data.damaged_shards(data_dir, prefix) == [str(shard)]
+    with pytest.raises(UsageError, match=rf"{shard}: damaged \(.*\); run preprocessing.run again"):
+        with data.reading_shards(data_dir, prefix):
+            for _ in data.token_stream([str(shard)]):
+                pass

@@ -69,6 +69,9 @@ def reading_shards(data_dir: str, prefix: str) -> Iterator[None]:
     it; tf.data's own error names neither the file nor the fix."""
     try:
         yield
+    except tf.errors.PermissionDeniedError as err:
+        raise UsageError(f"--data_dir={data_dir}: cannot read a shard ({failures.plain(err.message)}); "
+                         "give this user read access to the data") from None
     except tf.errors.DataLossError as err:
         damaged = damaged_shards(data_dir, prefix)
         what = ", ".join(damaged) or f"a shard of --data_dir={data_dir} --data_prefix={prefix}"
@@ -84,10 +87,14 @@ def damaged_shards(data_dir: str, prefix: str) -> list[str]:
     for split in contract.SPLITS:
         for name in sorted(tf.io.gfile.glob(contract.shard_glob(data_dir, prefix, split))):
             try:
-                tf.data.TFRecordDataset(name, compression_type="GZIP").reduce(0, lambda count, _: count + 1)
+                tf.data.TFRecordDataset(name, compression_type="GZIP").reduce(0, _count)
             except tf.errors.DataLossError:
                 damaged.append(name)
     return damaged
+
+
+def _count(count: tf.Tensor, _: tf.Tensor) -> tf.Tensor:
+    return count + 1
 
 
 @dataclasses.dataclass(frozen=True)
