@@ -26,13 +26,13 @@ ZEN_NEWEST_FIRST = ("znver5", "znver4", "znver3", "znver2")
 
 
 def _compiler_knows(march: str) -> bool:
-    probe = subprocess.run(["g++", f"-march={march}", "-x", "c++", "-E", "-o", os.devnull, os.devnull],
-                           capture_output=True, check=False)
+    command = [native._compiler(), f"-march={march}", "-x", "c++", "-E", "-o", os.devnull, os.devnull]
+    probe = subprocess.run(command, capture_output=True, check=False)
     return probe.returncode == 0
 
 
 def _targets() -> list[str]:
-    if shutil.which("g++") is None or not native._is_x86():
+    if shutil.which(native._compiler()) is None or not native._is_x86():
         return []
     known = [march for march in INTEL if _compiler_knows(march)]
     return known + [march for march in ZEN_NEWEST_FIRST if _compiler_knows(march)][:1]
