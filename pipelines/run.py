@@ -34,6 +34,7 @@ from pipelines import steps
 from pipelines.pipeline import DEFAULT_IMAGE, PIPELINE_NAME, Resources, create_pipeline
 from pipelines.steps import DEFAULT_CPU_LIMIT, DEFAULT_MEMORY_LIMIT, GATE_METRICS
 from preprocessing.contract import SPLITS, TOKENIZERS
+from trainer import errors
 from trainer import flags as trainer_flags
 from trainer.errors import UsageError, run_cli
 
@@ -452,7 +453,8 @@ def main(argv: Sequence[str]) -> None:
         arguments = pipeline_arguments(fv, root)
         check_local_corpus(arguments["corpus"])
         check_arguments(arguments)
-        os.makedirs(root, exist_ok=True)
+        with errors.writing(f"--pipeline_root={root}"):
+            os.makedirs(os.path.join(root, ".tmp"), exist_ok=True)
         run_dir = run_local(pipeline_func, arguments, root)
         print(f"\nrun: {run_dir}")
         for artifact in local_artifacts(run_dir):

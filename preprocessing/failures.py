@@ -28,4 +28,4 @@ def write_failure(err: BaseException) -> str | None:
 def plain(message: str) -> str:
     """A TensorFlow error message without its graph decorations
     (`{{function_node __wrapped__SaveV2...}} ... [Op:SaveV2]`)."""
-    return re.sub(r"\{\{.*?\}\}", "", message).split("[Op:")[0].strip(" '\n")
+    return re.sub(r"\{\{.*?\}\}", "", message).split("[Op:")[0].strip()
