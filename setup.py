@@ -1,8 +1,9 @@
 """verne: train text-generating language models on books, locally or on Google Cloud.
 
 One distribution ships to every place the code runs: this machine, Dataflow workers
-(`--setup_file ./setup.py`) and Vertex AI (the image ./Dockerfile builds installs it).
-Versions are pinned so `pip check` stays clean; constraints.txt pins the whole closure.
+(`--setup_file ./setup.py`) and Vertex AI (the images ./Dockerfile and ./Dockerfile.tpu build
+install it). Versions are pinned so `pip check` stays clean; constraints.txt pins the rest of the
+closure, and constraints-tpu.txt adds TensorFlow 2.20's TPU runtime to it.
 """
 
 from setuptools import find_packages, setup
@@ -10,16 +11,17 @@ from setuptools import find_packages, setup
 # TensorFlow comes as an extra because the right build depends on the machine: `cpu` here and
 # in CI, `gpu` in a CUDA image, `tpu` on TPU VMs. TensorBoard (summaries' HParams plugin and the
 # viewer) is released with TensorFlow and must match its minor version, so it comes with each.
-# verne runs on TensorFlow 2.21 and 2.20: 2.20 only because it is the newest TPU build on PyPI
-# (trainer/compat.py holds what differs). A Vertex AI image that already has TensorFlow 2.21
-# installs `tensorboard` alone and keeps its own build (./Dockerfile).
+# verne runs on TensorFlow 2.21 and 2.20 with the same code (the suite passes on both); 2.20 because
+# it is the newest TPU build on PyPI. A Vertex AI image that already has TensorFlow 2.21 installs
+# the `tensorboard` extra alone and keeps its own build (./Dockerfile).
 TF_2_21 = ["tensorboard==2.21.0"]
 TF_2_20 = ["tensorboard==2.20.0"]
 TENSORFLOW = {
     "cpu": ["tensorflow-cpu==2.21.0", *TF_2_21],
     "gpu": ["tensorflow[and-cuda]==2.21.0", *TF_2_21],
     "tensorboard": TF_2_21,
-    # TensorFlow's TPU build, which brings libtpu (the TPU runtime): the TPU image (Dockerfile.tpu).
+    # TensorFlow's TPU build, which brings libtpu (the TPU runtime; constraints-tpu.txt says which
+    # one works): the TPU image (Dockerfile.tpu).
     "tpu": ["tensorflow-tpu==2.20.0", *TF_2_20],
     # The TPU image's TensorFlow version as a CPU build: `make test` runs the TensorFlow part of
     # the suite on it too (.venv-tf220).
