@@ -32,7 +32,8 @@ CLOUDBUILD = REPO / "cloudbuild-tpu.yaml"
 # the metadata server for minutes before giving up.
 PRETEND_V5E = {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5litepod-4", "TPU_WORKER_ID": "0",
                "TPU_WORKER_HOSTNAMES": "localhost"}
-PJRT_VERSIONS = re.compile(r"PJRT plugin has PJRT API version (\S+)\. The framework PJRT API version is (\S+)\.")
+PJRT_VERSIONS = re.compile(r"PJRT plugin has PJRT API version (\S+)\. "
+                           r"The framework PJRT API version is (\S+)\.")
 PROBE = """
 import json
 from importlib import metadata
