@@ -48,8 +48,8 @@ from trainer.hparams import JOB_PLACEHOLDER, HParams, job_name
 # multi-host slices would need a TPU pod runtime verne does not set up.
 TPU_MACHINES = {"v5e": ("ct5lp-hightpu-4t", "2x2")}
 # The image built from ./Dockerfile (docs/cloud.md). Its TensorFlow GPU build also runs on CPU-only
-# machines; TPU VMs need a TPU build of TensorFlow (docs/cloud.md, "TPU"). MY_PROJECT becomes
-# --project.
+# machines; TPU VMs run the one built from ./Dockerfile.tpu by cloudbuild-tpu.yaml, on TensorFlow's
+# TPU build (docs/cloud.md, "TPU"). MY_PROJECT becomes --project.
 IMAGE_REPOSITORY = "us-central1-docker.pkg.dev/MY_PROJECT/verne/verne"
 IMAGE = IMAGE_REPOSITORY + ":latest"
 TPU_IMAGE = IMAGE_REPOSITORY + ":tpu"
