@@ -14,7 +14,7 @@ VENV_TPU := .venv-tpu
 # native op built against 2.20's headers), models, training, --steps_per_execution, precision,
 # distribution, export and sampling: 129 tests, ~2 minutes here. The whole suite on 2.20 (`make
 # test-tf220-full`) takes ~10 minutes, which would push `make test` past CI's 15 (docs/cloud.md, "TPU").
-TF_TESTS := tests/test_kernels.py tests/test_model_fn.py tests/test_mixed_precision.py tests/test_cudnn.py \
+TF_TESTS := tests/test_kernels.py tests/test_native_build.py tests/test_model_fn.py tests/test_mixed_precision.py tests/test_cudnn.py \
     tests/test_zoo_layers.py tests/test_trainer.py tests/test_trainer_data.py tests/test_trainer_progress.py \
     tests/test_steps_per_execution.py tests/test_distribute.py tests/test_export.py tests/test_sampling.py
 
