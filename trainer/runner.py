@@ -79,8 +79,7 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
     _check_existing_job(hparams, metadata)
     finetune.check(hparams, metadata)
     checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json())
-    checkpoints.write_atomic(checkpoints.join(hparams.job_dir, checkpoints.METADATA_FILE),
-                             contract.metadata_to_json(metadata))
+    checkpoints.save_metadata(hparams.job_dir, metadata)
     return hparams, metadata
 
 
