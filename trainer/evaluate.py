@@ -3,9 +3,10 @@
 
 Loss (nats/token), perplexity and bits per token over a whole split (or its first N windows),
 and the loss and bits per character (data preprocessed by this version records each split's
-characters), so a char, word and subword model of the same text compare; with the same stateful windows as training: the split cut into parallel streams, the state carried
-from window to window. The job's --batch_size and --unroll_steps shape the windows unless given
-(a small split gets fewer streams). Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to
+characters), so a char, word and subword model of the same text compare; with the same stateful
+windows as training: the split cut into parallel streams, the state carried from window to
+window. The job's --batch_size and --unroll_steps shape the windows unless given (a small split
+gets fewer streams). Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to
 TensorBoard.
 `--job-dir` may hold `%JOB%` (resolved from the other flags and the data, as in training) or name
 a concrete job dir (its hparams.json supplies the rest). `--data_dir` overrides the data location
