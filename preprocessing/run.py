@@ -479,9 +479,9 @@ class _EncodeFn(beam.DoFn):
             records = ((split, ids[start:end],
                         end - start if offsets is None else int(offsets[end] - offsets[start]))
                        for split, start, end in spans)
-        for split, ids, characters in records:
-            yield beam.pvalue.TaggedOutput(split, contract.encode_example(ids))
-            yield beam.pvalue.TaggedOutput("counts", (split, (len(ids), 1, characters)))
+        for split, record, characters in records:
+            yield beam.pvalue.TaggedOutput(split, contract.encode_example(record))
+            yield beam.pvalue.TaggedOutput("counts", (split, (len(record), 1, characters)))
 
 
 def _check_unchanged(path: str, spans: tuple[splits.Span, ...], units: int) -> None:

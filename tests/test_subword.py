@@ -133,6 +133,20 @@ def test_bpe_job_learns_writes_and_counts_characters(tmp_path: Path,
     assert "characters per train token" in summary and "tokenizer learned from" in summary
 
 
+@pytest.mark.parametrize("kind", ["char", "byte", "word"])
+def test_every_tokenizer_counts_the_characters_of_its_splits(tmp_path: Path, kind: str) -> None:
+    """Per-character losses need each split's characters, whatever unit its tokens are."""
+    metadata, out = run_job(tmp_path, "--tokenizer", kind)
+    records = check_outputs(metadata, out)
+    characters = {split: stats.characters for split, stats in metadata.splits.items()}
+    assert sum(characters.values()) == len(BOOK1) + len(BOOK2)
+    if kind == "char":
+        assert characters == {split: stats.tokens for split, stats in metadata.splits.items()}
+    if kind == "byte":  # records may cut a character's bytes: count the bytes that start one
+        assert characters == {split: sum(sum(1 for b in r if b & 0xC0 != 0x80) for r in records[split])
+                              for split in contract.SPLITS}
+
+
 def test_the_tokenizer_is_learned_from_the_training_split_only(tmp_path: Path) -> None:
     books = tmp_path / "books"
     books.mkdir()
