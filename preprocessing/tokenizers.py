@@ -2,7 +2,9 @@
 
 Pure Python + numpy: no Beam or TensorFlow at import. Build one from metadata with
 `tokenizer_from_metadata(md)`; every tokenizer has `kind`, `vocab`, `unk_id`, `encode`,
-`decode`, `pieces` and `decoder()` (incremental decoding for streaming generation).
+`decode`, `pieces` and `decoder()` (incremental decoding for streaming generation). The learned subword
+tokenizers (bpe, unigram) live in `preprocessing.subword`; `make_tokenizer` builds them too,
+from the tokenizer file's bytes.
 
 - byte: the UTF-8 bytes of the text; vocab is `chr(b)` for b in 0..255, id = byte value, no `<unk>`.
   Lossless for any text.
