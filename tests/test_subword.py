@@ -295,6 +295,17 @@ def test_bpe_from_books_to_a_savedmodel_that_tokenizes_without_verne(tmp_path: P
     (expected,) = generator.generate("Line 3 of", 20, SamplingOptions(1.0, seed=3))
     assert expected in babble.stdout
 
+    # Fine-tuning on new text: the job dir's own tokenizer (--vocab_from JOB_DIR), --init_from.
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "more.txt").write_text("A new book, with a café and words never seen: quorbl.\n" * 60)
+    tuned_data = run.run_preprocessing(["--input", str(tmp_path / "new" / "more.txt"), "--output_dir",
+                                        str(tmp_path / "ft"), "--data_prefix", "ft", "--vocab_from", job])
+    assert tuned_data.tokenizer_sha256 == metadata.tokenizer_sha256
+    tuned = runner.train(hparams.replace(data_dir=str(tmp_path / "ft"), data_prefix="ft", max_steps=5,
+                                         job_dir=str(tmp_path / "tuned" / "%JOB%"), init_from=job,
+                                         eval_every=5, save_checkpoints_steps=5, log_every=5))
+    assert tuned.job_dir.endswith("ft-32-states-1-layers-bpe400-emb16") and tuned.step == 5
+
     site_packages = str(Path(tf.__file__).parents[1])
     served = subprocess.run([sys.executable, "-S", "-I", "-c", CLEAN_CLIENT, site_packages,
                              str(Path(job) / "export"), json.dumps(VERTEX_REQUEST)],
