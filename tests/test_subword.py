@@ -247,6 +247,8 @@ def test_job_names_carry_the_learned_vocabulary() -> None:
     assert job_name(base.replace(language_model="unigram", vocab_size=500)).endswith("-unigram500")
     assert job_name(base.replace(language_model="bpe", vocab_size=ANY_VOCAB_SIZE)).endswith("-bpe*")
     assert job_name(base.replace(language_model="char", vocab_size=65)).endswith("-char")
+    with pytest.raises(ValueError, match="needs vocab_size for a bpe model"):
+        job_name(base.replace(language_model="bpe"))
 
 
 def test_loss_per_character() -> None:

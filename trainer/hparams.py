@@ -270,6 +270,9 @@ def _language_model_part(language_model: str, vocab_size: int) -> str:
         return language_model
     if vocab_size == ANY_VOCAB_SIZE:
         return f"{language_model}*"
+    if vocab_size <= 0:
+        raise ValueError(f"job_name needs vocab_size for a {language_model} model; resolve it from the "
+                         "data first or give --vocab_size")
     size = f"{vocab_size // 1000}k" if vocab_size and vocab_size % 1000 == 0 else str(vocab_size)
     return f"{language_model}{size}"
 
