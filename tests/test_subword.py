@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -267,7 +268,7 @@ def test_bpe_from_books_to_a_savedmodel_that_tokenizes_without_verne(tmp_path: P
     → babble (CLI, %JOB% found without --data_dir) → the export's `generate` in a Python that
     cannot import verne, which must give babble's text for the same seed."""
     import tensorflow as tf
-    from generation_job import python_env
+    from generation_job import Server, python_env
     from test_export import CLEAN_CLIENT, VERTEX_REQUEST
 
     from trainer import checkpoints, evaluate, runner
@@ -296,6 +297,18 @@ def test_bpe_from_books_to_a_savedmodel_that_tokenizes_without_verne(tmp_path: P
     generator = TextGenerator(model, metadata)
     (expected,) = generator.generate("Line 3 of", 20, SamplingOptions(1.0, seed=3))
     assert expected in babble.stdout
+
+    # The web service and its page, unchanged.
+    server = Server(job)
+    try:
+        body = json.dumps({"prime": "Line 3 of", "length": 20, "seed": 3}).encode()
+        request = urllib.request.Request(f"{server.url}/v1/generate", method="POST", data=body)
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["samples"] == [expected]
+        with urllib.request.urlopen(f"{server.url}/ui", timeout=60) as response:
+            assert "(bpe-level)" in response.read().decode("utf-8")
+    finally:
+        server.stop()
 
     # Fine-tuning on new text: the job dir's own tokenizer (--vocab_from JOB_DIR), --init_from.
     (tmp_path / "new").mkdir()
