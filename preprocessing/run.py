@@ -772,17 +772,22 @@ def run_preprocessing(args: Sequence[str]) -> contract.Metadata:
         with pipeline as p:
             build_pipeline(p, files, options, work_dir)
         stats = json.loads(_read_text(_join(work_dir, _STATS_FILE)))
-        if stats["error"]:
-            raise UsageError(stats["error"])
-        metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
-        if metadata.documents == 0:
-            reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in metadata.skipped[:3])
-            raise UsageError(f"no usable input: all {len(files)} matched files were skipped ({reasons})")
+        _check_usable(stats, len(files))
         metadata = commit(work_dir, options, stats)
     finally:
         _remove_tree(work_dir)
     print(summary(metadata, files, stats["fallback_decodes"], time.monotonic() - started, options))
     return metadata
+
+
+def _check_usable(stats: dict[str, Any], matched: int) -> None:
+    """UsageError when the job read no text, or could not learn its tokenizer from it."""
+    body = json.loads(stats["metadata"])
+    if body["documents"] == 0:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in body["skipped"][:3])
+        raise UsageError(f"no usable input: all {matched} matched files were skipped ({reasons})")
+    if stats["error"]:
+        raise UsageError(stats["error"])
 
 
 def summary(metadata: contract.Metadata, files: list[InputFile], fallbacks: list[str], seconds: float,

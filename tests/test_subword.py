@@ -216,6 +216,11 @@ def test_bad_subword_input_is_one_line_and_writes_nothing(tmp_path: Path,
                        "--output_dir", str(out), "--data_prefix", "x", "--tokenizer", "bpe"], capsys)
     assert "the training split has no text" in err
     assert not list(out.iterdir())
+    # No usable file at all: the same message as for the other tokenizers.
+    err = _main_error(["--input", str(books / "empty.txt"), "--output_dir", str(out), "--data_prefix", "x",
+                       "--tokenizer", "bpe"], capsys)
+    assert "no usable input: all 1 matched files were skipped" in err
+    assert not list(out.iterdir())
 
 
 def test_a_tokenizer_file_that_does_not_match_is_refused(tmp_path: Path,
