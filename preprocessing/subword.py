@@ -38,6 +38,7 @@ import io
 import os
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -165,17 +166,25 @@ class SubwordTokenizer(Tokenizer):
         byte_ids = [0] * 256
         for i, piece in enumerate(self.vocab):
             if sp.is_byte(i):
-                byte_ids[int(_BYTE_PIECE.fullmatch(piece).group(1), 16)] = i  # type: ignore[union-attr]
+                byte_ids[_byte_value(piece)] = i
         return PieceTable(self.kind, self.vocab, tuple(sp.get_score(i) for i in range(n)), matchable,
                           self._text, tuple(byte_ids))
 
 
-def _piece_bytes(sp: object, i: int, piece: str) -> bytes:
-    if sp.is_byte(i):  # type: ignore[attr-defined]
-        return bytes([int(_BYTE_PIECE.fullmatch(piece).group(1), 16)])  # type: ignore[union-attr]
-    if sp.is_unknown(i):  # type: ignore[attr-defined]
+def _piece_bytes(sp: Any, i: int, piece: str) -> bytes:
+    """What id i decodes to: its byte, the unknown surface, or the piece with "▁" as a space."""
+    if sp.is_byte(i):
+        return bytes([_byte_value(piece)])
+    if sp.is_unknown(i):
         return UNK_SURFACE.encode("utf-8")
     return piece.replace(SPACE_MARK, " ").encode("utf-8")
+
+
+def _byte_value(piece: str) -> int:
+    match = _BYTE_PIECE.fullmatch(piece)
+    if match is None:
+        raise contract.ContractError(f"byte piece {piece!r} is not <0xNN>")
+    return int(match.group(1), 16)
 
 
 class _PieceDecoder:

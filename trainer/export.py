@@ -57,8 +57,7 @@ import uuid
 import tensorflow as tf
 from absl import app, flags
 
-from preprocessing import contract
-from preprocessing.tokenizers import tokenizer_from_metadata
+from preprocessing import contract, subword
 from trainer import checkpoints, kernels
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
@@ -117,8 +116,8 @@ class GenerationModule(tf.Module):
             tf.lookup.KeyValueTensorInitializer(keys, tf.constant(values, tf.int32)),
             default_value=-1 if metadata.unk_id is None else metadata.unk_id)
         if metadata.learned:  # bpe/unigram: the learned tokenizer's pieces and scores as tables
-            table = tokenizer_from_metadata(metadata).piece_table()  # type: ignore[attr-defined]
-            self.subword = SubwordGraph(table)
+            learned = subword.SubwordTokenizer(metadata.tokenizer, metadata.tokenizer_model, metadata.vocab)
+            self.subword = SubwordGraph(learned.piece_table())
 
     @tf.function(input_signature=[
         tf.TensorSpec([], tf.string, name="prime"), tf.TensorSpec([], tf.int32, name="length"),
