@@ -257,6 +257,27 @@ def test_job_names_carry_the_learned_vocabulary() -> None:
         job_name(base.replace(language_model="bpe"))
 
 
+def test_loaders_find_a_learned_vocabularys_job_dir_by_its_size(tmp_path: Path) -> None:
+    from trainer import checkpoints
+    from trainer.errors import UsageError
+    from trainer.hparams import HPARAMS_FILE, HParams
+
+    hparams = HParams(data_prefix="books", job_dir=str(tmp_path / "%JOB%"), layers=1, lstm_state_size=32)
+    for name in ("books-32-states-1-layers-bpe8k", "books-32-states-1-layers-char"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / HPARAMS_FILE).write_text("{}")
+    with pytest.raises(UsageError, match="--language_model=bpe or --language_model=char"):
+        checkpoints.resolve_job_dir(hparams)
+    found = checkpoints.resolve_job_dir(hparams.replace(language_model="bpe"))
+    assert found == str(tmp_path / "books-32-states-1-layers-bpe8k")
+    (tmp_path / "books-32-states-1-layers-bpe2k").mkdir()
+    (tmp_path / "books-32-states-1-layers-bpe2k" / HPARAMS_FILE).write_text("{}")
+    with pytest.raises(UsageError, match="with --vocab_size"):
+        checkpoints.resolve_job_dir(hparams.replace(language_model="bpe"))
+    found = checkpoints.resolve_job_dir(hparams.replace(language_model="bpe", vocab_size=2000))
+    assert found == str(tmp_path / "books-32-states-1-layers-bpe2k")
+
+
 def test_loss_per_character() -> None:
     from trainer.evaluate import per_character
 

@@ -153,7 +153,10 @@ def _find_trained_job(hparams: HParams) -> str:
         raise UsageError(f"--job-dir={hparams.job_dir}: no trained job ({HPARAMS_FILE}) at {tried}; "
                          "check the shape flags (--layers, --lstm_state_size, ...) and --data_prefix, "
                          "or give the concrete job dir")
-    choices = " or ".join(f"--language_model={lm}" for lm, _ in found)
+    models = sorted({lm for lm, _ in found})
+    choices = " or ".join(f"--language_model={lm}" for lm in models)
+    if len(models) < len(found):  # learned vocabularies of several sizes
+        choices += " with --vocab_size (or the concrete job dir)"
     raise UsageError(f"--job-dir={hparams.job_dir}: several trained jobs match "
                      f"({', '.join(job_dir for _, job_dir in found)}); give {choices}")
 
