@@ -96,6 +96,11 @@ class SplitStats:
     # tokenizers compare per character. 0: unknown (metadata written before the field existed).
     characters: int = 0
 
+    @property
+    def characters_per_token(self) -> float:
+        """0.0 when unknown."""
+        return self.characters / self.tokens if self.characters and self.tokens else 0.0
+
 
 @dataclasses.dataclass(frozen=True)
 class Metadata:

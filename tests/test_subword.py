@@ -297,7 +297,7 @@ def test_bpe_from_books_to_a_savedmodel_that_tokenizes_without_verne(tmp_path: P
     from generation_job import Server, python_env
     from test_export import CLEAN_CLIENT, VERTEX_REQUEST
 
-    from trainer import checkpoints, evaluate, runner
+    from trainer import checkpoints, data, evaluate, runner
     from trainer.hparams import HParams
     from trainer.sampling import SamplingOptions, TextGenerator
 
@@ -306,12 +306,21 @@ def test_bpe_from_books_to_a_savedmodel_that_tokenizes_without_verne(tmp_path: P
     hparams = HParams(data_dir=str(out), data_prefix="tiny", job_dir=str(tmp_path / "job" / "%JOB%"),
                       batch_size=4, unroll_steps=16, max_steps=20, eval_every=20, save_checkpoints_steps=20,
                       log_every=20, sample_every=0, **shape)
-    job = runner.train(hparams).job_dir
+    trained = runner.train(hparams)
+    job = trained.job_dir
     assert job.endswith("tiny-32-states-1-layers-bpe400-emb16")
     assert (Path(job) / "tiny.tokenizer.model").read_bytes() == (out / "tiny.tokenizer.model").read_bytes()
 
     result = evaluate.evaluate(job, write=False)
     assert result["loss_per_char"] < result["loss"] and result["characters"] > result["tokens"]
+    # TensorBoard has the validation loss per character too, on the axis a char model's shares.
+    events = [e for path in (Path(job) / "tensorboard").glob("events.out.tfevents.*")
+              for e in tf.compat.v1.train.summary_iterator(str(path))]
+    per_char = [tf.make_ndarray(v.tensor) for e in events for v in e.summary.value
+                if v.tag == "eval/loss_per_char"]
+    valid = data.read_metadata(str(out), "tiny").splits["valid"]
+    assert valid.characters_per_token > 1
+    assert per_char == [pytest.approx(trained.eval_loss / valid.characters_per_token, rel=1e-5)]
 
     flags = [f"--{name}={value}" for name, value in shape.items()]
     babble = subprocess.run([sys.executable, "-m", "trainer.babble", "--job-dir",

@@ -71,7 +71,8 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
         checkpoints.write_atomic(checkpoints.join(job_dir, name), json.dumps(result, indent=1) + "\n")
         summaries = Summaries(hparams.summary_dir or checkpoints.join(job_dir, "tensorboard"),
                               metadata.tokenizer)
-        summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}")
+        summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}",
+                       characters_per_token=metadata.splits[split].characters_per_token)
         summaries.close()
     return result
 
@@ -83,10 +84,10 @@ def per_character(loss: float, tokens: int, stats: contract.SplitStats) -> dict[
     evaluation leaves out only the remainder of the last window). Nothing for data
     preprocessed before character counts were recorded.
     """
-    if not stats.characters or not stats.tokens:
+    if not stats.characters_per_token:
         return {}
-    characters = tokens * stats.characters / stats.tokens
-    per_char = loss * tokens / characters
+    characters = tokens * stats.characters_per_token
+    per_char = loss / stats.characters_per_token
     return {"characters": round(characters), "loss_per_char": per_char,
             "bits_per_char": bits_per_token(per_char)}
 

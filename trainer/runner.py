@@ -334,7 +334,8 @@ class _Trainer:
         with optimizers.averaged_weights(self.optimizer):
             nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), eval_state)
             loss = nats / tokens
-            self.summaries.eval(step, loss)
+            self.summaries.eval(step, loss,
+                                characters_per_token=self.metadata.splits["valid"].characters_per_token)
             cloud_env.report_metric(loss, step)  # Vertex hyperparameter tuning reads it
             # The loss is all-reduced, so every worker takes this branch (and its collectives) alike.
             if loss < float(self.best_loss.numpy()):
