@@ -241,6 +241,25 @@ def test_a_tokenizer_file_that_does_not_match_is_refused(tmp_path: Path,
         data.read_metadata(str(out), "tiny")
 
 
+@pytest.mark.slow
+def test_the_tokenizer_file_travels_with_its_metadata_on_gcs(gcs_in_process: object, gcs_bucket: str,
+                                                            tmp_path: Path) -> None:
+    """Beam writes it to gs://, TensorFlow reads it back and copies it into a gs:// job dir, and
+    --vocab_from finds it there through Beam again."""
+    from trainer import checkpoints, data
+
+    books = write_books(tmp_path / "books")
+    written = run.run_preprocessing(["--input", f"{books}/book*.txt", "--output_dir", f"{gcs_bucket}/data",
+                                     "--data_prefix", "g", "--tokenizer", "bpe", "--vocab_size", "400"])
+    read = data.read_metadata(f"{gcs_bucket}/data", "g")
+    assert hashlib.sha256(read.tokenizer_model).hexdigest() == written.tokenizer_sha256
+    checkpoints.save_metadata(f"{gcs_bucket}/job", read)
+    assert checkpoints.saved_metadata(f"{gcs_bucket}/job").tokenizer_model == read.tokenizer_model
+    options, _ = run.parse_args(["--input", f"{books}/book1.txt", "--output_dir", str(tmp_path / "o"),
+                                 "--data_prefix", "o", "--vocab_from", f"{gcs_bucket}/job"])
+    assert (options.tokenizer, options.tokenizer_model) == ("bpe", read.tokenizer_model)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer
 
