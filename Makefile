@@ -84,6 +84,7 @@ bench: install
 	$(PY) -m bench.train
 	$(PY) -m bench.sample
 	$(PY) bench/quality.py
+	$(PY) bench/subword.py
 	$(PY) bench/models.py
 
 lint: install

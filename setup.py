@@ -42,6 +42,8 @@ STACK = [
     "cloudml-hypertune==0.1.0.dev6",
     # trainer.serve's HTTP service (already in the closure through the stack; used directly).
     "aiohttp==3.14.5",
+    # Learns and applies the bpe/unigram tokenizers (preprocessing/subword.py); no dependencies.
+    "sentencepiece==0.2.3",
 ]
 
 DEV = [

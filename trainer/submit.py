@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from absl import app, flags
 
+from preprocessing import contract
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import JOB_PLACEHOLDER, HParams, job_name
 
@@ -143,8 +144,10 @@ def trainer_hparams(args: Sequence[str]) -> HParams:
 
 def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str], Any]) -> HParams:
     """`hparams` with %JOB% resolved as the trainer will. With --language_model given that needs
-    nothing else (and no network); otherwise the data's metadata names it, when it can be read."""
-    if hparams.language_model is not None:
+    nothing else (and no network) — bpe/unigram also need --vocab_size, which is in the name;
+    otherwise the data's metadata names it, when it can be read."""
+    if hparams.language_model is not None and (hparams.vocab_size
+                                               or hparams.language_model not in contract.SUBWORD_TOKENIZERS):
         return hparams.replace(job_dir=_resolved(hparams.job_dir, hparams),
                                summary_dir=_resolved(hparams.summary_dir, hparams))
     try:
@@ -152,7 +155,7 @@ def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str]
     except Exception as err:  # unreachable data of any kind (gs:// offline, no file) gets one advice
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"cannot name %JOB% from the data ({reason}); pass --language_model "
-                         "after -- or make --data_dir readable") from None
+                         "(and --vocab_size for bpe/unigram) after -- or make --data_dir readable") from None
     from trainer.checkpoints import resolve_hparams  # the trainer's own resolution, checks included
 
     return resolve_hparams(hparams, metadata)
