@@ -54,7 +54,7 @@ def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
     """One replica's training step: (tokens, labels, state) -> (loss, gradient norm, state)."""
     model, clip = params.model, params.hparams.grad_clip
     replicas = strategy.num_replicas_in_sync
-    period = params.hparams.state_reset_windows
+    period = model.training_reset_period(params.hparams.state_reset_windows)
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
         if period:

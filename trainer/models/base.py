@@ -23,6 +23,11 @@ class LanguageModel(keras.Model):
         """The state a stream starts from (zeros for recurrent models)."""
         raise NotImplementedError
 
+    def training_reset_period(self, state_reset_windows: int) -> int:
+        """Every how many windows a stream restarts from `initial_state` in training
+        (--state_reset_windows for recurrent models; 0: never)."""
+        return state_reset_windows
+
     def call(self, tokens: tf.Tensor, state: State, training: bool = False,
              dropout_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, State]:
         """tokens int32 [B, T], state -> (logits float32 [B, T, V], the state after the window).
