@@ -8,8 +8,8 @@
 #
 # The GPU build of TensorFlow runs on CPU-only machines too, so one image serves every job;
 # `docker build --build-arg BASE_IMAGE=tensorflow/tensorflow:2.21.0 .` makes a smaller CPU-only one.
-# Not TPU VMs: those need TensorFlow's TPU build (tensorflow-tpu, which brings libtpu), and there
-# is none for TensorFlow 2.21 yet; docs/cloud.md ("TPU") says what a TPU image takes.
+# Not TPU VMs: they run Dockerfile.tpu's image, on TensorFlow's TPU build, which PyPI has only up
+# to 2.20 (docs/cloud.md, "TPU").
 ARG BASE_IMAGE=tensorflow/tensorflow:2.21.0-gpu
 FROM ${BASE_IMAGE}
 
@@ -24,8 +24,9 @@ COPY trainer ./trainer
 COPY pipelines ./pipelines
 
 # The base image's TensorFlow (2.21, with CUDA) is the one verne runs on: install verne without
-# a TensorFlow extra so pip keeps it, with the same pins as CI for everything else.
-RUN python3 -m pip install --no-cache-dir -c constraints.txt . \
+# a TensorFlow extra so pip keeps it, only the TensorBoard that goes with it (setup.py), with the
+# same pins as CI for everything else.
+RUN python3 -m pip install --no-cache-dir -c constraints.txt '.[tensorboard]' \
  && python3 -m pip check \
  && python3 -c "import tensorflow as tf, kfp, pipelines.steps; assert tf.__version__.startswith('2.21'), tf.__version__"
 

@@ -1,19 +1,31 @@
 """verne: train text-generating language models on books, locally or on Google Cloud.
 
 One distribution ships to every place the code runs: this machine, Dataflow workers
-(`--setup_file ./setup.py`) and Vertex AI (the image ./Dockerfile builds installs it).
-Versions are pinned so `pip check` stays clean; constraints.txt pins the whole closure.
+(`--setup_file ./setup.py`) and Vertex AI (the images ./Dockerfile and ./Dockerfile.tpu build
+install it). Versions are pinned so `pip check` stays clean; constraints.txt pins the rest of the
+closure, and constraints-tpu.txt adds TensorFlow 2.20's TPU runtime to it.
 """
 
 from setuptools import find_packages, setup
 
 # TensorFlow comes as an extra because the right build depends on the machine: `cpu` here and
-# in CI, `gpu` in a CUDA image, `tpu` on TPU VMs. A Vertex AI image that already has TensorFlow
-# installs the plain package (no extra) and keeps its own build.
+# in CI, `gpu` in a CUDA image, `tpu` on TPU VMs. TensorBoard (summaries' HParams plugin and the
+# viewer) is released with TensorFlow and must match its minor version, so it comes with each.
+# verne runs on TensorFlow 2.21 and 2.20 with the same code (the suite passes on both); 2.20 because
+# it is the newest TPU build on PyPI. A Vertex AI image that already has TensorFlow 2.21 installs
+# the `tensorboard` extra alone and keeps its own build (./Dockerfile).
+TF_2_21 = ["tensorboard==2.21.0"]
+TF_2_20 = ["tensorboard==2.20.0"]
 TENSORFLOW = {
-    "cpu": ["tensorflow-cpu==2.21.0"],
-    "gpu": ["tensorflow[and-cuda]==2.21.0"],
-    "tpu": ["tensorflow==2.21.0"],
+    "cpu": ["tensorflow-cpu==2.21.0", *TF_2_21],
+    "gpu": ["tensorflow[and-cuda]==2.21.0", *TF_2_21],
+    "tensorboard": TF_2_21,
+    # TensorFlow's TPU build, which brings libtpu (the TPU runtime; constraints-tpu.txt says which
+    # one works): the TPU image (Dockerfile.tpu).
+    "tpu": ["tensorflow-tpu==2.20.0", *TF_2_20],
+    # The TPU image's TensorFlow version as a CPU build: `make test` runs the TensorFlow part of
+    # the suite on it too (.venv-tf220).
+    "cpu-tf220": ["tensorflow-cpu==2.20.0", *TF_2_20],
 }
 
 STACK = [
@@ -26,12 +38,12 @@ STACK = [
     "numpy==2.4.6",
     "tqdm==4.70.1",
     "pyyaml==6.0.3",
-    # TensorBoard summaries (HParams plugin) and `make demo`'s viewer; not a dependency of TF 2.21.
-    "tensorboard==2.21.0",
     # Reports the tuning metric where Vertex AI hyperparameter tuning reads it.
     "cloudml-hypertune==0.1.0.dev6",
     # trainer.serve's HTTP service (already in the closure through the stack; used directly).
     "aiohttp==3.14.5",
+    # Learns and applies the bpe/unigram tokenizers (preprocessing/subword.py); no dependencies.
+    "sentencepiece==0.2.3",
 ]
 
 DEV = [

@@ -28,7 +28,8 @@ PUBLISHED_MANIFEST = "PUBLISHED.json"
 # --summary_dir too, e.g. gs://… for Vertex AI TensorBoard; by default it is JOB_DIR/tensorboard).
 PIPELINE_OWNED_HPARAMS = ("data_dir", "data_prefix", "job_dir", "vocab_size")
 GATE_METRICS = ("loss", "perplexity", "bpc")
-EVALUATION_NUMBERS = ("loss", "perplexity", "bpc", "bits_per_token", "tokens", "step")
+EVALUATION_NUMBERS = ("loss", "perplexity", "bpc", "bits_per_token", "loss_per_char", "bits_per_char",
+                      "tokens", "step")
 
 
 # The size of Vertex AI's default machine for a step (e2-standard-4): what the train step gets

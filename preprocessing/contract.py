@@ -11,6 +11,11 @@ Layout of a data directory for prefix NAME::
     DIR/NAME.test-00000-of-00001.tfrecord.gz    a long contiguous run of token ids
     DIR/NAME.metadata.json                      written last: it is the commit marker
     DIR/NAME.vocab.txt                          the vocabulary for people, one token a line
+    DIR/NAME.tokenizer.model                    bpe/unigram only: the learned SentencePiece model
+
+A learned tokenizer is a file of its own (the format SentencePiece reads), named and hashed in the
+metadata. Whoever copies the metadata elsewhere (a trainer job dir) copies the tokenizer file next
+to it under the same name: readers look for it in the directory the metadata file is in.
 
 Records are long runs, not training windows, so the trainer can pick its unroll length later.
 Each record is contiguous text from one document; the order of records within a split carries
@@ -20,13 +25,16 @@ no meaning (Beam does not keep it), so readers may interleave shards freely.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "test")
-TOKENIZERS = ("char", "byte", "word")
+# Subword tokenizers are learned from the training split (preprocessing.subword).
+SUBWORD_TOKENIZERS = ("bpe", "unigram")
+TOKENIZERS = ("char", "byte", "word") + SUBWORD_TOKENIZERS
 # How word text splits into tokens: WORD_PATTERN's words and punctuation (raw books), or runs of
 # non-whitespace (pre-tokenized corpora such as PTB and WikiText, split as awd-lstm-lm does).
 WORD_SPLITS = ("pattern", "whitespace")
@@ -69,6 +77,11 @@ def vocab_path(data_dir: str, prefix: str) -> str:
     return _join(data_dir, f"{prefix}.vocab.txt")
 
 
+def tokenizer_file_name(prefix: str) -> str:
+    """The learned tokenizer's file name, beside the shards (and beside a job dir's metadata)."""
+    return f"{prefix}.tokenizer.model"
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -79,6 +92,14 @@ class SplitStats:
     tokens: int
     records: int
     shards: int
+    # Characters of cleaned text the split's tokens cover, so that losses of models with different
+    # tokenizers compare per character. 0: unknown (metadata written before the field existed).
+    characters: int = 0
+
+    @property
+    def characters_per_token(self) -> float:
+        """0.0 when unknown."""
+        return self.characters / self.tokens if self.characters and self.tokens else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,11 +116,25 @@ class Metadata:
     documents: int = 0
     skipped: tuple[dict[str, str], ...] = ()
     sources: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    # bpe/unigram: the tokenizer file's name (in the metadata's directory) and its SHA-256, and
+    # what it was learned from: {"characters": sampled, "limit": the sample bound,
+    # "train_characters": the whole training split}.
+    tokenizer_file: str = ""
+    tokenizer_sha256: str = ""
+    tokenizer_sample: dict[str, int] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # The tokenizer file's bytes once `with_tokenizer_model` has read and checked them; never
+    # part of the JSON.
+    tokenizer_model: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
     @property
     def vocab_size(self) -> int:
         return len(self.vocab)
+
+    @property
+    def learned(self) -> bool:
+        """True for tokenizers that need their tokenizer file (bpe, unigram)."""
+        return self.tokenizer in SUBWORD_TOKENIZERS
 
     @property
     def unk_id(self) -> int | None:
@@ -113,6 +148,7 @@ class Metadata:
 def metadata_to_json(metadata: Metadata) -> str:
     body = dataclasses.asdict(metadata)
     body["vocab"] = list(metadata.vocab)
+    del body["tokenizer_model"]
     return json.dumps(body, indent=1, ensure_ascii=False, sort_keys=True) + "\n"
 
 
@@ -127,7 +163,7 @@ def metadata_from_json(text: str, source: str = "metadata") -> Metadata:
         raise ContractError(
             f"{source}: format_version {version!r}, this verne reads {FORMAT_VERSION}; "
             "rerun preprocessing.run with this version")
-    known = {f.name for f in dataclasses.fields(Metadata)}
+    known = {f.name for f in dataclasses.fields(Metadata)} - {"tokenizer_model"}
     unknown = sorted(set(body) - known)
     if unknown:
         raise ContractError(f"{source}: unknown keys {unknown}")
@@ -160,6 +196,39 @@ def _validate(metadata: Metadata, source: str) -> None:
     missing = [s for s in SPLITS if s not in metadata.splits]
     if missing:
         raise ContractError(f"{source}: no stats for splits {missing}")
+    if metadata.learned and not (metadata.tokenizer_file and metadata.tokenizer_sha256):
+        raise ContractError(f"{source}: a {metadata.tokenizer} tokenizer needs tokenizer_file and "
+                            "tokenizer_sha256; rerun preprocessing.run")
+    if metadata.tokenizer_file and "/" in metadata.tokenizer_file:
+        raise ContractError(f"{source}: tokenizer_file {metadata.tokenizer_file!r} must be a file name")
+
+
+def tokenizer_location(metadata_file: str, metadata: Metadata) -> str:
+    """Where the tokenizer file of the metadata read from `metadata_file` is: beside it."""
+    return _join(metadata_file.rsplit("/", 1)[0] if "/" in metadata_file else ".",
+                 metadata.tokenizer_file)
+
+
+def with_tokenizer_model(metadata: Metadata, metadata_file: str,
+                         read_bytes: Callable[[str], bytes]) -> Metadata:
+    """The metadata with its tokenizer file's bytes attached (unchanged if it has none).
+
+    `read_bytes` is the caller's file reader (Beam's or TensorFlow's: this module imports
+    neither). A missing file or one whose SHA-256 is not the metadata's is a ContractError.
+    """
+    if not metadata.learned:
+        return metadata
+    path = tokenizer_location(metadata_file, metadata)
+    try:
+        model = read_bytes(path)
+    except Exception as err:  # noqa: BLE001 — Beam and TF raise different errors for a missing file
+        raise ContractError(f"{path}: cannot read the tokenizer file {metadata_file} names "
+                            f"({type(err).__name__}); copy it next to the metadata or rerun "
+                            "preprocessing.run") from None
+    if hashlib.sha256(model).hexdigest() != metadata.tokenizer_sha256:
+        raise ContractError(f"{path} does not match {metadata_file} (another SHA-256): the tokenizer "
+                            "file is from another run; copy the matching one or rerun preprocessing.run")
+    return dataclasses.replace(metadata, tokenizer_model=model)
 
 
 def escape_token(token: str) -> str:

@@ -66,6 +66,9 @@ _DIRECT_RUNNERS = ("", "directrunner", "direct", "fnapirunner")
 # Names Beam's create_runner resolves to its DataflowRunner (case-insensitive, "runner" optional).
 _DATAFLOW_RUNNERS = ("dataflow", "dataflowrunner", "testdataflow", "testdataflowrunner")
 _STATS_FILE = "stats.json"
+# The word default is the classic 10,000-word vocabulary; 8,000 pieces is the middle of the
+# 2,000-32,000 range subword models use on a few MB of books.
+DEFAULT_VOCAB_SIZE = {"word": 10000, "bpe": 8000, "unigram": 8000}
 
 
 class UsageError(Exception):
@@ -88,6 +91,13 @@ class JobOptions:
     seed: int = 0
     record_tokens: int = contract.DEFAULT_RECORD_TOKENS
     vocab: tuple[str, ...] | None = None  # fixed by --vocab_from
+    # bpe/unigram: at most this many characters of training text go to the one worker that learns
+    # the tokenizer (a deterministic sample of blocks), however large the corpus.
+    tokenizer_sample_chars: int = 20_000_000
+    # bpe/unigram with --vocab_from: the reused tokenizer (its file's bytes, and its metadata's
+    # record of what it was learned from).
+    tokenizer_model: bytes = b""
+    tokenizer_sample: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def presplit(self) -> bool:
@@ -125,8 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--lowercase", action="store_true", help="Lower-case the text.")
     parser.add_argument("--min_count", type=int, default=1,
                         help="char/word: tokens seen fewer times become <unk>.")
-    parser.add_argument("--vocab_size", type=int, default=10000,
-                        help="word: keep this many most frequent words (plus <unk> and newline/<eos>).")
+    parser.add_argument("--vocab_size", type=int,
+                        help="word: keep this many most frequent words (plus <unk> and newline/<eos>; "
+                             f"default {DEFAULT_VOCAB_SIZE['word']}); bpe/unigram: pieces to learn, "
+                             "256 byte pieces, <unk> and the newline included (default "
+                             f"{DEFAULT_VOCAB_SIZE['bpe']}).")
+    parser.add_argument("--tokenizer_sample_chars", type=int, default=JobOptions.tokenizer_sample_chars,
+                        help="bpe/unigram: learn the tokenizer from at most this many characters "
+                             "of the training split (a fixed sample of 16K-character blocks, so one "
+                             "worker never holds the whole corpus).")
     parser.add_argument("--line_eos", action="store_true",
                         help="word: every line end is an <eos> token (PTB/WikiText style).")
     parser.add_argument("--word_split", choices=contract.WORD_SPLITS,
@@ -140,7 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--test_fraction", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=0, help="Seeds the train/valid/test assignment.")
     parser.add_argument("--record_tokens", type=int, default=contract.DEFAULT_RECORD_TOKENS,
-                        help="Tokens per TFRecord record (the trainer cuts its own windows).")
+                        help="Tokens per TFRecord record (the trainer cuts its own windows); "
+                             "characters for bpe/unigram, whose records are cut before encoding.")
     parser.add_argument("--vocab_from", metavar="DATA_DIR/PREFIX",
                         help="Reuse an existing vocabulary (and tokenizer settings), e.g. for "
                              "fine-tuning: DATA_DIR/PREFIX, a *.metadata.json file or a trainer job dir.")
@@ -162,8 +180,13 @@ def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
     _check_names(args)
     vocab, tokenizer, lowercase, line_eos = None, args.tokenizer, args.lowercase, args.line_eos
     word_split = args.word_split
+    model, sample = b"", {}
     if args.vocab_from:
         md = read_metadata(args.vocab_from)
+        model, sample = md.tokenizer_model, md.tokenizer_sample
+        if md.learned and args.vocab_size is not None and args.vocab_size != md.vocab_size:
+            raise UsageError(f"--vocab_size {args.vocab_size} conflicts with --vocab_from "
+                             f"{args.vocab_from} ({md.vocab_size} pieces); drop --vocab_size")
         for flag, given, stored in (("--tokenizer", tokenizer, md.tokenizer),
                                     ("--lowercase", lowercase or None, md.lowercase or None),
                                     ("--line_eos", line_eos or None, md.line_eos or None),
@@ -172,9 +195,11 @@ def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
                 raise UsageError(f"{flag} {given} conflicts with --vocab_from {args.vocab_from} "
                                  f"({stored}); drop {flag}")
         vocab, tokenizer, lowercase, line_eos = md.vocab, md.tokenizer, md.lowercase, md.line_eos
-        word_split = md.word_split  # the vocabulary's tokens were cut this way
+        # The vocabulary's tokens were cut this way (other tokenizers have no split to keep).
+        word_split = md.word_split if tokenizer == "word" else None
     elif tokenizer is None:
-        raise UsageError("--tokenizer is required (char, byte or word) unless --vocab_from is given")
+        raise UsageError(f"--tokenizer is required ({', '.join(contract.TOKENIZERS)}) unless "
+                         "--vocab_from is given")
     if line_eos and tokenizer != "word":
         raise UsageError("--line_eos needs --tokenizer word")
     if word_split is not None and tokenizer != "word":
@@ -185,17 +210,19 @@ def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
     return JobOptions(
         output_dir=args.output_dir.rstrip("/") or "/", data_prefix=args.data_prefix, tokenizer=tokenizer,
         sources=sources or presplit, lowercase=lowercase, min_count=args.min_count,
-        vocab_size=args.vocab_size, line_eos=line_eos, word_split=word_split,
+        vocab_size=args.vocab_size or DEFAULT_VOCAB_SIZE.get(tokenizer, DEFAULT_VOCAB_SIZE["word"]),
+        line_eos=line_eos, word_split=word_split,
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed,
         record_tokens=args.record_tokens,
-        vocab=vocab), beam_args
+        vocab=vocab, tokenizer_sample_chars=args.tokenizer_sample_chars,
+        tokenizer_model=model, tokenizer_sample=sample), beam_args
 
 
 def _check_names(args: argparse.Namespace) -> None:
     if not args.data_prefix or "/" in args.data_prefix or args.data_prefix.startswith("."):
         raise UsageError(f"--data_prefix {args.data_prefix!r}: a plain file name prefix, e.g. 'jules'")
-    for flag in ("min_count", "vocab_size", "record_tokens"):
-        if getattr(args, flag) < 1:
+    for flag in ("min_count", "vocab_size", "record_tokens", "tokenizer_sample_chars"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     for flag in ("valid_fraction", "test_fraction"):
         if not 0 <= getattr(args, flag) < 1:
@@ -245,7 +272,7 @@ def read_metadata(location: str) -> contract.Metadata:
     except Exception as err:  # noqa: BLE001 — any failure to read is "no usable metadata here"
         raise UsageError(f"--vocab_from: cannot read {path} ({type(err).__name__}: {err})") from None
     try:
-        return contract.metadata_from_json(text, path)
+        return contract.with_tokenizer_model(contract.metadata_from_json(text, path), path, _read_bytes)
     except contract.ContractError as err:
         raise UsageError(f"--vocab_from: {err}") from None
 
@@ -416,41 +443,131 @@ def _plan(surveys: list[Survey], options: JobOptions) -> dict[str, tuple[splits.
 
 
 class _EncodeFn(beam.DoFn):
-    """One file → serialized records tagged by split, plus (split, (tokens, records)) counts."""
+    """One file → serialized records tagged by split, plus (split, (tokens, records, characters))."""
 
     def __init__(self, options: JobOptions) -> None:
         self._options = options
         self._vocab: tuple[str, ...] | None = None
         self._tokenizer: tokenizers.Tokenizer | None = None
 
-    def _tokenizer_for(self, vocab: tuple[str, ...]) -> tokenizers.Tokenizer:
+    def _tokenizer_for(self, vocab: tuple[str, ...], model: bytes) -> tokenizers.Tokenizer:
         if self._tokenizer is None or self._vocab != vocab:
             o = self._options
             self._tokenizer = tokenizers.make_tokenizer(o.tokenizer, vocab, o.lowercase, o.line_eos,
-                                                        o.word_split)
+                                                        o.word_split, model=model)
             self._vocab = vocab
         return self._tokenizer
 
-    def process(self, element: tuple[Any, str | None], vocab: tuple[str, ...],
+    def process(self, element: tuple[Any, str | None], vocab: tuple[str, ...], learned: Learned,
                 plan: dict[str, tuple[splits.Span, ...]]) -> Iterator[Any]:
+        if learned.error:  # nothing to encode with; the driver reports the error
+            return
         readable, _ = element
         path = readable.metadata.path
-        cleaned = _read_clean(readable, self._options)
         # A skipped file (text None) was recorded by the survey and has no spans in the plan.
-        ids = self._tokenizer_for(vocab).encode_array(cleaned.text or "")
+        text = _read_clean(readable, self._options).text or ""
+        tokenizer, o = self._tokenizer_for(vocab, learned.model), self._options
         spans = plan.get(path, ())
-        if sum(end - start for _, start, end in spans) != len(ids):
-            raise RuntimeError(f"{path} changed while the job was running; rerun it")
-        for split, start, end in spans:
-            yield beam.pvalue.TaggedOutput(split, contract.encode_example(ids[start:end]))
-            yield beam.pvalue.TaggedOutput("counts", (split, (end - start, 1)))
+        if o.tokenizer in contract.SUBWORD_TOKENIZERS:
+            # Planned in characters: each record's text is encoded on its own.
+            _check_unchanged(path, spans, len(text))
+            records = ((split, tokenizer.encode_array(text[start:end]), end - start)
+                       for split, start, end in spans)
+        else:
+            ids = tokenizer.encode_array(text)
+            _check_unchanged(path, spans, len(ids))
+            offsets = tokenizers.plan_offsets(o.tokenizer, text, o.line_eos, o.word_split)
+            records = ((split, ids[start:end],
+                        end - start if offsets is None else int(offsets[end] - offsets[start]))
+                       for split, start, end in spans)
+        for split, record, characters in records:
+            yield beam.pvalue.TaggedOutput(split, contract.encode_example(record))
+            yield beam.pvalue.TaggedOutput("counts", (split, (len(record), 1, characters)))
 
 
-def _sum_pairs(pairs: Any) -> tuple[int, int]:
-    tokens = records = 0
-    for t, r in pairs:
-        tokens, records = tokens + t, records + r
-    return tokens, records
+def _check_unchanged(path: str, spans: tuple[splits.Span, ...], units: int) -> None:
+    if sum(end - start for _, start, end in spans) != units:
+        raise RuntimeError(f"{path} changed while the job was running; rerun it")
+
+
+def _sum_counts(counts: Any) -> tuple[int, int, int]:
+    tokens = records = characters = 0
+    for t, r, c in counts:
+        tokens, records, characters = tokens + t, records + r, characters + c
+    return tokens, records, characters
+
+
+# ---------------------------------------------------------------------------------------------
+# bpe/unigram: a bounded sample of the training split, and the one step that learns from it
+
+
+# Sampling unit: large enough that per-element overhead vanishes, small enough that the sample
+# mixes many parts of many books.
+SAMPLE_BLOCK_CHARS = 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class Learned:
+    """The tokenizer the encode pass uses: a SentencePiece model and its pieces, or an error."""
+
+    model: bytes = b""
+    vocab: tuple[str, ...] = ()
+    sample: dict[str, int] = dataclasses.field(default_factory=dict)
+    error: str = ""
+
+
+class _SampleFn(beam.DoFn):
+    """One file → (score, text) for each block of its training spans.
+
+    Scores are seeded hashes of the text, so keeping the lowest ones is a sample that depends
+    only on the seed and the text, whichever runner and worker count.
+    """
+
+    def __init__(self, options: JobOptions) -> None:
+        self._options = options
+
+    def process(self, element: tuple[Any, str | None],
+                plan: dict[str, tuple[splits.Span, ...]]) -> Iterator[tuple[bytes, str]]:
+        readable, _ = element
+        text = _read_clean(readable, self._options).text or ""
+        digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+        for split, start, end in plan.get(readable.metadata.path, ()):
+            if split != "train":
+                continue
+            for block in range(start, end, SAMPLE_BLOCK_CHARS):
+                score = hashlib.blake2b(f"{self._options.seed}\0{digest}\0{block}".encode(),
+                                        digest_size=16).digest()
+                yield score, text[block:min(end, block + SAMPLE_BLOCK_CHARS)]
+
+
+def _learn(sample: list[tuple[bytes, str]], plan: dict[str, tuple[splits.Span, ...]],
+           options: JobOptions) -> Learned:
+    from preprocessing import subword
+
+    texts = [text for _, text in sorted(sample)]
+    record = {"characters": sum(map(len, texts)), "limit": options.tokenizer_sample_chars,
+              "train_characters": splits.split_tokens(plan)["train"]}
+    try:
+        model = subword.learn(options.tokenizer, texts, options.vocab_size)
+    except subword.LearnError as err:
+        return Learned(error=str(err))
+    vocab = subword.SubwordTokenizer(options.tokenizer, model).vocab
+    return Learned(model, vocab, record)
+
+
+def _learned_tokenizer(p: beam.Pipeline, files: list[InputFile], options: JobOptions,
+                       plan: beam.PCollection) -> beam.PCollection:
+    """One Learned: reused (--vocab_from), learned from a sample of train (bpe/unigram), or none."""
+    if options.tokenizer not in contract.SUBWORD_TOKENIZERS:
+        return p | "NoTokenizerFile" >> beam.Create([Learned()])
+    if options.tokenizer_model:
+        reused = Learned(options.tokenizer_model, options.vocab or (), options.tokenizer_sample)
+        return p | "ReusedTokenizer" >> beam.Create([reused])
+    blocks = -(-options.tokenizer_sample_chars // SAMPLE_BLOCK_CHARS)
+    return (_read_files(p, files, "Sample")
+            | "SampleBlocks" >> beam.ParDo(_SampleFn(options), plan=beam.pvalue.AsSingleton(plan))
+            | "BoundedSample" >> beam.combiners.Top.Smallest(blocks, key=lambda block: block[0])
+            | "Learn" >> beam.Map(_learn, beam.pvalue.AsSingleton(plan), options))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,19 +595,23 @@ def build_pipeline(p: beam.Pipeline, files: list[InputFile], options: JobOptions
     surveyed = (_read_files(p, files, "Survey")
                 | "Survey" >> beam.ParDo(_SurveyFn(options)).with_outputs("skipped", main="docs"))
     docs = surveyed.docs
-    if options.vocab is None:
+    # Only the small per-document facts travel to the plan, never the counts or the text.
+    sizes = docs | "Sizes" >> beam.Map(lambda s: dataclasses.replace(s, counts=Counter()))
+    plan = sizes | "AllSizes" >> beam.combiners.ToList() | "Plan" >> beam.Map(_plan, options)
+    learned = _learned_tokenizer(p, files, options, plan)
+    if options.tokenizer in contract.SUBWORD_TOKENIZERS:
+        vocab = learned | "Vocab" >> beam.Map(lambda tokenizer: tokenizer.vocab)
+    elif options.vocab is None:
         vocab = (docs | "Counts" >> beam.Map(lambda s: s.counts)
                  | "MergeCounts" >> beam.CombineGlobally(_MergeCounts())
                  | "Vocab" >> beam.Map(_vocabulary, options))
     else:
         vocab = p | "FixedVocab" >> beam.Create([options.vocab])
-    # Only the small per-document facts travel to the plan, never the counts or the text.
-    sizes = docs | "Sizes" >> beam.Map(lambda s: dataclasses.replace(s, counts=Counter()))
-    plan = sizes | "AllSizes" >> beam.combiners.ToList() | "Plan" >> beam.Map(_plan, options)
 
     encoded = (_read_files(p, files, "Encode")
                | "Encode" >> beam.ParDo(_EncodeFn(options), vocab=AsSingleton(vocab),
-                                        plan=AsSingleton(plan)).with_outputs(*contract.SPLITS, "counts"))
+                                        learned=AsSingleton(learned), plan=AsSingleton(plan))
+               .with_outputs(*contract.SPLITS, "counts"))
     shards = {}
     for split in contract.SPLITS:
         shards[split] = (
@@ -500,30 +621,44 @@ def build_pipeline(p: beam.Pipeline, files: list[InputFile], options: JobOptions
                 file_name_suffix=contract.SHARD_SUFFIX, shard_name_template=contract.SHARD_TEMPLATE,
                 compression_type=CompressionTypes.GZIP)
             | f"Shards{split}" >> beam.combiners.ToList())
-    counts = encoded.counts | "SumCounts" >> beam.CombinePerKey(_sum_pairs)
+    counts = encoded.counts | "SumCounts" >> beam.CombinePerKey(_sum_counts)
     skipped = surveyed.skipped | "AllSkipped" >> beam.combiners.ToList()
     (p | "Done" >> beam.Create([None])
      | "WriteStats" >> beam.Map(
-         _write_stats, work_dir, options, vocab=AsSingleton(vocab), sizes=AsList(sizes),
+         _write_stats, work_dir, options, vocab=AsSingleton(vocab), learned=AsSingleton(learned),
+         sizes=AsList(sizes),
          skipped=AsSingleton(skipped), counts=AsDict(counts),
          **{f"shards_{s}": AsSingleton(shards[s]) for s in contract.SPLITS}))
 
 
-def _write_stats(_: None, work_dir: str, options: JobOptions, vocab: tuple[str, ...],
-                 sizes: list[Survey], skipped: list[dict[str, str]], counts: dict[str, tuple[int, int]],
-                 **shards: list[str]) -> None:
+def _write_stats(_: None, work_dir: str, options: JobOptions, vocab: tuple[str, ...], learned: Learned,
+                 sizes: list[Survey], skipped: list[dict[str, str]],
+                 counts: dict[str, tuple[int, int, int]], **shards: list[str]) -> None:
     """Runs after every write (its side inputs say so): what the driver needs to commit."""
+    tokenizer_file = contract.tokenizer_file_name(options.data_prefix) if learned.model else ""
+    if tokenizer_file:
+        _write_atomically(_join(work_dir, tokenizer_file), learned.model)
     stats = {
         "metadata": contract.metadata_to_json(contract.Metadata(
             tokenizer=options.tokenizer, vocab=tuple(vocab), lowercase=options.lowercase,
             line_eos=options.line_eos, word_split=options.word_split, documents=len(sizes),
             skipped=tuple(sorted(skipped, key=lambda s: s["path"])), sources=options.sources,
-            splits={s: contract.SplitStats(*counts.get(s, (0, 0)), len(shards[f"shards_{s}"]))
-                    for s in contract.SPLITS})),
+            splits={s: _split_stats(counts.get(s, (0, 0, 0)), len(shards[f"shards_{s}"]))
+                    for s in contract.SPLITS},
+            tokenizer_file=tokenizer_file,
+            tokenizer_sha256=hashlib.sha256(learned.model).hexdigest() if learned.model else "",
+            tokenizer_sample=learned.sample)),
         "shards": {s: sorted(shards[f"shards_{s}"]) for s in contract.SPLITS},
         "fallback_decodes": sorted(s.path for s in sizes if s.encoding in ("cp1252", "latin-1")),
+        "tokenizer_file": tokenizer_file and _join(work_dir, tokenizer_file),
+        "error": learned.error,
     }
     _write_atomically(_join(work_dir, _STATS_FILE), json.dumps(stats))
+
+
+def _split_stats(counts: tuple[int, int, int], shards: int) -> contract.SplitStats:
+    tokens, records, characters = counts
+    return contract.SplitStats(tokens=tokens, records=records, shards=shards, characters=characters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,11 +669,11 @@ def _join(directory: str, name: str) -> str:
     return directory.rstrip("/") + "/" + name
 
 
-def _write_atomically(path: str, text: str) -> None:
+def _write_atomically(path: str, text: str | bytes) -> None:
     temp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write(text.encode("utf-8"))
+            f.write(text.encode("utf-8") if isinstance(text, str) else text)
     except BaseException:
         with contextlib.suppress(Exception):
             FileSystems.delete([temp])
@@ -547,8 +682,12 @@ def _write_atomically(path: str, text: str) -> None:
 
 
 def _read_text(path: str) -> str:
+    return _read_bytes(path).decode("utf-8")
+
+
+def _read_bytes(path: str) -> bytes:
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read().decode("utf-8")
+        return f.read()
 
 
 def _delete_matching(pattern: str) -> None:
@@ -579,6 +718,10 @@ def commit(work_dir: str, options: JobOptions, stats: dict[str, Any]) -> contrac
     for split in contract.SPLITS:
         _delete_matching(contract.shard_glob(out, prefix, split))  # stale shards of any count
         moves += [(src, _join(out, src.rsplit("/", 1)[-1])) for src in stats["shards"][split]]
+    # A tokenizer file is part of the data set it was written with: an older one goes too.
+    _delete_matching(_join(out, contract.tokenizer_file_name(prefix)))
+    if stats["tokenizer_file"]:
+        moves.append((stats["tokenizer_file"], _join(out, contract.tokenizer_file_name(prefix))))
     if moves:
         FileSystems.rename([m[0] for m in moves], [m[1] for m in moves])
     metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
@@ -663,15 +806,22 @@ def run_preprocessing(args: Sequence[str]) -> contract.Metadata:
             with pipeline as p:
                 build_pipeline(p, files, options, work_dir)
             stats = json.loads(_read_text(_join(work_dir, _STATS_FILE)))
-            metadata = contract.metadata_from_json(stats["metadata"], "this run's metadata")
-            if metadata.documents == 0:
-                reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in metadata.skipped[:3])
-                raise UsageError(f"no usable input: all {len(files)} matched files were skipped ({reasons})")
+            _check_usable(stats, len(files))
             metadata = commit(work_dir, options, stats)
     finally:
         _remove_tree(work_dir)
     print(summary(metadata, files, stats["fallback_decodes"], time.monotonic() - started, options))
     return metadata
+
+
+def _check_usable(stats: dict[str, Any], matched: int) -> None:
+    """UsageError when the job read no text, or could not learn its tokenizer from it."""
+    body = json.loads(stats["metadata"])
+    if body["documents"] == 0:
+        reasons = "; ".join(f"{s['path']}: {s['reason']}" for s in body["skipped"][:3])
+        raise UsageError(f"no usable input: all {matched} matched files were skipped ({reasons})")
+    if stats["error"]:
+        raise UsageError(stats["error"])
 
 
 def summary(metadata: contract.Metadata, files: list[InputFile], fallbacks: list[str], seconds: float,
@@ -684,6 +834,13 @@ def summary(metadata: contract.Metadata, files: list[InputFile], fallbacks: list
               for split, st in ((s, metadata.splits[s]) for s in contract.SPLITS)]
     lines.append(f"  vocab {metadata.vocab_size} ({metadata.tokenizer}); {megabytes:.1f} MB in "
                  f"{seconds:.1f} s = {megabytes / max(seconds, 1e-9):.2f} MB/s")
+    train = metadata.splits["train"]
+    lines.append(f"  {train.characters / max(train.tokens, 1):.2f} characters per train token")
+    if metadata.tokenizer_sample:
+        sample = metadata.tokenizer_sample
+        lines.append(f"  tokenizer learned from {sample['characters']:,d} of {sample['train_characters']:,d} "
+                     f"train characters (sample limit {sample['limit']:,d}): "
+                     f"{contract.tokenizer_file_name(options.data_prefix)}")
     lines.append(f"  wrote {contract.metadata_path(options.output_dir, options.data_prefix)}")
     return "\n".join(lines)
 

@@ -2,7 +2,9 @@
 
 Pure Python + numpy: no Beam or TensorFlow at import. Build one from metadata with
 `tokenizer_from_metadata(md)`; every tokenizer has `kind`, `vocab`, `unk_id`, `encode`,
-`decode`, `pieces` and `decoder()` (incremental decoding for streaming generation).
+`decode`, `pieces` and `decoder()` (incremental decoding for streaming generation). The learned subword
+tokenizers (bpe, unigram) live in `preprocessing.subword`; `make_tokenizer` builds them too,
+from the tokenizer file's bytes.
 
 - byte: the UTF-8 bytes of the text; vocab is `chr(b)` for b in 0..255, id = byte value, no `<unk>`.
   Lossless for any text.
@@ -69,6 +71,8 @@ class Tokenizer:
     """Base class: `vocab[i]` is the token with id i."""
 
     kind: str = ""
+    # True when every text encodes without <unk> (byte; bpe/unigram through byte pieces).
+    byte_fallback: bool = False
 
     def __init__(self, vocab: Sequence[str], lowercase: bool = False, line_eos: bool = False) -> None:
         self.vocab: tuple[str, ...] = tuple(vocab)
@@ -118,6 +122,7 @@ class _TableDecoder:
 
 class ByteTokenizer(Tokenizer):
     kind = "byte"
+    byte_fallback = True
 
     def __init__(self, vocab: Sequence[str] | None = None, lowercase: bool = False,
                  line_eos: bool = False) -> None:
@@ -284,10 +289,29 @@ def count_tokens(kind: str, text: str, line_eos: bool = False,
     """
     if kind == "byte":
         return len(text.encode("utf-8")), Counter()
+    if kind in contract.SUBWORD_TOKENIZERS:
+        # Learned tokenizers do not exist yet when documents are surveyed (they are learned from
+        # the training split the survey leads to): their documents are planned in characters.
+        return len(text), Counter()
     if kind == "char":
         return len(text), Counter(text)
     pieces = word_pieces(text, line_eos, word_split)
     return len(pieces), Counter(pieces)
+
+
+def plan_offsets(kind: str, text: str, line_eos: bool = False,
+                 word_split: str = "pattern") -> np.ndarray | None:
+    """Character offset of each unit `count_tokens` counted, plus len(text) at the end; None
+    when the units are characters. Characters of units [a, b) = offsets[b] - offsets[a]."""
+    if kind == "byte":
+        data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        starts = (data & 0xC0) != 0x80  # a character starts at every byte but continuation bytes
+        return np.concatenate([[0], np.cumsum(starts)])
+    if kind == "word":
+        _check_split(word_split)
+        found = [m.start() for m in _SPLIT_PATTERNS[word_split].finditer(text)]
+        return np.asarray(found + [len(text)], dtype=np.int64)
+    return None
 
 
 def byte_vocab() -> tuple[str, ...]:
@@ -318,7 +342,14 @@ _KINDS: dict[str, type[Tokenizer]] = {"byte": ByteTokenizer, "char": CharTokeniz
 
 
 def make_tokenizer(kind: str, vocab: Sequence[str], lowercase: bool = False,
-                   line_eos: bool = False, word_split: str = "pattern") -> Tokenizer:
+                   line_eos: bool = False, word_split: str = "pattern", model: bytes = b"") -> Tokenizer:
+    """A tokenizer of `kind`; bpe/unigram also need their learned `model` (the file's bytes)."""
+    if kind in contract.SUBWORD_TOKENIZERS:
+        from preprocessing import subword  # deferred: subword imports this module
+
+        if not model:
+            raise contract.ContractError(f"a {kind} tokenizer needs its tokenizer file")
+        return subword.SubwordTokenizer(kind, model, vocab, lowercase=lowercase)
     if kind not in _KINDS:
         raise ValueError(f"tokenizer must be one of {contract.TOKENIZERS}, got {kind!r}")
     if kind == "word":
@@ -330,4 +361,4 @@ def make_tokenizer(kind: str, vocab: Sequence[str], lowercase: bool = False,
 
 def tokenizer_from_metadata(md: contract.Metadata) -> Tokenizer:
     return make_tokenizer(md.tokenizer, md.vocab, lowercase=md.lowercase, line_eos=md.line_eos,
-                          word_split=md.word_split)
+                          word_split=md.word_split, model=md.tokenizer_model)

@@ -23,14 +23,23 @@ SHAKESPEARE_LIKE = (
 )
 
 
-def _tokenize(text: str, tokenizer: str) -> tuple[list[int], tuple[str, ...]]:
-    """Ids and vocabulary exactly as preprocessing would make them, so the trainer and the
-    sampler see the same vocabularies in tests as on real data."""
-    from preprocessing import tokenizers
+# Learned vocabularies for SHAKESPEARE_LIKE-sized texts: what a few KB of it supports.
+SUBWORD_VOCAB = {"bpe": 360, "unigram": 310}
 
+
+def _tokenize(text: str, tokenizer: str, train: str) -> tuple[list[int], tuple[str, ...], bytes]:
+    """Ids, vocabulary and (bpe/unigram) model exactly as preprocessing would make them, so the
+    trainer and the sampler see the same vocabularies in tests as on real data; a learned
+    tokenizer is learned from `train` only."""
+    from preprocessing import subword, tokenizers
+
+    if tokenizer in contract.SUBWORD_TOKENIZERS:
+        model = subword.learn(tokenizer, [train], SUBWORD_VOCAB[tokenizer])
+        learned = subword.SubwordTokenizer(tokenizer, model)
+        return learned.encode(text), learned.vocab, model
     _, counts = tokenizers.count_tokens(tokenizer, text)
     vocab = tokenizers.build_vocab(tokenizer, counts)
-    return tokenizers.make_tokenizer(tokenizer, vocab).encode(text), vocab
+    return tokenizers.make_tokenizer(tokenizer, vocab).encode(text), vocab, b""
 
 
 def write_data_dir(data_dir: Path, text: str, tokenizer: str = "char", prefix: str = "tiny",
@@ -41,10 +50,12 @@ def write_data_dir(data_dir: Path, text: str, tokenizer: str = "char", prefix: s
     The split sizes are fractions of the token stream; train is spread over `shards` shards of
     `record_tokens`-token records, valid and test over one shard each.
     """
+    import hashlib
+
     import tensorflow as tf
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    ids, vocab = _tokenize(text, tokenizer)
+    ids, vocab, model = _tokenize(text, tokenizer, text[:int(len(text) * splits[0])])
     bounds = [0, int(len(ids) * splits[0]), int(len(ids) * (splits[0] + splits[1])), len(ids)]
     stats = {}
     for index, split in enumerate(contract.SPLITS):
@@ -56,8 +67,14 @@ def write_data_dir(data_dir: Path, text: str, tokenizer: str = "char", prefix: s
             with tf.io.TFRecordWriter(name + contract.SHARD_SUFFIX, options="GZIP") as writer:
                 for record in records[shard::count]:
                     writer.write(contract.serialize_example(record))
-        stats[split] = contract.SplitStats(tokens=len(tokens), records=len(records), shards=count)
-    metadata = contract.Metadata(tokenizer=tokenizer, vocab=vocab, splits=stats, documents=1)
+        stats[split] = contract.SplitStats(tokens=len(tokens), records=len(records), shards=count,
+                                           characters=round(len(tokens) * len(text) / len(ids)))
+    learned = {}
+    if model:
+        learned = {"tokenizer_file": contract.tokenizer_file_name(prefix),
+                   "tokenizer_sha256": hashlib.sha256(model).hexdigest(), "tokenizer_model": model}
+        (data_dir / learned["tokenizer_file"]).write_bytes(model)
+    metadata = contract.Metadata(tokenizer=tokenizer, vocab=vocab, splits=stats, documents=1, **learned)
     Path(contract.vocab_path(str(data_dir), prefix)).write_text(contract.vocab_text(vocab))
     Path(contract.metadata_path(str(data_dir), prefix)).write_text(contract.metadata_to_json(metadata))
     return str(data_dir), prefix, metadata

@@ -94,8 +94,9 @@ def test_beams_own_validation_errors_are_one_line(gcs_in_process: GcsServer, gcs
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
 def test_dataflow_job_is_built_with_verne_staged_from_setup_py(
-        monkeypatch: pytest.MonkeyPatch, gcs_in_process: GcsServer, gcs_bucket: str) -> None:
+        monkeypatch: pytest.MonkeyPatch, gcs_in_process: GcsServer, gcs_bucket: str, tokenizer: str) -> None:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import (
         GoogleCloudOptions,
@@ -113,7 +114,7 @@ def test_dataflow_job_is_built_with_verne_staged_from_setup_py(
 
     options, beam_args = run.parse_args(_command(input=f"{gcs_bucket}/books/*.txt",
                                                  output_dir=f"{gcs_bucket}/data",
-                                                 temp_location=f"{gcs_bucket}/tmp"))
+                                                 temp_location=f"{gcs_bucket}/tmp", tokenizer=tokenizer))
     beam_options, runner = run.pipeline_options(beam_args)
     run.check_dataflow_options(options, beam_options)
     assert runner is None  # Beam picks the runner named in the options
@@ -135,6 +136,8 @@ def test_dataflow_job_is_built_with_verne_staged_from_setup_py(
     assert job.proto.type_.name == "JOB_TYPE_BATCH"
     transforms = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
     assert {"Survey", "Encode", "Writetrain", "WriteStats"} <= {n.split("/")[0] for n in transforms}
+    if tokenizer == "bpe":  # a bounded sample of the training split goes to one learning step
+        assert {"SampleBlocks", "BoundedSample", "Learn"} <= {n.split("/")[0] for n in transforms}
 
     staged = {}
     for environment in job.proto_pipeline.components.environments.values():

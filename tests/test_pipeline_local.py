@@ -2,7 +2,8 @@
 
 Two runs of the real pipeline, shared by the tests of this module: preprocess → train (a few
 steps) → evaluate → sample + publish with a threshold every model passes, and preprocess → train
-→ evaluate → not-published with one nothing passes. Each step is a subprocess that pays a
+→ evaluate → not-published with one nothing passes (this one with a learned bpe tokenizer, so
+the pipeline is shown to take one with no other change). Each step is a subprocess that pays a
 TensorFlow import, so there are no more runs than that.
 """
 
@@ -65,8 +66,9 @@ def local_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def failing_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    # No model gets below 0.5 bits per character after three steps.
-    return run_pipeline(tmp_path_factory.mktemp("failing"), 0.5)
+    # No model gets below 0.5 bits per character (or per bpe piece) after three steps.
+    return run_pipeline(tmp_path_factory.mktemp("failing"), 0.5, "--tokenizer", "bpe",
+                        "--preprocess_arg=--vocab_size=300")
 
 
 def summary_tags(directory: Path) -> set[str]:
@@ -109,7 +111,7 @@ def test_metrics_are_what_trainer_evaluate_gives(local_run: dict[str, Any]) -> N
     found = artifacts_by_task(local_run["run_dir"])
     logged = found["evaluate/metrics"].metadata
     expected = evaluate(found["train/model"].uri, split="test", best=False, write=False)
-    for name in ("loss", "perplexity", "bpc"):
+    for name in ("loss", "perplexity", "bpc", "loss_per_char", "bits_per_char"):
         assert logged[name] == pytest.approx(expected[name], rel=1e-6)
     assert logged["tokens"] == expected["tokens"]
 
@@ -153,8 +155,11 @@ def test_a_model_that_fails_the_gate_is_not_published(failing_run: dict[str, Any
     found = artifacts_by_task(failing_run["run_dir"])
     assert set(found) == {"preprocess/dataset", "train/model", "evaluate/metrics",
                           "not-published/report"}
-    bpc = found["evaluate/metrics"].metadata["bpc"]
-    assert bpc >= 0.5
+    assert found["preprocess/dataset"].metadata["tokenizer"] == "bpe"
+    assert (Path(found["train/model"].uri) / "play.tokenizer.model").is_file()
+    metrics = found["evaluate/metrics"].metadata
+    bpc = metrics["bpc"]  # bits per bpe piece
+    assert bpc >= 0.5 and 0 < metrics["bits_per_char"] < bpc
     report = found["not-published/report"]
     assert {k: v for k, v in report.metadata.items() if k != "display_name"} == {
         "metric": "bpc", "value": bpc, "threshold": 0.5}

@@ -248,7 +248,7 @@ def test_no_usable_input_is_a_one_line_error(tmp_path: Path, capsys: pytest.Capt
     (["--input", "{tmp}/a.txt", "--word_split", "whitespace"], "--word_split needs --tokenizer word"),
     (["--input", "{tmp}/a.txt", "--tokenizer", "word", "--word_split", "spaces"], "invalid choice"),
     (["--input", "{tmp}/a.txt", "--vocab_from", "{tmp}/missing"], "missing.metadata.json or"),
-    (["--input", "{tmp}/a.txt", "--tokenizer", "bpe"], "invalid choice"),
+    (["--input", "{tmp}/a.txt", "--tokenizer", "sentencepiece"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
                                        message: str) -> None:

@@ -23,7 +23,14 @@ import tensorflow as tf
 from preprocessing import contract
 from trainer import data, optimizers
 from trainer.errors import UsageError, warn
-from trainer.hparams import HPARAMS_FILE, JOB_PLACEHOLDER, LANGUAGE_MODELS, HParams, resolve_job_dirs
+from trainer.hparams import (
+    ANY_VOCAB_SIZE,
+    HPARAMS_FILE,
+    JOB_PLACEHOLDER,
+    LANGUAGE_MODELS,
+    HParams,
+    resolve_job_dirs,
+)
 from trainer.models import build_model
 from trainer.models.base import LanguageModel
 
@@ -36,13 +43,13 @@ def join(directory: str, *names: str) -> str:
     return "/".join([directory.rstrip("/"), *names])
 
 
-def write_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str | bytes) -> None:
     """Writes `text` to `path` via a temporary name and a rename (local or gs://)."""
     parent = os.path.dirname(path)
     if parent:
         tf.io.gfile.makedirs(parent)
     temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with tf.io.gfile.GFile(temporary, "w") as f:
+    with tf.io.gfile.GFile(temporary, "w" if isinstance(text, str) else "wb") as f:
         f.write(text)
     tf.io.gfile.rename(temporary, path, overwrite=True)
 
@@ -63,7 +70,17 @@ def saved_hparams(job_dir: str) -> HParams | None:
 def saved_metadata(job_dir: str) -> contract.Metadata | None:
     path = join(job_dir, METADATA_FILE)
     text = _read(path)
-    return None if text is None else contract.metadata_from_json(text, source=path)
+    if text is None:
+        return None
+    return data.with_tokenizer_model(contract.metadata_from_json(text, source=path), path)
+
+
+def save_metadata(job_dir: str, metadata: contract.Metadata) -> None:
+    """The data's metadata into the job dir, its tokenizer file (if any) first and beside it,
+    so the job dir explains itself and outlives the data."""
+    if metadata.learned:
+        write_atomic(join(job_dir, metadata.tokenizer_file), metadata.tokenizer_model)
+    write_atomic(join(job_dir, METADATA_FILE), contract.metadata_to_json(metadata))
 
 
 def resolve_hparams(hparams: HParams, metadata: contract.Metadata) -> HParams:
@@ -111,7 +128,15 @@ def _job_dir_candidates(hparams: HParams) -> list[tuple[str, str]]:
     """(language model, job dir) for each language model `%JOB%` may stand for: the given
     --language_model, or all of them."""
     models = (hparams.language_model,) if hparams.language_model else LANGUAGE_MODELS
-    return [(lm, resolve_job_dirs(hparams.replace(language_model=lm)).job_dir) for lm in models]
+    candidates = []
+    for lm in models:
+        if lm in contract.SUBWORD_TOKENIZERS and not hparams.vocab_size:
+            # The name holds the vocabulary size: any size that training wrote.
+            pattern = resolve_job_dirs(hparams.replace(language_model=lm, vocab_size=ANY_VOCAB_SIZE)).job_dir
+            candidates += [(lm, job_dir) for job_dir in sorted(tf.io.gfile.glob(pattern))]
+        else:
+            candidates.append((lm, resolve_job_dirs(hparams.replace(language_model=lm)).job_dir))
+    return candidates
 
 
 def _is_trained_job(job_dir: str) -> bool:
@@ -128,7 +153,10 @@ def _find_trained_job(hparams: HParams) -> str:
         raise UsageError(f"--job-dir={hparams.job_dir}: no trained job ({HPARAMS_FILE}) at {tried}; "
                          "check the shape flags (--layers, --lstm_state_size, ...) and --data_prefix, "
                          "or give the concrete job dir")
-    choices = " or ".join(f"--language_model={lm}" for lm, _ in found)
+    models = sorted({lm for lm, _ in found})
+    choices = " or ".join(f"--language_model={lm}" for lm in models)
+    if len(models) < len(found):  # learned vocabularies of several sizes
+        choices += " with --vocab_size (or the concrete job dir)"
     raise UsageError(f"--job-dir={hparams.job_dir}: several trained jobs match "
                      f"({', '.join(job_dir for _, job_dir in found)}); give {choices}")
 

@@ -43,7 +43,17 @@ def read_metadata(data_dir: str, prefix: str) -> contract.Metadata:
         raise UsageError(f"--data_dir={data_dir} --data_prefix={prefix}: no {path}{hint}; "
                          "run preprocessing.run first or fix the flags")
     with tf.io.gfile.GFile(path) as f:
-        return contract.metadata_from_json(f.read(), source=path)
+        return with_tokenizer_model(contract.metadata_from_json(f.read(), source=path), path)
+
+
+def with_tokenizer_model(metadata: contract.Metadata, metadata_file: str) -> contract.Metadata:
+    """The metadata with its tokenizer file attached (bpe/unigram); ContractError if it is
+    missing or is not the file this metadata was written with."""
+    def read(path: str) -> bytes:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return f.read()
+
+    return contract.with_tokenizer_model(metadata, metadata_file, read)
 
 
 def _listdir(directory: str) -> list[str]:

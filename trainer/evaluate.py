@@ -2,9 +2,11 @@
 [--batch_size B] [--unroll_steps T]`.
 
 Loss (nats/token), perplexity and bits per token over a whole split (or its first N windows),
-with the same stateful windows as training: the split cut into parallel streams, the state carried
-from window to window. The job's --batch_size and --unroll_steps shape the windows unless given
-(a small split gets fewer streams). Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to
+and the loss and bits per character (data preprocessed by this version records each split's
+characters), so a char, word and subword model of the same text compare; with the same stateful
+windows as training: the split cut into parallel streams, the state carried from window to
+window. The job's --batch_size and --unroll_steps shape the windows unless given (a small split
+gets fewer streams). Printed, written to `JOB_DIR/eval-SPLIT[-best].json` and to
 TensorBoard.
 `--job-dir` may hold `%JOB%` (resolved from the other flags and the data, as in training) or name
 a concrete job dir (its hparams.json supplies the rest). `--data_dir` overrides the data location
@@ -61,6 +63,7 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
         "tokens": int(tokens), "windows": windows, "batch_size": layout.batch_size,
         "unroll_steps": layout.unroll_steps, "checkpoint": path, "step": step,
     }
+    result.update(per_character(loss, int(tokens), metadata.splits[split]))
     if pointer is not None:
         result.update(_pointer_metrics(model, dataset, layout.batch_size, pointer))
     if write:
@@ -75,8 +78,24 @@ def _write_result(job_dir: str, split: str, best: bool, result: dict[str, object
         checkpoints.write_atomic(checkpoints.join(job_dir, name), json.dumps(result, indent=1) + "\n")
         summaries = Summaries(hparams.summary_dir or checkpoints.join(job_dir, "tensorboard"),
                               metadata.tokenizer)
-        summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}")
+        summaries.eval(step, loss, split=f"{split}{'_best' if best else ''}",
+                       characters_per_token=metadata.splits[split].characters_per_token)
         summaries.close()
+
+
+def per_character(loss: float, tokens: int, stats: contract.SplitStats) -> dict[str, float]:
+    """Loss per character, so models with different tokenizers compare on the same text.
+
+    The evaluated tokens cover `tokens` × the split's characters per token (whole-split
+    evaluation leaves out only the remainder of the last window). Nothing for data
+    preprocessed before character counts were recorded.
+    """
+    if not stats.characters_per_token:
+        return {}
+    characters = tokens * stats.characters_per_token
+    per_char = loss / stats.characters_per_token
+    return {"characters": round(characters), "loss_per_char": per_char,
+            "bits_per_char": bits_per_token(per_char)}
 
 
 def _pointer_metrics(model: object, dataset: tf.data.Dataset, batch: int,
@@ -101,6 +120,9 @@ def describe(result: dict[str, object]) -> str:
     line = (f"{result['split']}: loss {result['loss']:.4f} nats/token, perplexity "
             f"{result['perplexity']:.3f}, {bits} {result[bits]:.4f} over {result['tokens']:,} tokens "
             f"({result['checkpoint']})")
+    if "loss_per_char" in result:
+        line += (f"\n{result['split']} per character: loss {result['loss_per_char']:.4f} nats/char, "
+                 f"{result['bits_per_char']:.4f} bits/char over {result['characters']:,} characters")
     if "pointer_loss" in result:
         line += (f"\n{result['split']} with the cache pointer: loss {result['pointer_loss']:.4f} "
                  f"nats/token, perplexity {result['pointer_perplexity']:.3f}")

@@ -40,10 +40,12 @@ From Python, without verne::
 Tokenization in TF: newlines are normalised and case folded as the corpus was (Unicode NFC is
 not applied); char primes are split into code points, byte primes into bytes, word primes with
 an RE2 translation of `preprocessing.tokenizers.WORD_PATTERN` (or of `WHITESPACE_PATTERN` for
-data preprocessed with `--word_split whitespace`). Byte output that is not valid UTF-8 becomes
-U+FFFD. Word output is spaced with regular expressions implementing the tokenizer's rules except
-the alternation of straight quotes (whitespace-split models: single spaces between tokens, none
-around line breaks).
+data preprocessed with `--word_split whitespace`), bpe/unigram primes by `trainer.graph_subword`
+(SentencePiece's algorithms on the learned pieces in plain TF ops: the tokenizer's own ids, no
+tensorflow-text needed). Byte output, and byte pieces of bpe/unigram output, that is not valid
+UTF-8 becomes U+FFFD. Word output is spaced with regular expressions implementing the
+tokenizer's rules except the alternation of straight quotes (whitespace-split models: single
+spaces between tokens, none around line breaks).
 Training writes one to JOB_DIR/export at its end (see trainer.runner).
 """
 
@@ -55,10 +57,11 @@ import uuid
 import tensorflow as tf
 from absl import app, flags
 
-from preprocessing import contract
+from preprocessing import contract, subword
 from trainer import checkpoints, errors, kernels
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
+from trainer.graph_subword import SubwordGraph
 from trainer.models.base import LanguageModel
 from trainer.sampling import banned_logits, boundary_mask, default_prime, generation_loop, prime_model
 
@@ -112,6 +115,9 @@ class GenerationModule(tf.Module):
         self.table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, tf.constant(values, tf.int32)),
             default_value=-1 if metadata.unk_id is None else metadata.unk_id)
+        if metadata.learned:  # bpe/unigram: the learned tokenizer's pieces and scores as tables
+            learned = subword.SubwordTokenizer(metadata.tokenizer, metadata.tokenizer_model, metadata.vocab)
+            self.subword = SubwordGraph(learned.piece_table())
 
     @tf.function(input_signature=[
         tf.TensorSpec([], tf.string, name="prime"), tf.TensorSpec([], tf.int32, name="length"),
@@ -192,6 +198,8 @@ class GenerationModule(tf.Module):
             text = tf.strings.lower(text, encoding="utf-8")
         if self.kind == "byte":
             ids = tf.cast(tf.io.decode_raw(text, tf.uint8), tf.int32)
+        elif self.kind in contract.SUBWORD_TOKENIZERS:
+            ids = self.subword.encode(text)
         else:
             pieces = (tf.strings.unicode_split(text, "UTF-8") if self.kind == "char"
                       else word_pieces(text, _WORD_SPLITS_RE2[self.word_split][0]))
@@ -201,6 +209,8 @@ class GenerationModule(tf.Module):
 
     def detokenize(self, tokens: tf.Tensor, last_prime_id: tf.Tensor) -> tf.Tensor:
         """string [B]: the text of generated tokens [B, L] following the prime's last token."""
+        if self.kind in contract.SUBWORD_TOKENIZERS:
+            return self.subword.decode(tokens)
         texts = tf.gather(self.token_text, tokens)
         if self.kind == "char":
             return tf.strings.reduce_join(texts, axis=-1)

@@ -16,7 +16,7 @@ from trainer.hparams import HParams
 _HELP = {
     "data_dir": "Directory (local or gs://) holding the shards written by preprocessing.run.",
     "data_prefix": "The --data_prefix given to preprocessing.run.",
-    "language_model": "char, byte or word; read from the data's metadata when not given.",
+    "language_model": "char, byte, word, bpe or unigram; read from the data's metadata when not given.",
     "vocab_size": "Set from the data's metadata; giving it is an error if it disagrees.",
     "cell": "Model: lstm, gru, rnn, mlstm, mogrifier, qrnn or transformer.",
     "layers": "Number of stacked recurrent (or transformer) layers.",

@@ -17,11 +17,16 @@ import dataclasses
 import json
 from typing import Any
 
+from preprocessing import contract
+
 JOB_PLACEHOLDER = "%JOB%"
 HPARAMS_FILE = "hparams.json"
 
 CELLS = ("lstm", "gru", "rnn", "mlstm", "mogrifier", "qrnn", "transformer")
-LANGUAGE_MODELS = ("char", "byte", "word")
+LANGUAGE_MODELS = contract.TOKENIZERS
+# A vocab_size that stands for any size in a job name: loaders find a bpe/unigram job dir
+# without being told its vocabulary size (trainer.checkpoints globs for it).
+ANY_VOCAB_SIZE = -1
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "ntasgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 POS_ENCODINGS = ("none", "sinusoidal", "learned")
@@ -127,7 +132,8 @@ class HParams:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
         if self.language_model is not None and self.language_model not in LANGUAGE_MODELS:
-            raise ValueError(f"--language_model={self.language_model!r}: choose char, byte or word")
+            raise ValueError(f"--language_model={self.language_model!r}: choose one of "
+                             f"{', '.join(LANGUAGE_MODELS)}")
         positive = ("layers", "lstm_state_size", "embedding_size", "batch_size", "unroll_steps",
                     "d_model", "heads", "max_context", "keep_checkpoint_max", "steps_per_execution")
         for name in positive:
@@ -245,7 +251,7 @@ def job_name(hparams: HParams) -> str:
     parts = [hparams.data_prefix or "model", f"{width}-states", f"{hparams.layers}-layers"]
     if hparams.layer_norm and "layer_norm" in SHAPE_FIELDS[hparams.cell]:
         parts.append("norm")
-    parts.append(hparams.language_model)
+    parts.append(_language_model_part(hparams.language_model, hparams.vocab_size))
     if hparams.cell != _DEFAULTS.cell:
         parts.append(hparams.cell)
     for name in SHAPE_FIELDS[hparams.cell]:
@@ -255,6 +261,20 @@ def job_name(hparams: HParams) -> str:
         if value != getattr(_DEFAULTS, name):
             parts.append(_name_part(name, value))
     return "-".join(parts)
+
+
+def _language_model_part(language_model: str, vocab_size: int) -> str:
+    """`char`, `byte`, `word`; a learned tokenizer with its size (`bpe8k`, `unigram500`), since
+    two sizes are two different models of the same data."""
+    if language_model not in contract.SUBWORD_TOKENIZERS:
+        return language_model
+    if vocab_size == ANY_VOCAB_SIZE:
+        return f"{language_model}*"
+    if vocab_size <= 0:
+        raise ValueError(f"job_name needs vocab_size for a {language_model} model; resolve it from the "
+                         "data first or give --vocab_size")
+    size = f"{vocab_size // 1000}k" if vocab_size and vocab_size % 1000 == 0 else str(vocab_size)
+    return f"{language_model}{size}"
 
 
 _NAME_ABBREVIATIONS = {

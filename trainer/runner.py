@@ -80,8 +80,7 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
     finetune.check(hparams, metadata)
     with errors.writing(f"--job-dir={hparams.job_dir}"):
         checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json())
-        checkpoints.write_atomic(checkpoints.join(hparams.job_dir, checkpoints.METADATA_FILE),
-                                 contract.metadata_to_json(metadata))
+        checkpoints.save_metadata(hparams.job_dir, metadata)
     return hparams, metadata
 
 
@@ -342,7 +341,8 @@ class _Trainer:
         with optimizers.averaged_weights(self.optimizer):
             nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), eval_state)
             loss = nats / tokens
-            self.summaries.eval(step, loss)
+            self.summaries.eval(step, loss,
+                                characters_per_token=self.metadata.splits["valid"].characters_per_token)
             cloud_env.report_metric(loss, step)  # Vertex hyperparameter tuning reads it
             # The loss is all-reduced, so every worker takes this branch (and its collectives) alike.
             if loss < float(self.best_loss.numpy()):

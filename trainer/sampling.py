@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from preprocessing import cleaning, contract
+from preprocessing.subword import SPACE_MARK
 from preprocessing.tokenizers import tokenizer_from_metadata
 from trainer import kernels
 from trainer.models.base import LanguageModel, State
@@ -144,6 +145,10 @@ def boundary_mask(vocab: Sequence[str], language_model: str) -> np.ndarray:
         return np.ones(len(vocab), bool)
     if language_model == "byte":
         return np.array([i in (9, 10, 13, 32) for i in range(len(vocab))])
+    if language_model in contract.SUBWORD_TOKENIZERS:
+        # Pieces carry the space before a word ("▁the"): a word ends after a piece ending in
+        # whitespace, or after a line break.
+        return np.array([token.replace(SPACE_MARK, " ")[-1:].isspace() for token in vocab])
     return np.array([token.isspace() for token in vocab])
 
 
@@ -308,7 +313,7 @@ class TextGenerator:
         """
         if not prime:
             return Prime(default_prime(self.metadata), [])
-        if self.metadata.tokenizer == "byte":
+        if self.tokenizer.byte_fallback:  # byte, bpe, unigram: every prime encodes, nothing unknown
             return Prime(self.tokenizer.encode(prime), [])
         index = {token: i for i, token in enumerate(self.tokenizer.vocab)}
         # Not tokenizer.encode: the pieces left out of the vocabulary are reported to the user.

@@ -41,6 +41,7 @@ from typing import Any
 import yaml
 from absl import app, flags
 
+from preprocessing import contract
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import JOB_PLACEHOLDER, HParams, job_name
 
@@ -48,8 +49,8 @@ from trainer.hparams import JOB_PLACEHOLDER, HParams, job_name
 # multi-host slices would need a TPU pod runtime verne does not set up.
 TPU_MACHINES = {"v5e": ("ct5lp-hightpu-4t", "2x2")}
 # The image built from ./Dockerfile (docs/cloud.md). Its TensorFlow GPU build also runs on CPU-only
-# machines; TPU VMs need a TPU build of TensorFlow (docs/cloud.md, "TPU"). MY_PROJECT becomes
-# --project.
+# machines; TPU VMs run the one built from ./Dockerfile.tpu by cloudbuild-tpu.yaml, on TensorFlow's
+# TPU build (docs/cloud.md, "TPU"). MY_PROJECT becomes --project.
 IMAGE_REPOSITORY = "us-central1-docker.pkg.dev/MY_PROJECT/verne/verne"
 IMAGE = IMAGE_REPOSITORY + ":latest"
 TPU_IMAGE = IMAGE_REPOSITORY + ":tpu"
@@ -143,8 +144,10 @@ def trainer_hparams(args: Sequence[str]) -> HParams:
 
 def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str], Any]) -> HParams:
     """`hparams` with %JOB% resolved as the trainer will. With --language_model given that needs
-    nothing else (and no network); otherwise the data's metadata names it, when it can be read."""
-    if hparams.language_model is not None:
+    nothing else (and no network) — bpe/unigram also need --vocab_size, which is in the name;
+    otherwise the data's metadata names it, when it can be read."""
+    if hparams.language_model is not None and (hparams.vocab_size
+                                               or hparams.language_model not in contract.SUBWORD_TOKENIZERS):
         return hparams.replace(job_dir=_resolved(hparams.job_dir, hparams),
                                summary_dir=_resolved(hparams.summary_dir, hparams))
     try:
@@ -152,7 +155,7 @@ def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str]
     except Exception as err:  # unreachable data of any kind (gs:// offline, no file) gets one advice
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UsageError(f"cannot name %JOB% from the data ({reason}); pass --language_model "
-                         "after -- or make --data_dir readable") from None
+                         "(and --vocab_size for bpe/unigram) after -- or make --data_dir readable") from None
     from trainer.checkpoints import resolve_hparams  # the trainer's own resolution, checks included
 
     return resolve_hparams(hparams, metadata)

@@ -35,9 +35,15 @@ class Summaries:
             tf.summary.scalar("train/grad_norm", grad_norm, step=step)
             tf.summary.scalar("train/tokens_per_second", tokens_per_second, step=step)
 
-    def eval(self, step: int, loss: float, split: str = "eval") -> None:
+    def eval(self, step: int, loss: float, split: str = "eval", characters_per_token: float = 0.0) -> None:
+        """Validation losses; also per character when the data counted its characters, so runs
+        with different tokenizers share a TensorBoard axis."""
         with self.writer.as_default():
             self._losses(split, step, loss)
+            if characters_per_token:
+                tf.summary.scalar(f"{split}/loss_per_char", loss / characters_per_token, step=step)
+                tf.summary.scalar(f"{split}/bits_per_char", bits_per_token(loss / characters_per_token),
+                                  step=step)
         self.writer.flush()
 
     def sample(self, step: int, text: str) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import signal
 
-from absl import app
+from absl import app, flags
 
 from trainer import cloud_env, runner
+from trainer import flags as trainer_flags
 from trainer.errors import run_cli
 from trainer.flags import define_hparams_flags, hparams_from_command_line
 
 define_hparams_flags()
+# absl's --help lists only the flags of the module it runs; the trainer's are defined in trainer.flags.
+flags.adopt_module_key_flags(trainer_flags)
 
 EXIT_STATUS = {"terminated": 128 + signal.SIGTERM, "interrupted": 128 + signal.SIGINT}
 
