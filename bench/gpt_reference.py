@@ -88,7 +88,8 @@ def whole_split_loss(model: GPT, data: torch.Tensor, block: int, rows: int = 256
     count = (len(data) - 1) // block
     x = data[:count * block].view(count, block)
     y = data[1:count * block + 1].view(count, block)
-    total = sum(model(x[i:i + rows], y[i:i + rows]).item() * len(x[i:i + rows]) for i in range(0, count, rows))
+    total = sum(model(x[i:i + rows], y[i:i + rows]).item() * len(x[i:i + rows])
+                for i in range(0, count, rows))
     return total / count
 
 
