@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -78,19 +79,17 @@ def train_for(seconds: float, data_dir: Path, job_dir: Path, extra: list[str],
     started = time.monotonic()
     child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE if log else None,
                              stderr=subprocess.STDOUT if log else None, text=True)
-    if log:
-        with log.open("w") as out:
-            stopped = False
-            for line in child.stdout:  # the budget is checked between lines: the trainer logs often
-                out.write(f"{time.monotonic() - started:.2f} {line}")
-                if not stopped and time.monotonic() - started > seconds:
-                    child.send_signal(signal.SIGTERM)  # once: a second SIGTERM would kill it unsaved
-                    stopped = True
+    # SIGTERM once, when the budget is spent (a second one would kill it before it saves).
+    timer = threading.Timer(seconds, lambda: child.poll() is None and child.send_signal(signal.SIGTERM))
+    timer.start()
     try:
-        child.wait(timeout=max(seconds - (time.monotonic() - started), 0.0))
-    except subprocess.TimeoutExpired:
-        child.send_signal(signal.SIGTERM)  # checkpoint and stop after the current step
+        if log:
+            with log.open("w") as out:
+                for line in child.stdout:
+                    out.write(f"{time.monotonic() - started:.2f} {line}")
         child.wait()
+    finally:
+        timer.cancel()
     return child.returncode
 
 

@@ -244,3 +244,18 @@ def test_transformer_starts_from_gpt2_initialisation() -> None:
     for dense, std in ((block.qkv, 0.02), (block.mlp_in, 0.02), (block.attn_out, 0.02 / np.sqrt(8)),
                        (block.mlp_out, 0.02 / np.sqrt(8))):
         assert abs(float(np.std(dense.kernel.numpy())) - std) < 0.25 * std, dense.name
+
+
+def test_transformer_evaluates_each_window_from_an_empty_cache() -> None:
+    # As it trains: keys cached from an earlier window would hold context training never showed.
+    from trainer.loops import make_eval_step
+    from trainer.model_fn import Params
+
+    hparams = HParams(cell="transformer", vocab_size=13, d_model=16, heads=2, layers=2, max_context=5,
+                      embedding_size=8)
+    model = build_model(hparams)
+    tokens = tf.constant(np.random.default_rng(3).integers(0, 13, size=(2, 4)), tf.int32)
+    step = make_eval_step(Params(hparams, model), tf.distribute.get_strategy())
+    after_a_window = model(tokens, model.initial_state(2))[1]
+    np.testing.assert_allclose(float(step(tokens, tokens, model.initial_state(2))[0]),
+                               float(step(tokens, tokens, after_a_window)[0]), rtol=1e-6)

@@ -175,6 +175,8 @@ def make_eval_step(params: Params, strategy: tf.distribute.Strategy) -> EvalStep
     """(tokens, labels, state) -> (summed nats, token count, next state)."""
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        if not params.model.carries_state_between_windows:
+            state = params.model.initial_state(tf.shape(tokens)[0])
         spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.EVAL, params)
         return spec.eval_metrics["nats"], spec.eval_metrics["tokens"], spec.state
 

@@ -3,14 +3,12 @@
 Design (so the runner drives it exactly like a recurrent model):
 - Every query attends to the `max_context` most recent tokens, itself included: a sliding
   window. The state carries, per layer, the keys and values of the last `max_context` tokens
-  (a fixed-size buffer, right-aligned, with a validity mask), so
-  * in evaluation the next window sees the previous one's keys/values, Transformer-XL style,
-    and every prediction has a full window of context;
-  * in sampling one call per token costs one attention row, and its output equals the full
-    forward pass over the same tokens exactly (tests/test_zoo_layers.py checks it);
-  * in training every window starts from an empty cache (`training_reset_period`: carrying it
-    there learned far slower per step).
-  Fixed shapes keep one traced graph for every window.
+  (a fixed-size buffer, right-aligned, with a validity mask), so in sampling one call per token
+  costs one attention row, and its output equals the full forward pass over the same tokens
+  exactly (tests/test_zoo_layers.py checks it). Training and evaluation start every window from
+  an empty cache (`carries_state_between_windows`): carried across training windows, the cache
+  learned far slower per step, and carried into evaluation it holds context from beyond the
+  window, which training never showed. Fixed shapes keep one traced graph for every window.
 - Positional encoding: `learned` by default, a learned bias per head and relative distance
   0..max_context-1 added to the attention logits (relative distances are always inside the
   window, where a table of absolute positions would run out in a long stream); `sinusoidal` adds
@@ -129,13 +127,13 @@ class TransformerLM(LanguageModel):
             self.output_layer = keras.layers.Dense(hparams.vocab_size, kernel_initializer=_normal(0.02),
                                                    name="output")
 
-    def training_reset_period(self, state_reset_windows: int) -> int:
-        """Every training window starts from an empty cache. Carried across windows in training
-        (Transformer-XL style), the cache made every query see a full window from the first step,
-        and the model learned far slower per step: 2.37 against 2.01 nats/char of training loss at
-        step 1,000 of the bench/quality.py recipe (docs/models.md). Evaluation and sampling still
-        carry it, so every prediction there sees up to `max_context` tokens."""
-        return 1
+    # Every window of training and evaluation starts from an empty cache. Carried across windows
+    # in training (Transformer-XL style), the cache made every query see a full window from the
+    # first step, and the model learned far slower per step: 2.37 against 2.01 nats/char of
+    # training loss at step 1,000 of the bench/quality.py recipe (docs/models.md). Evaluation
+    # then must not carry it either: keys cached from the previous window hold context from
+    # beyond it, which training never showed the model.
+    carries_state_between_windows = False
 
     def initial_state(self, batch_size: int | tf.Tensor) -> State:
         cache = tf.zeros(tf.stack([batch_size, self.context, self.d_model]), tf.float32)
