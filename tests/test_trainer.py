@@ -125,3 +125,15 @@ def test_user_errors_name_the_flag(tmp_path, make_data_dir) -> None:
 def test_learning_rate_schedules_with_warmup(schedule: str, expected: list[float]) -> None:
     rate = runner.LearningRate(1.0, schedule, warmup_steps=2, total_steps=6)
     np.testing.assert_allclose([float(rate(step)) for step in range(5)], expected, rtol=1e-5)
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_sample(tmp_path, make_data_dir, monkeypatch) -> None:
+    data_dir, _, _ = make_data_dir(tmp_path)
+
+    def failing_sample(self: object, step: int) -> None:
+        raise RuntimeError("the sample failed")
+
+    monkeypatch.setattr(runner._Trainer, "sample", failing_sample)
+    with pytest.raises(RuntimeError, match="the sample failed"):
+        runner.train(_hparams(data_dir, str(tmp_path / "job"), max_steps=5, save_checkpoints_steps=0))
+    assert tf.train.latest_checkpoint(str(tmp_path / "job")).endswith("ckpt-5")

@@ -94,3 +94,11 @@ def test_a_damaged_shard_is_named(tmp_path, make_data_dir) -> None:
         with data.reading_shards(data_dir, prefix):
             for _ in data.token_stream([str(shard)]):
                 pass
+
+
+def test_windows_are_not_autotuned(tmp_path, make_data_dir) -> None:
+    # An autotuned iterator dropped before its end blocked ~30 s in its destructor (trainer.data).
+    data_dir, prefix, metadata = make_data_dir(tmp_path)
+    dataset = data.windows(data.shard_files(data_dir, prefix, "train"),
+                           data.layout_for(metadata.splits["train"].tokens, 2, 8))
+    assert dataset.options().autotune.enabled is False

@@ -158,8 +158,8 @@ def test_qrnn_window_two_sees_across_window_boundaries() -> None:
 
 
 def _transformer(pos_encoding: str, **changes: object) -> keras.Model:
-    hparams = HParams(cell="transformer", vocab_size=13, d_model=16, heads=2, layers=2,
-                      max_context=5, embedding_size=8, pos_encoding=pos_encoding, **changes)
+    shape = {"vocab_size": 13, "d_model": 16, "heads": 2, "layers": 2, "max_context": 5, "embedding_size": 8}
+    hparams = HParams(cell="transformer", pos_encoding=pos_encoding, **{**shape, **changes})
     model = build_model(hparams)
     _randomise_learned_bias(model)
     return model
@@ -223,3 +223,39 @@ def test_every_weight_reaches_the_checkpoint(cell: str, tmp_path) -> None:
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]
     assert len(saved) == len(model.weights)
+
+
+def test_transformer_trains_every_window_from_an_empty_cache_and_refuses_state_resets() -> None:
+    # Carrying the cache between training windows learned far slower per step (docs/models.md);
+    # recurrent models keep --state_reset_windows.
+    assert _transformer("learned").training_reset_period(32) == 1
+    assert build_model(HParams(cell="lstm", vocab_size=13, lstm_state_size=8, embedding_size=4,
+                               layers=1)).training_reset_period(32) == 32
+    from trainer.errors import UsageError
+
+    with pytest.raises(UsageError, match="--state_reset_windows applies to recurrent cells"):
+        _transformer("learned", state_reset_windows=8)
+
+
+def test_transformer_starts_from_gpt2_initialisation() -> None:
+    model = _transformer("learned", layers=4, d_model=128)
+    model(tf.zeros([1, 2], tf.int32), model.initial_state(1))
+    block = model.blocks[0]
+    for dense, std in ((block.qkv, 0.02), (block.mlp_in, 0.02), (block.attn_out, 0.02 / np.sqrt(8)),
+                       (block.mlp_out, 0.02 / np.sqrt(8))):
+        assert abs(float(np.std(dense.kernel.numpy())) - std) < 0.25 * std, dense.name
+
+
+def test_transformer_evaluates_each_window_from_an_empty_cache() -> None:
+    # As it trains: keys cached from an earlier window would hold context training never showed.
+    from trainer.loops import make_eval_step
+    from trainer.model_fn import Params
+
+    hparams = HParams(cell="transformer", vocab_size=13, d_model=16, heads=2, layers=2, max_context=5,
+                      embedding_size=8)
+    model = build_model(hparams)
+    tokens = tf.constant(np.random.default_rng(3).integers(0, 13, size=(2, 4)), tf.int32)
+    step = make_eval_step(Params(hparams, model), tf.distribute.get_strategy())
+    after_a_window = model(tokens, model.initial_state(2))[1]
+    np.testing.assert_allclose(float(step(tokens, tokens, model.initial_state(2))[0]),
+                               float(step(tokens, tokens, after_a_window)[0]), rtol=1e-6)

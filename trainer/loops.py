@@ -54,7 +54,7 @@ def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
     """One replica's training step: (tokens, labels, state) -> (loss, gradient norm, state)."""
     model, clip = params.model, params.hparams.grad_clip
     replicas = strategy.num_replicas_in_sync
-    period = params.hparams.state_reset_windows
+    period = model.training_reset_period(params.hparams.state_reset_windows)
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
         if period:
@@ -175,6 +175,8 @@ def make_eval_step(params: Params, strategy: tf.distribute.Strategy) -> EvalStep
     """(tokens, labels, state) -> (summed nats, token count, next state)."""
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
+        if not params.model.carries_state_between_windows:
+            state = params.model.initial_state(tf.shape(tokens)[0])
         spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.EVAL, params)
         return spec.eval_metrics["nats"], spec.eval_metrics["tokens"], spec.state
 

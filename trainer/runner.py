@@ -447,13 +447,12 @@ class _Trainer:
             stopped = "interrupted" if interrupted else "terminated"
             print(f"{signal.Signals(self.stop_signal).name}: saving a checkpoint at step "
                   f"{position.step} and stopping", flush=True)
-        else:
-            if last_eval_step != position.step and self.valid is not None:
-                eval_loss = self.evaluate(position, state)
-                progress.note_eval(eval_loss)
-            if self.chief:
-                self.sample(position.step)
-        self.save(position, state)
+        elif last_eval_step != position.step and self.valid is not None:
+            eval_loss = self.evaluate(position, state)
+            progress.note_eval(eval_loss)
+        self.save(position, state)  # before the sample: nothing may cost the final checkpoint
+        if self.chief and not stopping:
+            self.sample(position.step)
         progress.close()
         self.summaries.close()
         best = float(self.best_loss.numpy())

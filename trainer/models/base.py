@@ -23,6 +23,15 @@ class LanguageModel(keras.Model):
         """The state a stream starts from (zeros for recurrent models)."""
         raise NotImplementedError
 
+    # Whether a window of training or evaluation starts from the state the previous window left
+    # (stateful truncated back-propagation) or from `initial_state`, each window on its own.
+    carries_state_between_windows = True
+
+    def training_reset_period(self, state_reset_windows: int) -> int:
+        """Every how many windows a stream restarts from `initial_state` in training
+        (--state_reset_windows for models that carry state; 0: never)."""
+        return state_reset_windows if self.carries_state_between_windows else 1
+
     def call(self, tokens: tf.Tensor, state: State, training: bool = False,
              dropout_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, State]:
         """tokens int32 [B, T], state -> (logits float32 [B, T, V], the state after the window).

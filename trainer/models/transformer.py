@@ -3,18 +3,18 @@
 Design (so the runner drives it exactly like a recurrent model):
 - Every query attends to the `max_context` most recent tokens, itself included: a sliding
   window. The state carries, per layer, the keys and values of the last `max_context` tokens
-  (a fixed-size buffer, right-aligned, with a validity mask), so
-  * in training the next window sees the previous one's keys/values, Transformer-XL style
-    (no gradient flows into the previous window: the runner hands the state over as a value);
-  * in sampling one call per token costs one attention row, and its output equals the full
-    forward pass over the same tokens exactly (tests/test_zoo_layers.py checks it).
-  Fixed shapes keep one traced graph for every window.
-- Positional encoding: `none` by default (Mogrifier-LSTM's seed: the causal mask alone tells the
-  model about order); `sinusoidal` adds the sinusoid of each token's absolute position in its
-  stream (counted in the state, so it continues across windows); `learned` adds a learned bias per
-  head and relative distance 0..max_context-1 to the attention logits. A learned table of
-  absolute positions would run out in a stream longer than any table, and relative distances are
-  always inside the window.
+  (a fixed-size buffer, right-aligned, with a validity mask), so in sampling one call per token
+  costs one attention row, and its output equals the full forward pass over the same tokens
+  exactly (tests/test_zoo_layers.py checks it). Training and evaluation start every window from
+  an empty cache (`carries_state_between_windows`): carried across training windows, the cache
+  learned far slower per step, and carried into evaluation it holds context from beyond the
+  window, which training never showed. Fixed shapes keep one traced graph for every window.
+- Positional encoding: `learned` by default, a learned bias per head and relative distance
+  0..max_context-1 added to the attention logits (relative distances are always inside the
+  window, where a table of absolute positions would run out in a long stream); `sinusoidal` adds
+  the sinusoid of each token's absolute position in its stream (counted in the state, so it
+  continues across windows); `none` leaves order to the causal mask alone.
+- GPT-2's initialisation (see Block).
 - Pre-layer-norm blocks (attention, then a 4x GELU MLP) with a final layer norm: the transformer
   always normalises, so HParams.validate refuses `--layer_norm` for it.
 """
@@ -53,15 +53,20 @@ def window_distances(context: int, steps: tf.Tensor) -> tf.Tensor:
 class Block(keras.layers.Layer):
     """Pre-LN transformer block attending over [cached keys/values ; this window]."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float, **kwargs: object) -> None:
+    def __init__(self, d_model: int, heads: int, dropout: float, layers: int = 1, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.d_model, self.heads, self.depth = d_model, heads, d_model // heads
         self.norm_attn = keras.layers.LayerNormalization(epsilon=1e-5, name="norm_attn")
         self.norm_mlp = keras.layers.LayerNormalization(epsilon=1e-5, name="norm_mlp")
-        self.qkv = keras.layers.Dense(3 * d_model, name="qkv")
-        self.attn_out = keras.layers.Dense(d_model, name="attn_out")
-        self.mlp_in = keras.layers.Dense(4 * d_model, activation="gelu", name="mlp_in")
-        self.mlp_out = keras.layers.Dense(d_model, name="mlp_out")
+        # GPT-2's initialisation: N(0, 0.02), and the projections that add into the residual
+        # stream scaled by 1/sqrt(2 * layers) so its variance does not grow with depth.
+        # Keras' glorot default starts ~3x larger at d_model 128, and learned far slower per step.
+        inner, residual = _normal(0.02), _normal(0.02 / math.sqrt(2 * layers))
+        self.qkv = keras.layers.Dense(3 * d_model, kernel_initializer=inner, name="qkv")
+        self.attn_out = keras.layers.Dense(d_model, kernel_initializer=residual, name="attn_out")
+        self.mlp_in = keras.layers.Dense(4 * d_model, activation="gelu", kernel_initializer=inner,
+                                         name="mlp_in")
+        self.mlp_out = keras.layers.Dense(d_model, kernel_initializer=residual, name="mlp_out")
         self.drop = keras.layers.Dropout(dropout)
 
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
@@ -98,12 +103,13 @@ class TransformerLM(LanguageModel):
         self.pos_encoding = hparams.pos_encoding
         self.embed_dropout = hparams.embed_dropout
         self.embedding = keras.layers.Embedding(hparams.vocab_size, hparams.embedding_size,
+                                                embeddings_initializer=_normal(0.02),
                                                 trainable=not hparams.freeze_embedding, name="embedding")
         self.embedding.build()  # the table is read directly (embedding dropout, tied output)
         self.embed_in = (keras.layers.Dense(hparams.d_model, use_bias=False, name="embed_in")
                          if hparams.embedding_size != hparams.d_model else None)
-        self.blocks = [Block(hparams.d_model, hparams.heads, hparams.dropout, name=f"block_{i}")
-                       for i in range(hparams.layers)]
+        self.blocks = [Block(hparams.d_model, hparams.heads, hparams.dropout, hparams.layers,
+                             name=f"block_{i}") for i in range(hparams.layers)]
         for i, block in enumerate(self.blocks):
             setattr(self, f"block_{i}", block)  # checkpoints follow attributes, not Keras lists
         self.drop = keras.layers.Dropout(hparams.dropout)
@@ -118,7 +124,16 @@ class TransformerLM(LanguageModel):
             self.output_bias = self.add_weight(name="output_bias", shape=(hparams.vocab_size,),
                                                initializer="zeros")
         else:
-            self.output_layer = keras.layers.Dense(hparams.vocab_size, name="output")
+            self.output_layer = keras.layers.Dense(hparams.vocab_size, kernel_initializer=_normal(0.02),
+                                                   name="output")
+
+    # Every window of training and evaluation starts from an empty cache. Carried across windows
+    # in training (Transformer-XL style), the cache made every query see a full window from the
+    # first step, and the model learned far slower per step: 2.37 against 2.01 nats/char of
+    # training loss at step 1,000 of the bench/quality.py recipe (docs/models.md). Evaluation
+    # then must not carry it either: keys cached from the previous window hold context from
+    # beyond it, which training never showed the model.
+    carries_state_between_windows = False
 
     def initial_state(self, batch_size: int | tf.Tensor) -> State:
         cache = tf.zeros(tf.stack([batch_size, self.context, self.d_model]), tf.float32)
@@ -180,10 +195,17 @@ class TransformerLM(LanguageModel):
         return tf.einsum("bte,ve->btv", x, self.embedding.embeddings) + self.output_bias
 
 
+def _normal(stddev: float) -> keras.initializers.Initializer:
+    return keras.initializers.RandomNormal(0.0, stddev)
+
+
 def _reject_recurrent_options(hparams: HParams) -> None:
     """AWD options that only mean something for a recurrence fail loudly instead of being ignored."""
     for name in ("weight_drop", "input_dropout", "ar_alpha", "tar_beta"):
         if getattr(hparams, name):
             raise UsageError(f"--{name} applies to recurrent cells, not --cell=transformer; leave it at 0")
+    if hparams.state_reset_windows != HParams.state_reset_windows:
+        raise UsageError("--state_reset_windows applies to recurrent cells: --cell=transformer starts every "
+                         "training window from an empty cache; drop the flag")
     if hparams.weight_norm:
         raise UsageError("--weight_norm applies to --cell=mlstm, not --cell=transformer; drop it")
