@@ -134,6 +134,21 @@ def _bf16_inputs_matmul(h: tf.Tensor, w_h: tf.Tensor, compute_dtype: tf.DType) -
 BF16_SHAPES = [*SHAPES, (5, 3, 70)]
 
 
+def test_native_bf16_isa_follows_the_cpu() -> None:
+    if not native.available():
+        pytest.skip(f"native kernels unavailable here (no g++, or {native.ENV_SWITCH}=0)")
+    flags = native.cpu_flags()
+    isa = native.bf16_isa()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        assert isa == "none"
+    elif "amx_bf16" in flags:
+        # AMX needs the kernel's permission (arch_prctl) and must pass its self-check first.
+        assert isa in ("amx", "avx512_bf16")
+    else:
+        assert isa == "avx512_bf16"
+    assert native.describe().startswith("verne's native C++ ops")
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("shape", BF16_SHAPES)
 def test_native_bfloat16_forward_is_the_product_of_bfloat16_inputs(
