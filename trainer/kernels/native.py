@@ -3,7 +3,9 @@
 Why a C++ op: on a 2-core CPU a recurrence step written as TensorFlow ops is ~20 small ops
 whose dispatch, not their FLOPs, is most of the time (PyTorch's fused oneDNN LSTM pays none).
 Here the whole window's recurrence is one op forward and one backward; the input projection and
-the recurrent weight gradient stay single large TensorFlow matmuls around them.
+the recurrent weight gradient stay single large TensorFlow matmuls around them. Under
+`compute_dtype=tf.bfloat16` the op's per-step products run in bfloat16 (AVX512-BF16 or AMX, chosen
+by the op at run time, `bf16_isa()`), in float32 on CPUs without them.
 
 The library is compiled with the machine's C++ compiler against the installed TensorFlow's
 headers (`tf.sysconfig`), for this CPU (`-march=native`), into a cache directory keyed by the
