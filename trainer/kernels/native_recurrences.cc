@@ -256,10 +256,85 @@ void Avx512Bf16Times(const PackedBf16& w, const uint16_t* a, int64_t rows, float
   }
 }
 
-// AMX (Intel since Sapphire Rapids). NOT RUN on the machines verne was developed on (AMD, no
-// AMX): it compiles in the -march=sapphirerapids check of tests/test_native_build.py, and before
-// first use it must agree with the AVX512-BF16 path on a product with edge tiles
-// (AmxAgreesWithAvx512), else that path runs instead.
+#ifdef VERNE_AMX_EMULATION
+// Each tile instruction as its scalar definition (Intel SDM, TILELOADD/TILESTORED/TILEZERO/
+// TDPBF16PS), for CPUs without AMX: tests/test_native_build.py builds the op with
+// -DVERNE_AMX_EMULATION and runs the AMX code's tiling, padding and edges through it against
+// the bfloat16 reference. Never in a real build.
+namespace amx_emulation {
+struct Tile {
+  int rows = 0, colsb = 0;
+  uint8_t data[16][64] = {};
+};
+thread_local Tile tiles[8];
+
+inline float Bf16ToFloat(const uint8_t* p) {
+  uint16_t half;
+  std::memcpy(&half, p, sizeof half);
+  const uint32_t bits = uint32_t(half) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline void LoadConfig(const void* config) {
+  const auto* bytes = static_cast<const uint8_t*>(config);
+  for (int t = 0; t < 8; ++t) {
+    uint16_t colsb;
+    std::memcpy(&colsb, bytes + 16 + 2 * t, sizeof colsb);
+    tiles[t].colsb = colsb;
+    tiles[t].rows = bytes[48 + t];
+  }
+}
+
+inline void Load(int t, const void* base, int64_t stride) {
+  for (int r = 0; r < tiles[t].rows; ++r) {
+    std::memcpy(tiles[t].data[r], static_cast<const uint8_t*>(base) + r * stride, tiles[t].colsb);
+  }
+}
+
+inline void Store(int t, void* base, int64_t stride) {
+  for (int r = 0; r < tiles[t].rows; ++r) {
+    std::memcpy(static_cast<uint8_t*>(base) + r * stride, tiles[t].data[r], tiles[t].colsb);
+  }
+}
+
+inline void Zero(int t) { std::memset(tiles[t].data, 0, sizeof tiles[t].data); }
+
+// C[m][n] += sum over pairs p of A[m][2p] B[p][2n] + A[m][2p+1] B[p][2n+1] (bf16 in, float32 sums).
+inline void DotBf16(int c, int a, int b) {
+  Tile &tc = tiles[c], &ta = tiles[a], &tb = tiles[b];
+  for (int m = 0; m < tc.rows; ++m) {
+    for (int n = 0; n < tc.colsb / 4; ++n) {
+      float sum;
+      std::memcpy(&sum, tc.data[m] + 4 * n, sizeof sum);
+      for (int p = 0; p < ta.colsb / 4; ++p) {
+        sum += Bf16ToFloat(ta.data[m] + 4 * p) * Bf16ToFloat(tb.data[p] + 4 * n) +
+               Bf16ToFloat(ta.data[m] + 4 * p + 2) * Bf16ToFloat(tb.data[p] + 4 * n + 2);
+      }
+      std::memcpy(tc.data[m] + 4 * n, &sum, sizeof sum);
+    }
+  }
+}
+}  // namespace amx_emulation
+
+#undef _tile_loadd
+#undef _tile_stored
+#undef _tile_zero
+#undef _tile_dpbf16ps
+#define _tile_loadconfig(config) amx_emulation::LoadConfig(config)
+#define _tile_loadd(t, base, stride) amx_emulation::Load(t, base, stride)
+#define _tile_stored(t, base, stride) amx_emulation::Store(t, base, stride)
+#define _tile_zero(t) amx_emulation::Zero(t)
+#define _tile_dpbf16ps(c, a, b) amx_emulation::DotBf16(c, a, b)
+#define _tile_release() static_cast<void>(0)
+#endif
+
+// AMX (Intel since Sapphire Rapids). NOT RUN on an AMX CPU yet (verne was developed on AMD, no
+// AMX): it compiles in the -march=sapphirerapids check of tests/test_native_build.py, its tiling
+// runs there through the scalar emulation above, and before first use on a real AMX CPU it must
+// agree with the AVX512-BF16 path on a product with edge tiles (AmxAgreesWithAvx512), else that
+// path runs instead.
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
   uint8_t start_row = 0;
@@ -359,7 +434,12 @@ Isa DetectIsa() {
         __builtin_cpu_supports("avx512vl"))) {
     return Isa::kFloat32;
   }
-  if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && AmxPermitted()) {
+#ifdef VERNE_AMX_EMULATION
+  const bool amx = true;
+#else
+  const bool amx = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") && AmxPermitted();
+#endif
+  if (amx) {
     if (AmxAgreesWithAvx512()) return Isa::kAmx;
     std::fprintf(stderr, "verne: the AMX bfloat16 product disagrees with the AVX512-BF16 one on this CPU: "
                          "using AVX512-BF16 (please report this)\n");
