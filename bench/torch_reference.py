@@ -4,7 +4,8 @@ A small line protocol on stdin/stdout, so the parent can interleave timed blocks
 in one run without paying torch's start-up and warm-up each time:
     -> "run STEPS fp32|bf16"   <- one JSON line: per-step seconds and the forward/backward/optimizer split
     -> "quit"                  <- one JSON line: peak RSS
-The model is the issue's: nn.Embedding -> nn.LSTM/nn.GRU (batch_first) -> nn.Linear, Adam, cross-entropy,
+The model is the issue's: nn.Embedding -> nn.LSTM/nn.GRU (batch_first) -> nn.Linear (optionally tied
+to the embedding, with dropout between layers and before it), Adam, cross-entropy,
 and global-norm gradient clipping like verne's default, so both sides do the same work per step.
 """
 
@@ -26,12 +27,17 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
         def __init__(self) -> None:
             super().__init__()
             self.embedding = torch.nn.Embedding(args.vocab, args.embedding)
-            self.rnn = rnn_class(args.embedding, args.state, args.layers, batch_first=True)
+            # Dropout between layers and before the output: the sites verne's --dropout uses.
+            self.rnn = rnn_class(args.embedding, args.state, args.layers, batch_first=True,
+                                 dropout=args.dropout if args.layers > 1 else 0.0)
+            self.dropout = torch.nn.Dropout(args.dropout)
             self.output = torch.nn.Linear(args.state, args.vocab)
+            if args.tied:
+                self.output.weight = self.embedding.weight
 
         def forward(self, tokens: torch.Tensor, state: object) -> tuple[torch.Tensor, object]:
             hidden, state = self.rnn(self.embedding(tokens), state)
-            return self.output(hidden), state
+            return self.output(self.dropout(hidden)), state
 
     torch.manual_seed(1)
     model = Model()
@@ -51,6 +57,8 @@ def main() -> None:
                           ("batch", 64), ("unroll", 128)):
         parser.add_argument(f"--{name}", type=int, default=default)
     parser.add_argument("--cell", default="lstm")
+    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--tied", action="store_true", help="output weight = embedding table (sizes equal)")
     args = parser.parse_args()
     model, optimizer = build(args)
     tokens = torch.randint(0, args.vocab, (args.batch, args.unroll))

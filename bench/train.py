@@ -1,13 +1,17 @@
 """Training speed of verne's char model against a PyTorch reference of the same size, in one run.
 
     .venv/bin/python -m bench.train [--cell lstm|gru] [--layers 2] [--state 512] [--precision ...]
+    .venv/bin/python -m bench.train --shape ptb-medium     # word-level: vocab 10,000, 2x650 tied
 
 Prints tokens/s of verne's real train step (trainer.models.build_model + trainer.loops, the code
 `trainer.task` runs) and of torch 2.13 `nn.LSTM`/`nn.GRU` (fp32, and with bfloat16 autocast as extra
 information), measured in interleaved blocks after warm-up (medians); model-FLOPs utilisation
 against float32 / bfloat16 matmuls measured in the same run; how a verne step splits into
 forward, backward, optimizer and input; the input pipeline's own rate on GZIP shards; peak RSS.
-The last line is `ratio verne/pytorch: R.RRx` (verne at --precision over torch fp32).
+The header names the CPU, its bfloat16 instruction set (`amx`, `avx512_bf16` or none) and the
+recurrence verne ran. `ratio verne/pytorch: R.RRx` is verne at --precision over torch fp32; the
+last line, `ratio verne/pytorch-best: R.RRx`, is verne over the faster of torch fp32 and torch bf16
+autocast in the same run, with verne's MFU against the bfloat16 matmul ceiling on the line before.
 
 torch is never a verne dependency: the first run creates bench/.venv-torch (no system site
 packages) and installs torch there; the reference runs as a subprocess (bench/torch_reference.py).
@@ -33,15 +37,20 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import data, kernels, loops, runner
+from trainer import data, loops, runner
 from trainer.errors import UsageError, run_cli
-from trainer.hparams import HParams, resolve_precision
+from trainer.hparams import HParams, cpu_flags, resolve_precision
+from trainer.kernels import native
 from trainer.model_fn import Mode, Params, model_fn
 from trainer.models import build_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 TORCH_PIN = "torch==2.13.0"
 
+flags.DEFINE_enum("shape", "char", ["char", "ptb-medium"],
+                  "char: the char model the flags below describe; ptb-medium: the word-level "
+                  "PTB-medium shape (vocab 10,000, embedding 650 tied to the output, LSTM 2x650, "
+                  "batch 20, unroll 35, dropout 0.5), which replaces those flags.")
 flags.DEFINE_enum("cell", "lstm", ["lstm", "gru"], "Recurrent cell of both models.")
 flags.DEFINE_integer("layers", 2, "Recurrent layers.")
 flags.DEFINE_integer("state", 512, "Units per recurrent layer (--lstm_state_size).")
@@ -69,6 +78,8 @@ class Shape:
     vocab: int
     batch: int
     unroll: int
+    dropout: float = 0.0
+    tied: bool = False  # output layer = the embedding table transposed (embedding == state)
 
     @property
     def tokens(self) -> int:
@@ -80,6 +91,11 @@ class Shape:
         forward = sum(2 * ((self.embedding if i == 0 else self.state) + self.state) * gates * self.state
                       for i in range(self.layers))
         return 3.0 * (forward + 2 * self.state * self.vocab)
+
+
+# Zaremba et al.'s medium PTB model, as word-level users know it.
+PTB_MEDIUM = Shape("lstm", layers=2, state=650, embedding=650, vocab=10_000, batch=20, unroll=35,
+                   dropout=0.5, tied=True)
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -113,8 +129,8 @@ class VerneSteps:
     def __init__(self, shape: Shape, precision: str) -> None:
         self.hparams = HParams(vocab_size=shape.vocab, cell=shape.cell, layers=shape.layers,
                                lstm_state_size=shape.state, embedding_size=shape.embedding,
-                               batch_size=shape.batch, unroll_steps=shape.unroll,
-                               precision=precision).validate()
+                               batch_size=shape.batch, unroll_steps=shape.unroll, dropout=shape.dropout,
+                               tie_embeddings=shape.tied, precision=precision).validate()
         strategy = tf.distribute.get_strategy()
         self.params = Params(self.hparams, build_model(self.hparams))
         self.optimizer = runner.make_optimizer(self.hparams, total_steps=10_000)
@@ -123,6 +139,9 @@ class VerneSteps:
         self.tokens = tf.constant(rng.integers(0, shape.vocab, (shape.batch, shape.unroll)), tf.int32)
         self.labels = tf.constant(rng.integers(0, shape.vocab, (shape.batch, shape.unroll)), tf.int32)
         self.state = self.params.model.initial_state(shape.batch)
+        # Drawn once: drawn inside the timed twin, ptb-medium's 13 M random numbers per call were
+        # counted as optimizer time.
+        self.grads = [tf.random.normal(v.shape, stddev=1e-3) for v in self.params.model.trainable_variables]
         self.forward = tf.function(self._forward)
         self.apply = tf.function(self._apply)
 
@@ -132,8 +151,7 @@ class VerneSteps:
     def _apply(self) -> tf.Tensor:
         """The optimizer's share of a step: clip and apply (small random) gradients."""
         variables = self.params.model.trainable_variables
-        grads = [tf.random.normal(v.shape, stddev=1e-3) for v in variables]
-        grads, norm = tf.clip_by_global_norm(grads, self.hparams.grad_clip)
+        grads, norm = tf.clip_by_global_norm(self.grads, self.hparams.grad_clip)
         self.optimizer.apply_gradients(zip(grads, variables, strict=True))
         return norm
 
@@ -171,7 +189,8 @@ class TorchReference:
         args = [str(python), str(BENCH_DIR / "torch_reference.py"), "--cell", shape.cell,
                 "--layers", str(shape.layers), "--state", str(shape.state),
                 "--embedding", str(shape.embedding), "--vocab", str(shape.vocab),
-                "--batch", str(shape.batch), "--unroll", str(shape.unroll)]
+                "--batch", str(shape.batch), "--unroll", str(shape.unroll),
+                "--dropout", str(shape.dropout), *(["--tied"] if shape.tied else [])]
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._read()
 
@@ -231,25 +250,29 @@ def median_rate(seconds: list[float], tokens: int) -> float:
     return tokens / statistics.median(seconds)
 
 
+def bf16_isa_of(flags: frozenset[str]) -> str:
+    """The CPU's bfloat16 matmul instruction set by its /proc/cpuinfo flags: amx, avx512_bf16 or none."""
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+
+
 def header(shape: Shape, torch_info: dict | None) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
     torch = f", torch {torch_info['torch']} ({torch_info['threads']} threads)" if torch_info else ""
-    return [f"machine: {cpu}, {os.cpu_count()} cores, AVX512_BF16 {'yes' if bf16 else 'no'}, "
+    extras = (f", dropout {shape.dropout}" if shape.dropout else "") + (", tied output" if shape.tied else "")
+    return [f"machine: {cpu}, {os.cpu_count()} cores, bf16 ISA {bf16_isa_of(cpu_flags())}, "
             f"load average {os.getloadavg()[0]:.1f}",
             f"versions: Python {platform.python_version()}, tensorflow {tf.__version__}{torch}",
             f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, "
-            f"vocab {shape.vocab}, batch {shape.batch}, unroll {shape.unroll}, Adam, clip 5; "
+            f"vocab {shape.vocab}, batch {shape.batch}, unroll {shape.unroll}{extras}, Adam, clip 5; "
             f"{shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token",
-            "recurrence: " + ("verne's native C++ ops (trainer/kernels/native_recurrences.cc)"
-                              if kernels.use_native() else "TensorFlow ops (tf.while_loop kernels)")]
+            f"recurrence: {native.describe()}"]
 
 
 def main(argv: list[str]) -> None:
     del argv
-    shape = Shape(FLAGS.cell, FLAGS.layers, FLAGS.state, FLAGS.embedding, FLAGS.vocab, FLAGS.batch,
-                  FLAGS.unroll)
+    shape = PTB_MEDIUM if FLAGS.shape == "ptb-medium" else Shape(
+        FLAGS.cell, FLAGS.layers, FLAGS.state, FLAGS.embedding, FLAGS.vocab, FLAGS.batch, FLAGS.unroll)
     if FLAGS.repeats < 1 or FLAGS.steps < 1:
         raise UsageError("--repeats and --steps must be at least 1")
     # The input pipeline first: it is quick, and a broken data path should fail before the long part.
@@ -257,7 +280,7 @@ def main(argv: list[str]) -> None:
     print(f"input pipeline: {input_rate:,.0f} tokens/s", flush=True)
     torch_ref = TorchReference(ensure_torch_venv(Path(FLAGS.torch_venv)), shape) if FLAGS.torch else None
     # Resolved as trainer.task resolves it, so the headline is what a default run gets here.
-    FLAGS.precision = resolve_precision(HParams(cell=FLAGS.cell, precision=FLAGS.precision)).precision
+    FLAGS.precision = resolve_precision(HParams(cell=shape.cell, precision=FLAGS.precision)).precision
     other = "bfloat16" if FLAGS.precision == "float32" else "float32"
     verne = {p: VerneSteps(shape, p) for p in (FLAGS.precision, other)}
     for steps in verne.values():  # warm-up: tracing, oneDNN primitive caches
@@ -317,6 +340,11 @@ def main(argv: list[str]) -> None:
         lines.append(f"ratio verne bf16/torch bf16 autocast: {rates['bfloat16'] / rates['torch bf16']:.2f}x "
                      "(extra information)")
         lines.append(f"ratio verne/pytorch: {rates[FLAGS.precision] / rates['torch fp32']:.2f}x")
+        best = max(("torch fp32", "torch bf16"), key=rates.__getitem__)
+        mfu = rates[FLAGS.precision] * flops / 1e9 / peaks["bfloat16"]
+        lines.append(f"pytorch-best: {best} ({rates[best]:.0f} tokens/s); "
+                     f"verne --precision={FLAGS.precision} MFU {mfu:.0%} of the bfloat16 ceiling")
+        lines.append(f"ratio verne/pytorch-best: {rates[FLAGS.precision] / rates[best]:.2f}x")
     print("\n".join(lines), flush=True)
 
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from trainer import kernels
-from trainer.kernels import native
+from trainer.kernels import native, reference
 
 # (batch, time, units): odd sizes, a single step, a single sequence, and windows of 12 and 16
 # (the sizes a blocked loop, tried and measured no faster, would have run in blocks).
@@ -97,14 +97,75 @@ def test_fast_float32_equals_autodiff(fast: dict, cell: str, shape: tuple[int, i
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_fast_bfloat16_close_to_float32_autodiff(fast: dict, cell: str) -> None:
-    args = _inputs(cell, 4, 16, 32)
+@pytest.mark.parametrize("shape", [(4, 16, 32), *SHAPES])
+def test_fast_bfloat16_close_to_float32_autodiff(fast: dict, cell: str, shape: tuple[int, int, int]) -> None:
+    args = _inputs(cell, *shape)
     fast_out, fast_grad = _run(fast[cell], cell, args, tf.bfloat16)
     ref_out, ref_grad = _run(REFERENCE[cell], cell, args, tf.float32)
     for got, want in zip(fast_out + fast_grad, ref_out + ref_grad, strict=True):
         # bfloat16 keeps 8 mantissa bits: errors of a few 1e-3 relative to the tensor's scale.
         scale = np.abs(want).max()
         assert np.abs(got - want).max() <= 2e-2 * scale, (got.shape, np.abs(got - want).max(), scale)
+
+
+def _bf16_isa_or_skip() -> str:
+    if not native.available():
+        pytest.skip(f"native kernels unavailable here (no g++, or {native.ENV_SWITCH}=0): their bfloat16 "
+                    "products were NOT tested")
+    isa = native.bf16_isa()
+    if isa == "none":
+        pytest.skip("this CPU has no bfloat16 dot products (no AVX512_BF16/AMX): the native op runs "
+                    "float32 under compute_dtype=bfloat16, and its bfloat16 products were NOT tested")
+    return isa
+
+
+def _bf16_inputs_matmul(h: tf.Tensor, w_h: tf.Tensor, compute_dtype: tf.DType) -> tf.Tensor:
+    """What the native bfloat16 products compute: inputs rounded to bfloat16, float32 sums."""
+    del compute_dtype
+
+    def rounded(x: tf.Tensor) -> tf.Tensor:
+        return tf.cast(tf.cast(x, tf.bfloat16), tf.float32)
+
+    return tf.matmul(rounded(h), rounded(w_h))
+
+
+# Odd widths (not multiples of the 16-column blocks or of 32-wide K), batch 1, T=1, a thread's
+# rows not a multiple of the 4-row tiles, and H=70 (K padded from 70 to 96, 280 = 17.5 blocks).
+BF16_SHAPES = [*SHAPES, (5, 3, 70)]
+
+
+def test_native_bf16_isa_follows_the_cpu() -> None:
+    if not native.available():
+        pytest.skip(f"native kernels unavailable here (no g++, or {native.ENV_SWITCH}=0)")
+    flags = native.cpu_flags()
+    isa = native.bf16_isa()
+    if not flags & {"avx512_bf16", "amx_bf16"}:
+        assert isa == "none"
+    elif "amx_bf16" in flags:
+        # AMX needs the kernel's permission (arch_prctl) and must pass its self-check first.
+        assert isa in ("amx", "avx512_bf16")
+    else:
+        assert isa == "avx512_bf16"
+    assert native.describe().startswith("verne's native C++ ops")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("shape", BF16_SHAPES)
+def test_native_bfloat16_forward_is_the_product_of_bfloat16_inputs(
+        cell: str, shape: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    isa = _bf16_isa_or_skip()
+    args = _inputs(cell, *shape)
+    native_fn = IMPLEMENTATIONS["native"][cell]
+    got, _ = _run(native_fn, cell, args, tf.bfloat16)
+    as_float32, _ = _run(native_fn, cell, args, tf.float32)
+    monkeypatch.setattr(reference, "_recurrent_matmul", _bf16_inputs_matmul)
+    want, _ = _run(REFERENCE[cell], cell, args, tf.float32)
+    for g, w in zip(got, want, strict=True):
+        # The same rounded inputs summed in float32 (in another order): float32 rounding apart.
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"bfloat16 products on {isa}")
+    # ...and really bfloat16: a bf16-sized difference from the float32 op, not none.
+    difference = max(np.abs(g - f).max() for g, f in zip(got, as_float32, strict=True))
+    assert 1e-6 < difference < 2e-2, (isa, difference)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])

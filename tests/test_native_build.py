@@ -7,6 +7,7 @@ flags `-march=native` would get on other CPUs: a header that breaks on a CPU nob
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -156,3 +157,50 @@ def test_a_build_that_fails_every_way_says_why_in_one_line_once(
     assert (fake_compiler / "calls").read_text() == calls
     assert "PacketMathFP16.h:740" in capsys.readouterr().err
     assert not native.library_path().exists()
+
+
+# Runs in a fresh process: the emulated library registers the same ops as the real one.
+EMULATED_AMX_RUN = """
+import json, sys
+sys.path.insert(0, "tests")
+import numpy as np
+import tensorflow as tf
+import test_kernels as tk
+from trainer.kernels import native, reference
+
+ops = tf.load_op_library(sys.argv[1])
+native.load = lambda: ops
+isa, worst_forward, worst_gradient = native.bf16_isa(), 0.0, 0.0
+# Per thread (2 threads) 19 and 35 rows: two row tiles, a partial one, a second pass of 32 rows.
+for cell in ("lstm", "gru"):
+    for shape in [*tk.BF16_SHAPES, (37, 3, 20), (70, 2, 9)]:
+        args = tk._inputs(cell, *shape)
+        got, got_grads = tk._run(tk.IMPLEMENTATIONS["native"][cell], cell, args, tf.bfloat16)
+        _, want_grads = tk._run(tk.REFERENCE[cell], cell, args, tf.float32)
+        original, reference._recurrent_matmul = reference._recurrent_matmul, tk._bf16_inputs_matmul
+        want, _ = tk._run(tk.REFERENCE[cell], cell, args, tf.float32)
+        reference._recurrent_matmul = original
+        worst_forward = max([worst_forward, *(float(np.abs(g - w).max()) for g, w in zip(got, want))])
+        worst_gradient = max([worst_gradient, *(float(np.abs(g - w).max() / np.abs(w).max())
+                                                for g, w in zip(got_grads, want_grads))])
+print(json.dumps({"isa": isa, "forward": worst_forward, "gradient": worst_gradient}))
+"""
+
+
+@pytest.mark.skipif(not TARGETS or "avx512_bf16" not in native.cpu_flags(),
+                    reason="needs g++ for x86-64 and a CPU with AVX512_BF16: the AMX code's emulated run "
+                           "did NOT happen here")
+def test_amx_code_through_a_scalar_emulation_matches_the_bfloat16_reference(tmp_path: Path) -> None:
+    # No machine here has AMX: the AMX code path (tiles, padding, edge tiles, its self-check) runs
+    # with each tile instruction replaced by its scalar definition, on odd sizes.
+    library = tmp_path / "emulated_amx.so"
+    build = subprocess.run(native.compile_command(str(library), [*native.target_flags("native"),
+                                                                 "-DVERNE_AMX_EMULATION"]),
+                           capture_output=True, text=True, check=False)
+    assert build.returncode == 0, native.first_error(build.stderr)
+    run = subprocess.run([sys.executable, "-c", EMULATED_AMX_RUN, str(library)], capture_output=True,
+                         text=True, check=False, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["isa"] == "amx", result  # the self-check against AVX512-BF16 passed
+    assert result["forward"] <= 1e-5 and result["gradient"] <= 2e-2, result

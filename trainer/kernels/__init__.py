@@ -10,7 +10,8 @@ On a GPU the plain LSTM and GRU layers call cuDNN instead (`cudnn.py`, through K
 layer input, not x_proj). On a CPU, three implementations of this module's contract:
 - `*_native` (`native.py`, `native_recurrences.cc`): the whole recurrence as one C++ op each way, built
   for this machine on first use. The default on a CPU-only machine where it builds: it is the
-  fastest there (bench/README.md).
+  fastest there (bench/README.md). `compute_dtype=tf.bfloat16` runs its per-step products in
+  bfloat16 (float32 sums) where the CPU has AVX512-BF16 or AMX (`native.bf16_isa()`).
 - `*_fast` (`lstm.py`, `gru.py`): TensorFlow ops in a `tf.while_loop`, portable to any device;
   `compute_dtype=tf.bfloat16` runs the recurrent matmuls in bfloat16. The default with a GPU or
   TPU, where the build failed, and inside `portable()` (SavedModels must load without verne).

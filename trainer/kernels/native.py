@@ -3,7 +3,9 @@
 Why a C++ op: on a 2-core CPU a recurrence step written as TensorFlow ops is ~20 small ops
 whose dispatch, not their FLOPs, is most of the time (PyTorch's fused oneDNN LSTM pays none).
 Here the whole window's recurrence is one op forward and one backward; the input projection and
-the recurrent weight gradient stay single large TensorFlow matmuls around them.
+the recurrent weight gradient stay single large TensorFlow matmuls around them. Under
+`compute_dtype=tf.bfloat16` the op's per-step products run in bfloat16 (AVX512-BF16 or AMX, chosen
+by the op at run time, `bf16_isa()`), in float32 on CPUs without them.
 
 The library is compiled with the machine's C++ compiler against the installed TensorFlow's
 headers (`tf.sysconfig`), for this CPU (`-march=native`), into a cache directory keyed by the
@@ -195,25 +197,50 @@ def available() -> bool:
     return load() is not None
 
 
+def bf16_isa() -> str:
+    """What `compute_dtype=tf.bfloat16` runs the per-step products on here: "amx", "avx512_bf16",
+    or "none" (float32: the CPU has no bfloat16 dot products, or the native op is unavailable)."""
+    ops = load()
+    return ops.verne_bf16_isa().numpy().decode() if ops is not None else "none"
+
+
+def describe() -> str:
+    """One line naming the recurrence the layers run here (for logs and benchmark headers)."""
+    if load() is None:
+        return "TensorFlow ops (tf.while_loop kernels)"
+    isa = bf16_isa()
+    bf16 = ("float32 (this CPU has no bfloat16 dot products)" if isa == "none" else
+            {"amx": "bfloat16 on AMX tiles", "avx512_bf16": "bfloat16 with AVX512-BF16"}[isa])
+    return (f"verne's native C++ ops (trainer/kernels/native_recurrences.cc); per-step products "
+            f"under compute dtype bfloat16: {bf16}")
+
+
+def _op_dtype(compute_dtype: tf.DType) -> tf.DType:
+    # bfloat16 is the one 16-bit type the op computes in: float16 has no fast CPU dot product.
+    return tf.bfloat16 if compute_dtype == tf.bfloat16 else tf.float32
+
+
 def lstm_sequence_native(
     x_proj: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, w_h: tf.Tensor, *,
     compute_dtype: tf.DType = tf.float32,
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Same contract as `lstm_sequence_reference`, one op each way. The recurrence computes in
-    float32 whatever `compute_dtype` says: that is already faster than the TensorFlow kernels'
-    bfloat16 loop (bench/README.md) and more accurate; `compute_dtype` still sets the dtype of
-    the weight gradient's one large matmul."""
+    """Same contract as `lstm_sequence_reference`, one op each way. With `compute_dtype=tf.bfloat16`
+    the per-step products h_{t-1} @ W_h and dz @ W_hᵀ take bfloat16 inputs with float32
+    accumulation where the CPU has bfloat16 dot products (`bf16_isa()`), float32 elsewhere; state,
+    gate math and W_h itself stay float32. `compute_dtype` also sets the dtype of the weight
+    gradient's one large matmul."""
     ops = load()
     w_h = tf.convert_to_tensor(w_h)
+    op_dtype = _op_dtype(compute_dtype)
 
     @tf.custom_gradient
     def run(x_proj: tf.Tensor, h0: tf.Tensor, c0: tf.Tensor, w_h: tf.Tensor):  # noqa: ANN202
-        outputs, cs, gates, c_T = ops.verne_lstm_sequence(x_proj, h0, c0, w_h)
+        outputs, cs, gates, c_T = ops.verne_lstm_sequence(x_proj, h0, c0, w_h, compute_dtype=op_dtype)
 
         def grad(d_out: tf.Tensor | None, dh_T: tf.Tensor | None, dc_T: tf.Tensor | None):  # noqa: ANN202
             dz, dh0, dc0 = ops.verne_lstm_sequence_grad(
                 h0, c0, w_h, cs, gates, zeros_if_none(d_out, outputs), zeros_if_none(dh_T, h0),
-                zeros_if_none(dc_T, c0))
+                zeros_if_none(dc_T, c0), compute_dtype=op_dtype)
             return dz, dh0, dc0, _weight_grad(h0, outputs, dz, compute_dtype)
 
         return (outputs, outputs[:, -1], c_T), grad
@@ -225,18 +252,19 @@ def gru_sequence_native(
     x_proj: tf.Tensor, h0: tf.Tensor, w_h: tf.Tensor, b_h: tf.Tensor, *,
     compute_dtype: tf.DType = tf.float32,
 ) -> tuple[tf.Tensor, tf.Tensor]:
-    """Same contract as `gru_sequence_reference`, one op each way (float32 recurrence, as
+    """Same contract as `gru_sequence_reference`, one op each way (`compute_dtype` as in
     `lstm_sequence_native`)."""
     ops = load()
     w_h, b_h = tf.convert_to_tensor(w_h), tf.convert_to_tensor(b_h)
+    op_dtype = _op_dtype(compute_dtype)
 
     @tf.custom_gradient
     def run(x_proj: tf.Tensor, h0: tf.Tensor, w_h: tf.Tensor, b_h: tf.Tensor):  # noqa: ANN202
-        outputs, gates = ops.verne_gru_sequence(x_proj, h0, w_h, b_h)
+        outputs, gates = ops.verne_gru_sequence(x_proj, h0, w_h, b_h, compute_dtype=op_dtype)
 
         def grad(d_out: tf.Tensor | None, dh_T: tf.Tensor | None):  # noqa: ANN202
             dx, dhz, dh0 = ops.verne_gru_sequence_grad(h0, w_h, outputs, gates, zeros_if_none(d_out, outputs),
-                                                       zeros_if_none(dh_T, h0))
+                                                       zeros_if_none(dh_T, h0), compute_dtype=op_dtype)
             return dx, dh0, _weight_grad(h0, outputs, dhz, compute_dtype), tf.reduce_sum(dhz, axis=[0, 1])
 
         return (outputs, outputs[:, -1]), grad
