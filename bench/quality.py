@@ -118,12 +118,12 @@ def single(args: argparse.Namespace) -> None:
 
 
 # The reference's recipe in trainer.task's flags (bench/gpt_reference.py has it in PyTorch): its
-# shape (tied embeddings), batch, schedule and clipping. Not expressible yet: AdamW's decoupled
-# weight decay and beta2 0.99 (verne's Adam has none and 0.999), and the 1e-4 floor of its cosine.
+# shape (tied embeddings), batch, AdamW, schedule and clipping.
 TRANSFORMER = ["--cell=transformer", "--layers=4", "--d_model=128", "--heads=4", "--max_context=64",
                "--embedding_size=128", "--tie_embeddings", "--unroll_steps=64", "--batch_size=12",
-               "--learning_rate=1e-3", "--warmup_steps=100", "--lr_schedule=cosine", "--max_steps=2000",
-               "--grad_clip=1", "--log_every=50"]
+               "--learning_rate=1e-3", "--min_learning_rate=1e-4", "--adam_beta2=0.99", "--weight_decay=0.1",
+               "--warmup_steps=100", "--lr_schedule=cosine", "--max_steps=2000", "--grad_clip=1",
+               "--log_every=50"]
 CHECKPOINTS = (250, 500, 1000)
 _STEP_LINE = re.compile(r"^(\S+) step (\d+)/\d+ .*? loss ([0-9.]+)")
 

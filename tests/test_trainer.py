@@ -127,6 +127,25 @@ def test_learning_rate_schedules_with_warmup(schedule: str, expected: list[float
     np.testing.assert_allclose([float(rate(step)) for step in range(5)], expected, rtol=1e-5)
 
 
+def test_decay_ends_at_the_floor() -> None:
+    rate = runner.LearningRate(1.0, "cosine", warmup_steps=0, total_steps=4, floor=0.1)
+    np.testing.assert_allclose([float(rate(step)) for step in (0, 2, 4, 9)], [1.0, 0.55, 0.1, 0.1], rtol=1e-5)
+
+
+def test_weight_decay_is_adamw_on_matrices_only() -> None:
+    hparams = HParams(weight_decay=0.5, adam_beta2=0.99, learning_rate=0.1, warmup_steps=0).validate()
+    optimizer = runner.make_optimizer(hparams, total_steps=10)
+    assert type(optimizer).__name__ == "AdamW"
+    kernel = tf.Variable(tf.ones([2, 2]), name="kernel")
+    bias = tf.Variable(tf.ones([2]), name="bias")
+    optimizer.apply_gradients([(tf.zeros([2, 2]), kernel), (tf.zeros([2]), bias)])
+    np.testing.assert_allclose(kernel.numpy(), 1.0 - 0.1 * 0.5)  # decayed with a zero gradient
+    np.testing.assert_allclose(bias.numpy(), 1.0)
+    assert float(optimizer.beta_2) == pytest.approx(0.99)
+    with pytest.raises(ValueError, match="--weight_decay"):
+        HParams(weight_decay=0.1, optimizer="sgd").validate()
+
+
 def test_the_final_checkpoint_is_saved_before_the_final_sample(tmp_path, make_data_dir, monkeypatch) -> None:
     data_dir, _, _ = make_data_dir(tmp_path)
 

@@ -46,6 +46,10 @@ _HELP = {
     "lr_schedule": "constant, linear (decay to 0) or cosine. Default: linear for --cell=mlstm "
                    "(as its seed), constant otherwise.",
     "warmup_steps": "Linear warm-up steps before the schedule.",
+    "min_learning_rate": "Where --lr_schedule linear or cosine ends (0: at zero).",
+    "adam_beta2": "Adam's second-moment decay (0.99 for short runs, as a small GPT's recipe).",
+    "weight_decay": "Decoupled weight decay (AdamW) on weight matrices and embeddings, not on "
+                    "biases or layer-norm scales (0: plain Adam).",
     "state_reset_windows": "Each stream restarts from a zero state every N windows (staggered), so "
                            "the model also learns to write from a cold start (0: carry the whole epoch).",
     "grad_clip": "Clip the global gradient norm to this (0: off).",

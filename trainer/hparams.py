@@ -88,6 +88,13 @@ class HParams:
     optimizer: str = "adam"
     lr_schedule: str = "constant"
     warmup_steps: int = 20
+    # Where linear and cosine decay end (0: at zero); a small GPT's recipe ends at 0.1x its peak.
+    min_learning_rate: float = 0.0
+    # Adam's second-moment decay; 0.99 suits short runs (the small GPT's recipe).
+    adam_beta2: float = 0.999
+    # Decoupled weight decay (AdamW) on weight matrices and embeddings, never on biases or
+    # layer-norm scales; 0: plain Adam.
+    weight_decay: float = 0.0
     grad_clip: float = 5.0
     # Stateful TBPTT carries each stream's state through the epoch, so without resets a model
     # meets a zero state once an epoch and writes garbage from a cold start (a short prime).
@@ -158,6 +165,13 @@ class HParams:
                              "or float32")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
+        if not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ValueError(f"--min_learning_rate={self.min_learning_rate}: must be in [0, --learning_rate]")
+        if not 0 < self.adam_beta2 < 1:
+            raise ValueError(f"--adam_beta2={self.adam_beta2}: must be in (0, 1)")
+        if self.weight_decay < 0 or (self.weight_decay and self.optimizer != "adam"):
+            raise ValueError(f"--weight_decay={self.weight_decay}: must be >= 0, and goes with "
+                             "--optimizer=adam (it makes it AdamW)")
         if not 0 <= self.seed < 2 ** 63:  # it seeds TensorFlow's int64 stateless random ops
             raise ValueError(f"--seed={self.seed}: must be in [0, 2**63)")
         if self.cell == "transformer" and self.d_model % self.heads:

@@ -113,10 +113,11 @@ def strategy_from_environment() -> tf.distribute.Strategy:
 
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to the peak, then constant, linear decay to 0, or cosine decay to 0."""
+    """Linear warm-up to the peak, then constant, or linear or cosine decay to `floor`."""
 
-    def __init__(self, peak: float, schedule: str, warmup_steps: int, total_steps: int) -> None:
-        self.peak, self.schedule = peak, schedule
+    def __init__(self, peak: float, schedule: str, warmup_steps: int, total_steps: int,
+                 floor: float = 0.0) -> None:
+        self.peak, self.schedule, self.floor = peak, schedule, floor
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
 
     def __call__(self, step: Any) -> tf.Tensor:
@@ -130,17 +131,24 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
             factor = 0.5 * (1.0 + tf.cos(math.pi * progress))
         else:
             factor = tf.constant(1.0)
-        return self.peak * warmup * factor
+        return warmup * (self.floor + (self.peak - self.floor) * factor)
 
     def get_config(self) -> dict[str, Any]:
         return {"peak": self.peak, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps}
+                "total_steps": self.total_steps, "floor": self.floor}
 
 
 def make_optimizer(hparams: HParams, total_steps: int) -> keras.optimizers.Optimizer:
-    rate = LearningRate(hparams.learning_rate, hparams.lr_schedule, hparams.warmup_steps, total_steps)
+    rate = LearningRate(hparams.learning_rate, hparams.lr_schedule, hparams.warmup_steps, total_steps,
+                        hparams.min_learning_rate)
+    if hparams.optimizer == "adam" and hparams.weight_decay:
+        optimizer = keras.optimizers.AdamW(rate, weight_decay=hparams.weight_decay, beta_2=hparams.adam_beta2)
+        # Keras and verne name vectors so: biases (also the transformer's distance and output
+        # biases) and layer-norm scales and offsets are not decayed, as in GPT-2's recipe.
+        optimizer.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+        return optimizer
     if hparams.optimizer == "adam":
-        return keras.optimizers.Adam(rate)
+        return keras.optimizers.Adam(rate, beta_2=hparams.adam_beta2)
     if hparams.optimizer == "rmsprop":
         return keras.optimizers.RMSprop(rate)
     if hparams.optimizer == "sgd":
