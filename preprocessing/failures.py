@@ -8,7 +8,9 @@ so that text is what is matched: anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 
 _WRITE_FAILURES = ("No space left on device", "Disk quota exceeded", "Permission denied",
                    "Read-only file system", "Not a directory", "is not a directory",
@@ -29,3 +31,20 @@ def plain(message: str) -> str:
     """A TensorFlow error message without its graph decorations
     (`{{function_node __wrapped__SaveV2...}} ... [Op:SaveV2]`)."""
     return re.sub(r"\{\{.*?\}\}", "", message).split("[Op:")[0].strip()
+
+
+@contextlib.contextmanager
+def writes_reported_as(usage_error: type[Exception], target: str, then: str = "") -> Iterator[None]:
+    """Writes under `target` (a flag and its value) that fail for want of space, permission or a
+    directory become one `usage_error` line (each side has its own class); `then` says what
+    happens next (e.g. how to resume). Any other error propagates unchanged."""
+    try:
+        yield
+    except usage_error:
+        raise
+    except Exception as err:
+        reason = write_failure(err)
+        if reason is None:
+            raise
+        raise usage_error(f"{target}: cannot write there ({reason}); free space or give a directory "
+                          f"you can write to{then}") from None

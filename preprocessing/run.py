@@ -776,20 +776,10 @@ def _make_work_dir(output_dir: str, prefix: str) -> str:
     return work_dir
 
 
-@contextlib.contextmanager
-def _output_errors(output_dir: str) -> Iterator[None]:
+def _output_errors(output_dir: str) -> contextlib.AbstractContextManager[None]:
     """A write that fails for want of space or permission, in the driver or in a Beam worker,
     as one line naming --output_dir (the previous run's files there are untouched until commit)."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except Exception as err:
-        reason = failures.write_failure(err)
-        if reason is None:
-            raise
-        raise UsageError(f"--output_dir {output_dir}: cannot write there ({reason}); give a directory "
-                         "you can write to, with free space") from None
+    return failures.writes_reported_as(UsageError, f"--output_dir {output_dir}")
 
 
 def run_preprocessing(args: Sequence[str]) -> contract.Metadata:

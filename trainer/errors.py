@@ -9,31 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from preprocessing.contract import ContractError
-from preprocessing.failures import write_failure
+from preprocessing.failures import writes_reported_as
 
 
 class UsageError(Exception):
     """A mistake the user can fix; the message is one line naming the flag or file and the fix."""
 
 
-@contextlib.contextmanager
-def writing(target: str, then: str = "") -> Iterator[None]:
+def writing(target: str, then: str = "") -> contextlib.AbstractContextManager[None]:
     """Writes under `target` (a flag and its value) that fail for want of space, permission or a
     directory become one UsageError line; `then` says what happens next (e.g. how to resume)."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except Exception as err:
-        reason = write_failure(err)
-        if reason is None:
-            raise
-        raise UsageError(f"{target}: cannot write there ({reason}); free space or give a directory you "
-                         f"can write to{then}") from None
+    return writes_reported_as(UsageError, target, then)
 
 
 def warn(message: str) -> None:
