@@ -11,7 +11,8 @@ then cosine decay to 1e-4 at the last iteration. Train on the first 90% of the t
 the rest; an estimate of the validation loss (200 random blocks) every 250 iterations, as that
 recipe does, is part of the timed run.
 
-Prints one JSON line per 50 iterations ({"step", "loss"}: mean training loss of those 50) and at
+Prints one JSON line per 50 iterations ({"step", "loss": mean training loss of those 50, "seconds":
+since process start}) and at
 the end {"final": ..., "valid_loss": loss over the whole validation split in non-overlapping
 blocks, "seconds": from process start}.
 """
@@ -131,7 +132,8 @@ def main() -> None:
         optimizer.step()
         window.append(loss.item())
         if (step + 1) % 50 == 0:
-            print(json.dumps({"step": step + 1, "loss": round(sum(window) / len(window), 4)}), flush=True)
+            print(json.dumps({"step": step + 1, "loss": round(sum(window) / len(window), 4),
+                              "seconds": round(time.monotonic() - STARTED, 2)}), flush=True)
             window = []
     trained = time.monotonic() - STARTED
     model.eval()

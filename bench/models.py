@@ -54,8 +54,9 @@ def param_count(cell: str, width: int, vocab_size: int) -> int:
 
 
 def matched_width(cell: str, target: int, vocab_size: int) -> tuple[int, int]:
-    """The width (state size, or d_model in steps of 4 heads) whose model is closest to target."""
-    step = 4 if cell == "transformer" else 1
+    """The width (state size, or d_model in steps of 8: 4 heads of an even depth, which rotary
+    positions pair up) whose model is closest to target."""
+    step = 8 if cell == "transformer" else 1
     low, high = 1, 2048 // step
     while low < high:  # the smallest width with at least `target` parameters
         mid = (low + high) // 2
@@ -145,7 +146,7 @@ def main() -> None:
     rows = []
     for cell in cells:
         width, params = matched_width(cell, args.params, metadata.vocab_size)
-        job_dir = workdir / "job" / cell
+        job_dir = quality.fresh_job_dir(workdir / "job" / cell)
         status, rate = train_for(args.seconds, workdir / "data", job_dir,
                                  [f"--cell={cell}", *COMMON, *width_flags(cell, width)])
         if status not in (0, 143):

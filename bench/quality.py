@@ -15,8 +15,10 @@ The three-way comparison of the issue "quality per CPU-second", in one run on on
 (1) the small-GPT reference (bench/gpt_reference.py, PyTorch, in bench's torch venv), timed as a
 whole process; (2) verne's default char model and (3) verne's transformer at the reference's
 shape, batch and schedule, each given the reference's wall clock (or --seconds). It prints each
-model's loss over the whole validation split, the training loss at steps 250/500/1000 of both
-transformers, verne's time from process start to its first training step, and both targets.
+model's loss over the whole validation split, the three training curves by wall clock (the loss
+logged by each fifth of the budget, from process start), the training loss at steps 250/500/1000
+of both transformers, verne's time from process start to its first training step, and both
+targets.
 """
 
 from __future__ import annotations
@@ -93,6 +95,15 @@ def train_for(seconds: float, data_dir: Path, job_dir: Path, extra: list[str],
     return child.returncode
 
 
+def fresh_job_dir(job_dir: Path) -> Path:
+    """`job_dir`, refused if a run is already there (trainer.task would resume it, and the budget
+    would measure the rest of an old run)."""
+    if job_dir.exists():
+        sys.exit(f"error: --workdir {job_dir.parent} already holds a run ({job_dir.name}/); "
+                 "pass an empty or new --workdir")
+    return job_dir
+
+
 def validation_loss(job_dir: Path) -> tuple[float, int, int]:
     """(nats/char over the whole validation split, the checkpoint's step, tokens evaluated)."""
     from trainer.evaluate import evaluate
@@ -104,7 +115,7 @@ def validation_loss(job_dir: Path) -> tuple[float, int, int]:
 def single(args: argparse.Namespace) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="verne-quality-"))
     metadata = write_char_data(args.corpus.read_text(encoding="utf-8"), workdir / "data")
-    job_dir = workdir / "job"
+    job_dir = fresh_job_dir(workdir / "job")
     started = time.monotonic()
     status = train_for(args.seconds, workdir / "data", job_dir, args.extra)
     elapsed = time.monotonic() - started
@@ -128,17 +139,25 @@ CHECKPOINTS = (250, 500, 1000)
 _STEP_LINE = re.compile(r"^(\S+) step (\d+)/\d+ .*? loss ([0-9.]+)")
 
 
-def verne_curve(log: Path) -> tuple[dict[int, float], float | None]:
-    """Training loss (mean of the last --log_every steps) by step, and the estimated seconds from
-    process start to the first training step (the first logged step's time less its share of the
-    steady step time between the first two logs)."""
+def verne_curve(log: Path) -> tuple[list[tuple[float, int, float]], float | None]:
+    """(seconds since process start, step, training loss: mean of the last --log_every steps) per
+    logged step, and the estimated seconds from process start to the first training step (the
+    first logged step's time less its share of the steady step time between the first two logs)."""
     points = [(float(t), int(step), float(loss)) for t, step, loss in
               (m.groups() for m in map(_STEP_LINE.match, log.read_text().splitlines()) if m)]
-    curve = {step: loss for _, step, loss in points}
     if len(points) < 2:
-        return curve, None
+        return points, None
     (t1, s1, _), (t2, s2, _) = points[:2]
-    return curve, t1 - (s1 - 1) * (t2 - t1) / (s2 - s1)
+    return points, t1 - (s1 - 1) * (t2 - t1) / (s2 - s1)
+
+
+def loss_by_step(points: list[tuple[float, int, float]]) -> dict[int, float]:
+    return {step: loss for _, step, loss in points}
+
+
+def loss_at_time(points: list[tuple[float, int, float]], seconds: float) -> float:
+    """The last training loss logged by `seconds` after process start (nan before the first)."""
+    return next((loss for t, _, loss in reversed(points) if t <= seconds), math.nan)
 
 
 def reference(corpus: Path, workdir: Path) -> tuple[dict[str, object], float]:
@@ -153,12 +172,13 @@ def reference(corpus: Path, workdir: Path) -> tuple[dict[str, object], float]:
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     (workdir / "reference.jsonl").write_text(result.stdout)
     final = next(line for line in lines if "final" in line)
-    curve = {line["step"]: line["loss"] for line in lines if "loss" in line and "final" not in line}
-    return {"valid_loss": final["valid_loss"], "curve": curve}, seconds
+    points = [(line["seconds"], line["step"], line["loss"]) for line in lines if "loss" in line]
+    return {"valid_loss": final["valid_loss"], "points": points}, seconds
 
 
 def compare(args: argparse.Namespace) -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="verne-quality-"))
+    jobs = {name: fresh_job_dir(workdir / name) for name in ("default", "transformer")}
     write_char_data(args.corpus.read_text(encoding="utf-8"), workdir / "data")
     ref, ref_seconds = reference(args.corpus, workdir)
     budget = args.seconds if args.given_seconds else ref_seconds
@@ -167,19 +187,26 @@ def compare(args: argparse.Namespace) -> None:
     rows = {}
     for name, flags in (("default", ["--log_every=50"]), ("transformer", TRANSFORMER)):
         log = workdir / f"{name}.log"
-        status = train_for(budget, workdir / "data", workdir / name, [*flags, *args.extra], log=log)
+        status = train_for(budget, workdir / "data", jobs[name], [*flags, *args.extra], log=log)
         if status not in (0, 143):
             sys.exit(f"error: trainer.task ({name}) exited with status {status}; see {log}")
-        nats, step, _ = validation_loss(workdir / name)
-        curve, first_step = verne_curve(log)
-        rows[name] = {"loss": nats, "steps": step, "curve": curve, "first_step": first_step}
+        nats, step, _ = validation_loss(jobs[name])
+        points, first_step = verne_curve(log)
+        rows[name] = {"loss": nats, "steps": step, "points": points, "first_step": first_step}
         print(f"verne {name}: validation {nats:.4f} nats/char after {budget:.0f} s ({step} steps); "
               f"process start to first training step ~{first_step or float('nan'):.1f} s", flush=True)
-    print("training loss    step " + "  ".join(f"{s:>6d}" for s in CHECKPOINTS))
-    for name, curve in (("reference GPT", ref["curve"]), ("verne transformer", rows["transformer"]["curve"])):
-        print(f"{name:>21s}  " + "  ".join(f"{curve.get(s, float('nan')):6.3f}" for s in CHECKPOINTS))
-    gaps = [rows["transformer"]["curve"].get(s, math.inf) - ref["curve"][s] for s in CHECKPOINTS]
-    print(f"{'difference':>21s}  " + "  ".join(f"{g:+6.3f}" for g in gaps))
+    curves = {"reference GPT": ref["points"], "verne default": rows["default"]["points"],
+              "verne transformer": rows["transformer"]["points"]}
+    times = [round(budget * k / 5) for k in range(1, 6)]
+    print("training loss at  second " + "  ".join(f"{t:>6d}" for t in times))
+    for name, points in curves.items():
+        print(f"{name:>24s}  " + "  ".join(f"{loss_at_time(points, t):6.3f}" for t in times))
+    by_step = {name: loss_by_step(curves[name]) for name in ("reference GPT", "verne transformer")}
+    print("training loss at    step " + "  ".join(f"{s:>6d}" for s in CHECKPOINTS))
+    for name, curve in by_step.items():
+        print(f"{name:>24s}  " + "  ".join(f"{curve.get(s, math.nan):6.3f}" for s in CHECKPOINTS))
+    gaps = [by_step["verne transformer"].get(s, math.inf) - by_step["reference GPT"][s] for s in CHECKPOINTS]
+    print(f"{'difference':>24s}  " + "  ".join(f"{g:+6.3f}" for g in gaps))
     default_gap = rows["default"]["loss"] - ref["valid_loss"]
     transformer_gap = rows["transformer"]["loss"] - ref["valid_loss"]
     print(f"target default <= reference - 0.15: {default_gap:+.4f} nats/char "

@@ -14,8 +14,9 @@ def _train_ids(data_dir: str, prefix: str) -> np.ndarray:
     return np.concatenate([r.numpy() for r in records])
 
 
-def _windows(files: list[str], layout: data.Layout, start: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(x.numpy(), y.numpy()) for x, y in data.windows(files, layout, start=start)]
+def _windows(files: list[str], layout: data.Layout, start: int = 0,
+             **options: object) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(x.numpy(), y.numpy()) for x, y in data.windows(files, layout, start=start, **options)]
 
 
 def test_windows_continue_each_stream_and_labels_shift_by_one(tmp_path, make_data_dir) -> None:
@@ -56,6 +57,35 @@ def test_start_resumes_at_the_exact_window(tmp_path, make_data_dir) -> None:
         resumed = _windows(files, layout, start=start)
         assert len(resumed) == len(everything) - start
         np.testing.assert_array_equal(resumed[0][0], everything[start][0])
+
+
+def test_random_starts_cut_each_row_anywhere_in_its_chunk_reproducibly(tmp_path, make_data_dir) -> None:
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    stream = _train_ids(data_dir, prefix)
+    files = data.shard_files(data_dir, prefix, "train")
+    layout = data.layout_for(len(stream), batch_size=2, unroll_steps=5, max_chunk_tokens=300)
+    assert layout.chunks > 1
+    drawn = _windows(files, layout, shuffle_seed=4, random_starts=True)
+    assert len(drawn) == layout.windows_per_epoch
+    stream = np.concatenate([r.numpy() for r in data.token_stream(files, shuffle_seed=4)])  # its order
+    starts = []
+    for index, (inputs, labels) in enumerate(drawn):
+        chunk = stream[(index // layout.windows_per_chunk) * layout.chunk_tokens:][:layout.chunk_tokens]
+        for x, y in zip(inputs, labels, strict=True):
+            # Each row is 6 consecutive tokens of its own chunk, labels shifted by one.
+            matches = [s for s in range(len(chunk) - 5)
+                       if np.array_equal(chunk[s:s + 5], x) and np.array_equal(chunk[s + 1:s + 6], y)]
+            assert matches, (index, x, y)
+            starts.append(matches[0])
+    assert len(set(starts)) > len(starts) // 2  # drawn, not a handful of fixed streams
+    again = _windows(files, layout, shuffle_seed=4, random_starts=True)
+    np.testing.assert_array_equal(np.stack([x for x, _ in again]), np.stack([x for x, _ in drawn]))
+    other = _windows(files, layout, shuffle_seed=5, random_starts=True)
+    assert not np.array_equal(np.stack([x for x, _ in other]), np.stack([x for x, _ in drawn]))
+    for start in (1, layout.windows_per_chunk + 2):
+        resumed = _windows(files, layout, start=start, shuffle_seed=4, random_starts=True)
+        np.testing.assert_array_equal(np.stack([x for x, _ in resumed]),
+                                      np.stack([x for x, _ in drawn[start:]]))
 
 
 def test_unroll_longer_than_the_data_is_a_usage_error() -> None:

@@ -171,7 +171,7 @@ def _randomise_learned_bias(model: keras.Model) -> None:
         model.distance_bias.assign(np.random.default_rng(7).normal(size=model.distance_bias.shape))
 
 
-@pytest.mark.parametrize("pos_encoding", ["none", "sinusoidal", "learned"])
+@pytest.mark.parametrize("pos_encoding", ["none", "sinusoidal", "learned", "rotary"])
 def test_transformer_output_at_t_ignores_later_tokens(pos_encoding: str) -> None:
     model = _transformer(pos_encoding)
     rng = np.random.default_rng(8)
@@ -184,7 +184,7 @@ def test_transformer_output_at_t_ignores_later_tokens(pos_encoding: str) -> None
     assert not np.allclose(a.numpy()[:, 6:], b.numpy()[:, 6:])
 
 
-@pytest.mark.parametrize("pos_encoding", ["none", "sinusoidal", "learned"])
+@pytest.mark.parametrize("pos_encoding", ["none", "sinusoidal", "learned", "rotary"])
 def test_transformer_cached_one_step_decoding_equals_full_forward(pos_encoding: str) -> None:
     model = _transformer(pos_encoding, tie_embeddings=True)
     tokens = tf.constant(np.random.default_rng(9).integers(0, 13, size=(2, 12)), tf.int32)
@@ -197,6 +197,37 @@ def test_transformer_cached_one_step_decoding_equals_full_forward(pos_encoding: 
     np.testing.assert_allclose(tf.concat(steps, axis=1).numpy(), full.numpy(), atol=1e-5)
     for a, b in zip(tf.nest.flatten(state), tf.nest.flatten(full_state), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+
+
+def test_rotary_logits_depend_on_distances_not_on_where_the_stream_is() -> None:
+    # The same 5 tokens after 0 and after 100,003 earlier ones (the cache then holds 5 other
+    # tokens, masked out by validity for the first call): identical logits, because rotary
+    # angles come from slots in [cache ; window], never from the stream's position.
+    model = _transformer("rotary")
+    tokens = tf.constant(np.random.default_rng(11).integers(0, 13, size=(2, 5)), tf.int32)
+    fresh, _ = model(tokens, model.initial_state(2))
+    position, valid, caches = model.initial_state(2)
+    far = (position + 100_003.0, valid, caches)
+    np.testing.assert_allclose(model(tokens, far)[0].numpy(), fresh.numpy(), atol=1e-6)
+
+
+def test_rotary_gives_order_that_attention_alone_does_not() -> None:
+    # One layer without positions: the last query's attention is a bag of the keys, so swapping
+    # two earlier tokens leaves its logits unchanged. Rotary positions make the swap visible.
+    tokens = np.random.default_rng(12).integers(0, 13, size=(1, 5)).astype(np.int32)
+    tokens[0, 1] = (tokens[0, 0] + 1) % 13
+    swapped = tokens.copy()
+    swapped[0, [0, 1]] = tokens[0, [1, 0]]
+    for pos_encoding, changes in (("none", False), ("rotary", True)):
+        model = _transformer(pos_encoding, layers=1)
+        a, _ = model(tf.constant(tokens), model.initial_state(1))
+        b, _ = model(tf.constant(swapped), model.initial_state(1))
+        assert np.allclose(a.numpy()[0, -1], b.numpy()[0, -1], atol=1e-5) is not changes, pos_encoding
+
+
+def test_rotary_needs_an_even_head_depth() -> None:
+    with pytest.raises(ValueError, match="--pos_encoding=rotary"):
+        HParams(cell="transformer", d_model=12, heads=4, pos_encoding="rotary").validate()
 
 
 def test_transformer_window_limits_attention_to_max_context() -> None:

@@ -13,6 +13,10 @@ carries no meaning). Memory is one chunk, whatever the corpus size.
 
 A position in an epoch is the number of windows consumed; `windows(..., start=n)` resumes exactly
 there. The layout depends only on the metadata's token count, batch size and unroll length.
+
+Models that carry nothing from one window to the next (the transformer) take `random_starts`:
+the same number of windows per chunk, each row cut at a random offset of the chunk (nanoGPT's
+sampling), reproducibly for the epoch's seed.
 """
 
 from __future__ import annotations
@@ -169,20 +173,38 @@ def token_stream(files: list[str], shuffle_seed: int | None = None) -> tf.data.D
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
-def windows(files: list[str], layout: Layout, start: int = 0,
-            shuffle_seed: int | None = None) -> tf.data.Dataset:
-    """One epoch of (inputs int32 [B, T], labels int32 [B, T]) windows, from window `start` on."""
+def windows(files: list[str], layout: Layout, start: int = 0, shuffle_seed: int | None = None,
+            random_starts: bool = False) -> tf.data.Dataset:
+    """One epoch of (inputs int32 [B, T], labels int32 [B, T]) windows, from window `start` on.
+
+    With `random_starts` (for models that carry nothing from one window to the next) each row of
+    each window starts at a random token of its chunk instead of continuing its stream, as
+    nanoGPT's `get_batch` draws them: a text seen again in a later epoch is cut differently, which
+    stateless models overfit less with (bench/README.md, `--compare`). The draws are a function of
+    `shuffle_seed` and the chunk, so resuming at `start` reproduces them. The epoch has as many
+    windows either way.
+    """
     batch, unroll, per_chunk = layout.batch_size, layout.unroll_steps, layout.windows_per_chunk
     chunks = token_stream(files, shuffle_seed).rebatch(layout.chunk_tokens, drop_remainder=True)
-    chunks = chunks.take(layout.chunks).skip(start // per_chunk)
+    chunks = chunks.take(layout.chunks).enumerate().skip(start // per_chunk)
+    seed = 0 if shuffle_seed is None else shuffle_seed
 
-    def to_windows(chunk: tf.Tensor) -> tf.data.Dataset:
+    def streams(chunk: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:  # [K, B, T]: rows continue streams
         rows = tf.reshape(chunk, [batch, per_chunk * unroll + 1])
+        inputs = tf.reshape(rows[:, :-1], [batch, per_chunk, unroll])
+        labels = tf.reshape(rows[:, 1:], [batch, per_chunk, unroll])
+        return tf.transpose(inputs, [1, 0, 2]), tf.transpose(labels, [1, 0, 2])
 
-        def cut(matrix: tf.Tensor) -> tf.Tensor:  # [B, K*T] -> [K, B, T]
-            return tf.transpose(tf.reshape(matrix, [batch, per_chunk, unroll]), [1, 0, 2])
+    def random_rows(index: tf.Tensor, chunk: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        starts = tf.random.stateless_uniform(
+            [per_chunk, batch], seed=tf.stack([tf.constant(seed, tf.int64), index]),
+            maxval=layout.chunk_tokens - unroll, dtype=tf.int32)
+        rows = tf.gather(chunk, starts[..., None] + tf.range(unroll + 1))  # [K, B, T + 1]
+        return rows[..., :-1], rows[..., 1:]
 
-        return tf.data.Dataset.from_tensor_slices((cut(rows[:, :-1]), cut(rows[:, 1:])))
+    def to_windows(index: tf.Tensor, chunk: tf.Tensor) -> tf.data.Dataset:
+        pairs = random_rows(index, chunk) if random_starts else streams(chunk)
+        return tf.data.Dataset.from_tensor_slices(pairs)
 
     # No autotuning: with it, dropping an iterator before its end (each epoch's, or the last one
     # when training stops mid-epoch) blocked ~30 s in tf.data's destructor while its model thread

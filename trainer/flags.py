@@ -29,7 +29,8 @@ _HELP = {
     "mogrify_rank": "Low-rank factorisation of the Mogrifier matrices (0: full rank).",
     "d_model": "Transformer width.",
     "heads": "Transformer attention heads.",
-    "pos_encoding": "Transformer positional encoding: learned (relative distance bias), sinusoidal or none.",
+    "pos_encoding": "Transformer positional encoding: rotary (rotated queries and keys), learned "
+                    "(relative distance bias), sinusoidal or none.",
     "max_context": "Transformer attention window (tokens).",
     "dropout": "Dropout between layers and before the output.",
     "embed_dropout": "AWD embedding dropout (drops whole words).",

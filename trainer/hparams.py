@@ -29,7 +29,7 @@ LANGUAGE_MODELS = contract.TOKENIZERS
 ANY_VOCAB_SIZE = -1
 OPTIMIZERS = ("adam", "rmsprop", "sgd", "ntasgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-POS_ENCODINGS = ("none", "sinusoidal", "learned")
+POS_ENCODINGS = ("none", "sinusoidal", "learned", "rotary")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
 # Cells whose matmuls honour --precision=bfloat16/float16 (trainer/models/recurrent.py); the zoo
 # cells (mlstm, mogrifier, qrnn, transformer) compute in float32 whatever --precision says.
@@ -65,7 +65,7 @@ class HParams:
     heads: int = 4
     # Relative distance bias: with the carried key/value cache every query sees a full window,
     # and attention without positions cannot tell order (docs/models.md).
-    pos_encoding: str = "learned"
+    pos_encoding: str = "rotary"
     max_context: int = 256
 
     # --- regularisation (AWD-LSTM); free to change between runs ---
@@ -176,6 +176,10 @@ class HParams:
             raise ValueError(f"--seed={self.seed}: must be in [0, 2**63)")
         if self.cell == "transformer" and self.d_model % self.heads:
             raise ValueError(f"--d_model={self.d_model} must be divisible by --heads={self.heads}")
+        depth = self.d_model // self.heads
+        if self.cell == "transformer" and self.pos_encoding == "rotary" and depth % 2:
+            raise ValueError(f"--pos_encoding=rotary rotates pairs of each head's {depth} dimensions, "
+                             "which must be even: change --d_model or --heads")
         return self
 
     def to_json(self) -> str:

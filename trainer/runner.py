@@ -416,7 +416,8 @@ class _Trainer:
         stopping = self.agree_to_stop(self.terminate)
         while not self.finished(position) and not stopping:
             dataset = data.windows(self.train_files, self.layout, start=position.window,
-                                   shuffle_seed=hparams.seed * 100003 + position.epoch)
+                                   shuffle_seed=hparams.seed * 100003 + position.epoch,
+                                   random_starts=not self.model.carries_state_between_windows)
             windows = iter(self._distribute(dataset))
             while position.window < self.layout.windows_per_epoch:
                 losses, norms, state = self._train(windows, state, self._execution_size(position))

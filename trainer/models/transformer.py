@@ -9,11 +9,15 @@ Design (so the runner drives it exactly like a recurrent model):
   an empty cache (`carries_state_between_windows`): carried across training windows, the cache
   learned far slower per step, and carried into evaluation it holds context from beyond the
   window, which training never showed. Fixed shapes keep one traced graph for every window.
-- Positional encoding: `learned` by default, a learned bias per head and relative distance
-  0..max_context-1 added to the attention logits (relative distances are always inside the
-  window, where a table of absolute positions would run out in a long stream); `sinusoidal` adds
-  the sinusoid of each token's absolute position in its stream (counted in the state, so it
-  continues across windows); `none` leaves order to the causal mask alone.
+- Positional encoding: `rotary` by default (RoFormer: queries and keys rotated by their slot in
+  [cache ; window], so attention sees distances only, exactly, however long a sampled stream
+  runs); `learned`, a learned bias per head and relative distance 0..max_context-1 added to the
+  attention logits; `sinusoidal` adds the sinusoid of each token's absolute position in its
+  stream (counted in the state, so it continues across windows); `none` leaves order to the
+  causal mask alone. Absolute learned positions, GPT-2's, are not offered: a table of them runs
+  out in a sampled stream longer than the window. Why rotary: docs/models.md.
+- Training windows are drawn at random offsets in the text (trainer.data, `random_starts`),
+  since nothing is carried from one to the next.
 - GPT-2's initialisation (see Block).
 - Pre-layer-norm blocks (attention, then a 4x GELU MLP) with a final layer norm: the transformer
   always normalises, so HParams.validate refuses `--layer_norm` for it.
@@ -41,6 +45,22 @@ def sinusoid(positions: tf.Tensor, width: int) -> tf.Tensor:
     angles = positions[..., None] * rates
     encoding = tf.concat([tf.sin(angles), tf.cos(angles)], axis=-1)
     return tf.pad(encoding, [[0, 0]] * (encoding.shape.rank - 1) + [[0, width - 2 * half]])
+
+
+def rotary_angles(slots: tf.Tensor, depth: int) -> tf.Tensor:
+    """[L, 1, depth // 2] rotary angles of slots 0..L-1 of [cache ; window] (RoFormer's rates)."""
+    rates = tf.exp(-math.log(10000.0) * tf.range(0, depth, 2, dtype=tf.float32) / depth)
+    return tf.cast(tf.range(slots), tf.float32)[:, None, None] * rates
+
+
+def rotate(x: tf.Tensor, angles: tf.Tensor, heads: int) -> tf.Tensor:
+    """Rotary position embedding of x [B, L, H * Dh] by angles [L, 1, Dh / 2]: each head's first
+    and second halves are paired as the (real, imaginary) parts of Dh / 2 complex numbers."""
+    shape = tf.shape(x)
+    first, second = tf.split(tf.reshape(x, [shape[0], shape[1], heads, -1]), 2, axis=-1)
+    cos, sin = tf.cos(angles), tf.sin(angles)
+    rotated = tf.concat([first * cos - second * sin, first * sin + second * cos], axis=-1)
+    return tf.reshape(rotated, shape)
 
 
 def window_distances(context: int, steps: tf.Tensor) -> tf.Tensor:
@@ -74,12 +94,23 @@ class Block(keras.layers.Layer):
         return tf.transpose(tf.reshape(x, [shape[0], shape[1], self.heads, self.depth]), [0, 2, 1, 3])
 
     def call(self, x: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor], bias: tf.Tensor,
-             training: bool = False) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
-        """x [B, T, D], cache keys/values [B, C, D], bias [B, H or 1, T, C + T] -> x, new cache."""
+             rotary: bool = False, training: bool = False
+             ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+        """x [B, T, D], cache keys/values [B, C, D], bias [B, H or 1, T, C + T] -> x, new cache.
+
+        With `rotary`, queries and keys are rotated by their slot in [cache ; window] just before
+        the product, so the cache holds unrotated keys and only distances (slot differences)
+        reach the logits: exact in float32 however long the stream, and the same for training
+        windows, evaluation and one-token sampling steps."""
         q, k, v = tf.split(self.qkv(self.norm_attn(x)), 3, axis=-1)
         keys = tf.concat([cache[0], k], axis=1)
         values = tf.concat([cache[1], v], axis=1)
-        logits = tf.einsum("bhtd,bhkd->bhtk", self._split_heads(q), self._split_heads(keys))
+        attend_keys = keys
+        if rotary:
+            angles = rotary_angles(tf.shape(keys)[1], self.depth)
+            q = rotate(q, angles[tf.shape(cache[0])[1]:], self.heads)
+            attend_keys = rotate(keys, angles, self.heads)
+        logits = tf.einsum("bhtd,bhkd->bhtk", self._split_heads(q), self._split_heads(attend_keys))
         weights = tf.nn.softmax(logits / math.sqrt(self.depth) + bias, axis=-1)
         attended = tf.einsum("bhtk,bhkd->bhtd", weights, self._split_heads(values))
         shape = tf.shape(x)
@@ -180,7 +211,7 @@ class TransformerLM(LanguageModel):
         bias = self._attention_bias(valid, steps)
         new_caches = []
         for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block(x, cache, bias, training=training)
+            x, cache = block(x, cache, bias, rotary=self.pos_encoding == "rotary", training=training)
             new_caches.append(cache)
         x = self.norm(x)
         new_valid = tf.concat([valid, tf.ones_like(tf.cast(tokens, tf.float32))], axis=1)[:, -self.context:]
