@@ -239,7 +239,7 @@ def test_bad_input_ends_in_one_line(case: Case, trained: Path, tmp_path: Path) -
             subprocess.run(["umount", str(tmp_path / "mnt")], check=False)
     said = [line for line in stderr.splitlines() if line.strip() and not NOISE.match(line)]
     assert "Traceback" not in stderr + stdout, stderr
-    assert code == case.code, (code, said[-3:])
+    assert code == case.code, f"exit {code}:\n" + "\n".join(said[-8:])
     if code == 0:
         assert case.expect.format(**names) in stdout + stderr, said[-3:]
     else:

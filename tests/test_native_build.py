@@ -100,8 +100,9 @@ def test_first_error_names_the_file_line_and_text() -> None:
     assert native.first_error(linker) == "/usr/bin/ld: cannot find -ltensorflow_framework"
 
 
-# A stand-in compiler: fails like GCC on Eigen for -march=native (or always, with FAIL_ALWAYS set),
-# otherwise writes the output file; it counts its compile calls in CALLS.
+# A stand-in compiler: fails like GCC on Eigen for -march=native (or always, with FAIL_ALWAYS set;
+# dies of SIGINT with DIE_BY_SIGINT), otherwise writes the output file; it counts its compile calls
+# in CALLS.
 FAKE_COMPILER = """#!{python}
 import os, sys
 args = sys.argv[1:]
@@ -110,6 +111,10 @@ if "--version" in args:
     sys.exit(0)
 with open(os.environ["CALLS"], "a") as calls:
     calls.write("x")
+if os.environ.get("DIE_BY_SIGINT"):  # as a compiler does when Ctrl-C reaches its process group
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
 if os.environ.get("FAIL_ALWAYS") or "-march=native" in args:
     sys.stderr.write("{include}/Eigen/src/Core/arch/AVX512/PacketMathFP16.h:740:49: error: "
                      "expected initializer before '<' token\\n      |    ^\\n")
@@ -157,6 +162,15 @@ def test_a_build_that_fails_every_way_says_why_in_one_line_once(
     assert (fake_compiler / "calls").read_text() == calls
     assert "PacketMathFP16.h:740" in capsys.readouterr().err
     assert not native.library_path().exists()
+
+
+def test_a_compiler_killed_by_ctrl_c_interrupts_instead_of_trying_another_target(
+        fake_compiler: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DIE_BY_SIGINT", "1")
+    with pytest.raises(KeyboardInterrupt):
+        native.build(native.library_path())
+    assert (fake_compiler / "calls").read_text() == "x"
+    assert not native.library_path().parent.exists() or not any(native.library_path().parent.iterdir())
 
 
 # Runs in a fresh process: the emulated library registers the same ops as the real one.

@@ -27,6 +27,7 @@ import pathlib
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -139,6 +140,10 @@ def build(path: pathlib.Path) -> str | None:
         for name, target in build_targets(cpu_flags()):
             result = subprocess.run(compile_command(partial, target), capture_output=True, text=True,
                                     check=False)
+            if result.returncode == -signal.SIGINT:
+                # Ctrl-C reached the compiler (its process group's signal): the user's interrupt,
+                # even where Python's own KeyboardInterrupt did not surface; no other target.
+                raise KeyboardInterrupt
             if result.returncode == 0:
                 os.replace(partial, path)
                 return f"built for {name}, as the build for this CPU failed: {errors[0]}" if errors else None
