@@ -202,9 +202,13 @@ def _run(case: Case, argv: list[str], env: dict[str, str]) -> tuple[int, str, st
     if case.code != 130:
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, check=False)
         return result.returncode, result.stdout, result.stderr
-    # Ctrl-C as a terminal sends it: SIGINT to the whole process group, compiler included.
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=env, start_new_session=True)
+    # Ctrl-C as a terminal sends it: SIGINT to the whole process group, compiler included. The
+    # child starts with SIGINT at its default, as a terminal's foreground job does: started from
+    # a background job (`make test &`) it would inherit SIGINT ignored, and rightly ignore it.
+    restore_sigint = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                      "os.execv(sys.executable, sys.argv[1:])")
+    process = subprocess.Popen([sys.executable, "-c", restore_sigint, *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     lines = []
     for line in process.stdout:
         lines.append(line)
