@@ -63,8 +63,9 @@ class HParams:
     mogrify_rank: int = 0
     d_model: int = 256
     heads: int = 4
-    # Relative distance bias: with the carried key/value cache every query sees a full window,
-    # and attention without positions cannot tell order (docs/models.md).
+    # Rotary: 0.13-0.14 nats/char better than the relative distance bias (the default until
+    # 2026-12-06) and than absolute learned positions, on bench/quality.py --compare's recipe; and
+    # exact in a sampled stream of any length (docs/models.md).
     pos_encoding: str = "rotary"
     max_context: int = 256
 
