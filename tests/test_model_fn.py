@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -28,6 +29,7 @@ def _batch(seed: int = 0) -> tuple[tf.Tensor, tf.Tensor]:
 
 @pytest.mark.parametrize("mode", list(Mode))
 def test_model_fn_modes(mode: Mode) -> None:
+    keras.utils.set_random_seed(5)  # the initial weights set the AR/TAR terms' size
     hparams = _hparams(ar_alpha=1e3, tar_beta=1e3)
     params = Params(hparams, build_model(hparams))
     tokens, labels = _batch()
@@ -46,7 +48,9 @@ def test_model_fn_modes(mode: Mode) -> None:
     assert spec.eval_metrics["tokens"].numpy() == 15
     regularised = float(spec.loss) - nats / 15
     if mode is Mode.TRAIN:
-        assert regularised > 1e-3  # AR/TAR added with add_loss in training only
+        # AR/TAR added with add_loss in training only: 7e-4..1e-2 with these sizes, depending on
+        # the initial weights; far above the float32 noise of a loss near 2.4 (~3e-7).
+        assert regularised > 1e-5
     else:
         assert abs(regularised) < 1e-5
 
