@@ -47,18 +47,20 @@ def sinusoid(positions: tf.Tensor, width: int) -> tf.Tensor:
     return tf.pad(encoding, [[0, 0]] * (encoding.shape.rank - 1) + [[0, width - 2 * half]])
 
 
-def rotary_angles(slots: tf.Tensor, depth: int) -> tf.Tensor:
-    """[L, 1, depth // 2] rotary angles of slots 0..L-1 of [cache ; window] (RoFormer's rates)."""
+def rotation(slots: tf.Tensor, depth: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """(cos, sin) [L, 1, depth // 2] of the rotary angles of slots 0..L-1 of [cache ; window]
+    (RoFormer's rates)."""
     rates = tf.exp(-math.log(10000.0) * tf.range(0, depth, 2, dtype=tf.float32) / depth)
-    return tf.cast(tf.range(slots), tf.float32)[:, None, None] * rates
+    angles = tf.cast(tf.range(slots), tf.float32)[:, None, None] * rates
+    return tf.cos(angles), tf.sin(angles)
 
 
-def rotate(x: tf.Tensor, angles: tf.Tensor, heads: int) -> tf.Tensor:
-    """Rotary position embedding of x [B, L, H * Dh] by angles [L, 1, Dh / 2]: each head's first
-    and second halves are paired as the (real, imaginary) parts of Dh / 2 complex numbers."""
+def rotate(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, heads: int) -> tf.Tensor:
+    """Rotary position embedding of x [B, L, H * Dh] by angles [L, 1, Dh / 2] given as cos and
+    sin: each head's first and second halves are paired as the (real, imaginary) parts of Dh / 2
+    complex numbers."""
     shape = tf.shape(x)
     first, second = tf.split(tf.reshape(x, [shape[0], shape[1], heads, -1]), 2, axis=-1)
-    cos, sin = tf.cos(angles), tf.sin(angles)
     rotated = tf.concat([first * cos - second * sin, first * sin + second * cos], axis=-1)
     return tf.reshape(rotated, shape)
 
@@ -94,22 +96,23 @@ class Block(keras.layers.Layer):
         return tf.transpose(tf.reshape(x, [shape[0], shape[1], self.heads, self.depth]), [0, 2, 1, 3])
 
     def call(self, x: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor], bias: tf.Tensor,
-             rotary: bool = False, training: bool = False
+             slot_rotation: tuple[tf.Tensor, tf.Tensor] | None = None, training: bool = False
              ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
         """x [B, T, D], cache keys/values [B, C, D], bias [B, H or 1, T, C + T] -> x, new cache.
 
-        With `rotary`, queries and keys are rotated by their slot in [cache ; window] just before
-        the product, so the cache holds unrotated keys and only distances (slot differences)
-        reach the logits: exact in float32 however long the stream, and the same for training
-        windows, evaluation and one-token sampling steps."""
+        With `slot_rotation` (`rotation(C + T, D / H)`), queries and keys are rotated by their
+        slot in [cache ; window] just before the product, so the cache holds unrotated keys and
+        only distances (slot differences) reach the logits: exact in float32 however long the
+        stream, and the same for training windows, evaluation and one-token sampling steps."""
         q, k, v = tf.split(self.qkv(self.norm_attn(x)), 3, axis=-1)
         keys = tf.concat([cache[0], k], axis=1)
         values = tf.concat([cache[1], v], axis=1)
         attend_keys = keys
-        if rotary:
-            angles = rotary_angles(tf.shape(keys)[1], self.depth)
-            q = rotate(q, angles[tf.shape(cache[0])[1]:], self.heads)
-            attend_keys = rotate(keys, angles, self.heads)
+        if slot_rotation is not None:
+            cos, sin = slot_rotation
+            context = tf.shape(cache[0])[1]
+            q = rotate(q, cos[context:], sin[context:], self.heads)
+            attend_keys = rotate(keys, cos, sin, self.heads)
         logits = tf.einsum("bhtd,bhkd->bhtk", self._split_heads(q), self._split_heads(attend_keys))
         weights = tf.nn.softmax(logits / math.sqrt(self.depth) + bias, axis=-1)
         attended = tf.einsum("bhtk,bhkd->bhtd", weights, self._split_heads(values))
@@ -209,9 +212,11 @@ class TransformerLM(LanguageModel):
             x = x + sinusoid(position[:, None] + tf.cast(tf.range(steps), tf.float32)[None], self.d_model)
         x = self.drop(x, training=training)
         bias = self._attention_bias(valid, steps)
+        slot_rotation = (rotation(self.context + steps, self.d_model // self.heads)
+                         if self.pos_encoding == "rotary" else None)  # the same for every layer
         new_caches = []
         for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block(x, cache, bias, rotary=self.pos_encoding == "rotary", training=training)
+            x, cache = block(x, cache, bias, slot_rotation, training=training)
             new_caches.append(cache)
         x = self.norm(x)
         new_valid = tf.concat([valid, tf.ones_like(tf.cast(tokens, tf.float32))], axis=1)[:, -self.context:]
