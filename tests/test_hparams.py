@@ -65,9 +65,14 @@ def test_auto_precision_per_device_for_recurrent_cells_only() -> None:
     assert auto_precision("lstm", frozenset({"avx2", "avx512f"}), has_gpu=False) == "float32"
     assert auto_precision("lstm", bf16, has_gpu=True) == "float16"
     assert auto_precision("gru", frozenset(), has_gpu=False, has_tpu=True) == "bfloat16"
-    for zoo in ("mlstm", "mogrifier", "qrnn", "transformer"):
+    for zoo in ("mlstm", "mogrifier", "qrnn"):
         for gpu, tpu in ((False, False), (True, False), (False, True)):
             assert auto_precision(zoo, bf16, has_gpu=gpu, has_tpu=tpu) == "float32", zoo
+    # The transformer as the recurrent cells, but float32 where XLA compiles its whole step on
+    # the CPU (XLA's CPU dot gained nothing from bfloat16: trainer/xla.py).
+    assert auto_precision("transformer", bf16, has_gpu=False, xla="fusion") == "bfloat16"
+    assert auto_precision("transformer", bf16, has_gpu=False, xla="step") == "float32"
+    assert auto_precision("transformer", bf16, has_gpu=True, xla="off") == "float16"
 
 
 def test_cpu_flags_reads_the_flags_line(tmp_path) -> None:
@@ -87,7 +92,23 @@ def test_resolve_precision_leaves_only_concrete_values() -> None:
 def test_bfloat16_is_refused_for_float32_only_cells() -> None:
     HParams(cell="gru", precision="bfloat16").validate()
     HParams(cell="lstm", precision="float16").validate()
-    with pytest.raises(ValueError, match="--precision=bfloat16: --cell=transformer"):
-        HParams(cell="transformer", precision="bfloat16").validate()
+    HParams(cell="transformer", precision="bfloat16").validate()
+    with pytest.raises(ValueError, match="--precision=bfloat16: --cell=mlstm"):
+        HParams(cell="mlstm", precision="bfloat16").validate()
     with pytest.raises(ValueError, match="--precision=float16: --cell=qrnn"):
         HParams(cell="qrnn", precision="float16").validate()
+
+
+def test_xla_auto_compiles_a_small_transformer_whole_and_fuses_a_large_one() -> None:
+    from trainer import xla
+
+    baby = HParams(cell="transformer", layers=4, d_model=128, heads=4, vocab_size=65, batch_size=12,
+                   unroll_steps=64, max_context=64)
+    small = baby.replace(layers=6, d_model=384, heads=6, batch_size=32, unroll_steps=256, max_context=256)
+    assert xla.resolve(baby).xla == "step" and xla.resolve(small).xla == "fusion"
+    assert xla.resolve(baby, replicas=2).xla == "fusion"  # no cross-device reduction inside XLA
+    assert xla.resolve(baby, accelerator=True).xla == "off"
+    assert xla.resolve(HParams(vocab_size=65)).xla == "off"  # the recurrent cells
+    assert xla.resolve(baby.replace(xla="off")).xla == "off"  # a given mode stays
+    with pytest.raises(ValueError, match="--xla=step compiles the transformer's step"):
+        HParams(cell="lstm", xla="step").validate()

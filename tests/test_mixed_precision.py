@@ -87,7 +87,8 @@ def _loss_curve(precision: str, cell: str, steps: int = 300, vocab: int = 16, ba
     """Per-step training losses of a tiny model (Adam) on a fixed, learnable token stream: each
     token follows from the previous one by a fixed rule 80% of the time, else is random."""
     hparams = HParams(language_model="char", vocab_size=vocab, cell=cell, layers=1, lstm_state_size=32,
-                      embedding_size=8, batch_size=batch, unroll_steps=unroll, precision=precision).validate()
+                      embedding_size=8, batch_size=batch, unroll_steps=unroll, precision=precision,
+                      d_model=32, heads=2, max_context=unroll).validate()
     keras.utils.set_random_seed(7)
     params = Params(hparams, build_model(hparams))
     step = loops.make_train_step(params, keras.optimizers.Adam(1e-2), tf.distribute.get_strategy())
@@ -97,7 +98,7 @@ def _loss_curve(precision: str, cell: str, steps: int = 300, vocab: int = 16, ba
     for t in range(1, stream.shape[1]):
         follows = (stream[:, t - 1] * 5 + 3) % vocab
         stream[:, t] = np.where(rng.random(batch) < 0.8, follows, rng.integers(0, vocab, batch))
-    state, losses = params.model.initial_state(batch), []
+    state, losses = params.model.window_state(batch), []
     for i in range(steps):
         window = stream[:, i * unroll:(i + 1) * unroll + 1]
         loss, _, state = step(tf.constant(window[:, :-1]), tf.constant(window[:, 1:]), state)
@@ -105,7 +106,7 @@ def _loss_curve(precision: str, cell: str, steps: int = 300, vocab: int = 16, ba
     return np.array(losses)
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "transformer"])
 def test_bfloat16_loss_curve_stays_within_0_02_nats_of_float32(cell: str) -> None:
     # The whole bf16 recipe (bf16 matmuls around the recurrence, and inside the native op its
     # bf16 per-step products where the CPU has them), float32 master weights, state and sums.

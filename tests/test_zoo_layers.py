@@ -197,18 +197,55 @@ def test_transformer_cached_one_step_decoding_equals_full_forward(pos_encoding: 
     np.testing.assert_allclose(tf.concat(steps, axis=1).numpy(), full.numpy(), atol=1e-5)
     for a, b in zip(tf.nest.flatten(state), tf.nest.flatten(full_state), strict=True):
         np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+    # The window on its own (training's and evaluation's path: attention within the window,
+    # no cache) computes the same logits.
+    alone, no_state = model(tokens, ())
+    assert no_state == ()
+    np.testing.assert_allclose(alone.numpy(), full.numpy(), atol=1e-5)
 
 
 def test_rotary_logits_depend_on_distances_not_on_where_the_stream_is() -> None:
-    # The same 5 tokens after 0 and after 100,003 earlier ones (the cache then holds 5 other
-    # tokens, masked out by validity for the first call): identical logits, because rotary
-    # angles come from slots in [cache ; window], never from the stream's position.
-    model = _transformer("rotary")
-    tokens = tf.constant(np.random.default_rng(11).integers(0, 13, size=(2, 5)), tf.int32)
-    fresh, _ = model(tokens, model.initial_state(2))
-    position, valid, caches = model.initial_state(2)
-    far = (position + 100_003.0, valid, caches)
-    np.testing.assert_allclose(model(tokens, far)[0].numpy(), fresh.numpy(), atol=1e-6)
+    # One layer with a 5-token window: its output at a token depends on that token and the 4
+    # before it only. 40 tokens in, sampled one at a time, the last logits equal those of the
+    # same 5 tokens as a window on its own: the angles that reach the logits are distances,
+    # never the stream's position (which would differ by 35 here).
+    model = _transformer("rotary", layers=1)
+    tokens = tf.constant(np.random.default_rng(11).integers(0, 13, size=(2, 40)), tf.int32)
+    state = model.initial_state(2)
+    for t in range(40):
+        logits, state = model(tokens[:, t:t + 1], state)
+    alone, _ = model(tokens[:, -5:], ())
+    np.testing.assert_allclose(logits[:, -1].numpy(), alone[:, -1].numpy(), atol=1e-5)
+    # A window of 6 ending at the same token: its 6th token back is out of reach.
+    six, _ = model(tokens[:, -6:], ())
+    np.testing.assert_allclose(six[:, -1].numpy(), alone[:, -1].numpy(), atol=1e-5)
+
+
+def test_sampling_never_attends_farther_back_than_training_windows() -> None:
+    # The rule: --max_context <= --unroll_steps, so every distance a sampled token attends (0 to
+    # max_context - 1) is one some training window showed (0 to unroll_steps - 1).
+    assert HParams().max_context <= HParams().unroll_steps
+    HParams(cell="transformer", max_context=64, unroll_steps=64).validate()
+    with pytest.raises(ValueError, match="--max_context=512 is longer than the training windows "
+                                         r"\(--unroll_steps=64\)"):
+        HParams(cell="transformer", max_context=512, unroll_steps=64).validate()
+    # And the model keeps to it: one layer, max_context 5; a token at distance 5 from the one
+    # being sampled changes nothing, one at distance 4 changes its logits.
+    model = _transformer("rotary", layers=1)
+    rng = np.random.default_rng(13)
+    tokens = rng.integers(0, 13, size=(1, 20)).astype(np.int32)
+
+    def last_logits(stream: np.ndarray) -> np.ndarray:
+        state = model.initial_state(1)
+        for t in range(stream.shape[1]):
+            logits, state = model(tf.constant(stream[:, t:t + 1]), state)
+        return logits.numpy()[0, -1]
+
+    reference = last_logits(tokens)
+    for distance, visible in ((5, False), (4, True)):
+        changed = tokens.copy()
+        changed[0, -1 - distance] = (changed[0, -1 - distance] + 1) % 13
+        assert (not np.allclose(last_logits(changed), reference, atol=1e-6)) is visible, distance
 
 
 def test_rotary_gives_order_that_attention_alone_does_not() -> None:
@@ -259,7 +296,8 @@ def test_every_weight_reaches_the_checkpoint(cell: str, tmp_path) -> None:
 def test_transformer_trains_every_window_from_an_empty_cache_and_refuses_state_resets() -> None:
     # Carrying the cache between training windows learned far slower per step (docs/models.md);
     # recurrent models keep --state_reset_windows.
-    assert _transformer("learned").training_reset_period(32) == 1
+    transformer = _transformer("learned")
+    assert transformer.window_state(4) == () and transformer.training_reset_period(32) == 0
     assert build_model(HParams(cell="lstm", vocab_size=13, lstm_state_size=8, embedding_size=4,
                                layers=1)).training_reset_period(32) == 32
     from trainer.errors import UsageError
@@ -277,16 +315,22 @@ def test_transformer_starts_from_gpt2_initialisation() -> None:
         assert abs(float(np.std(dense.kernel.numpy())) - std) < 0.25 * std, dense.name
 
 
-def test_transformer_evaluates_each_window_from_an_empty_cache() -> None:
+def test_transformer_evaluates_each_window_on_its_own() -> None:
     # As it trains: keys cached from an earlier window would hold context training never showed.
-    from trainer.loops import make_eval_step
+    # Evaluation carries the model's window state, which for the transformer is nothing.
+    from trainer.loops import initial_state, make_eval_step
     from trainer.model_fn import Params
 
     hparams = HParams(cell="transformer", vocab_size=13, d_model=16, heads=2, layers=2, max_context=5,
                       embedding_size=8)
     model = build_model(hparams)
+    params, strategy = Params(hparams, model), tf.distribute.get_strategy()
     tokens = tf.constant(np.random.default_rng(3).integers(0, 13, size=(2, 4)), tf.int32)
-    step = make_eval_step(Params(hparams, model), tf.distribute.get_strategy())
-    after_a_window = model(tokens, model.initial_state(2))[1]
-    np.testing.assert_allclose(float(step(tokens, tokens, model.initial_state(2))[0]),
-                               float(step(tokens, tokens, after_a_window)[0]), rtol=1e-6)
+    state = initial_state(params, strategy, 2)
+    assert state == ()
+    nats, count, after = make_eval_step(params, strategy)(tokens, tokens, state)
+    assert after == ()
+    logits, _ = model(tokens, model.initial_state(2))  # from an empty cache: the same
+    expected = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens, logits=logits)
+    np.testing.assert_allclose(float(nats), float(tf.reduce_sum(expected)), rtol=1e-5)
+    assert float(count) == 8

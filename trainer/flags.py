@@ -31,7 +31,8 @@ _HELP = {
     "heads": "Transformer attention heads.",
     "pos_encoding": "Transformer positional encoding: rotary (rotated queries and keys), learned "
                     "(relative distance bias), sinusoidal or none.",
-    "max_context": "Transformer attention window (tokens).",
+    "max_context": "Transformer attention window: the tokens a query sees, itself included; at most "
+                   "--unroll_steps, so sampling never reaches farther back than training windows did.",
     "dropout": "Dropout between layers and before the output.",
     "embed_dropout": "AWD embedding dropout (drops whole words).",
     "input_dropout": "AWD locked dropout on the embedded input.",
@@ -57,8 +58,12 @@ _HELP = {
     "seed": "Random seed for initialisation, dropout and sampling.",
     "precision": "auto, float32, bfloat16 or float16 (16-bit matmuls; fp32 state and weights; float16 "
                  "adds dynamic loss scaling). auto: lstm/gru/rnn use bfloat16 on a TPU, float16 on a "
-                 "GPU, bfloat16 on a CPU with AVX512_BF16 or AMX, else float32. The zoo cells "
-                 "(mlstm, mogrifier, qrnn, transformer) always compute in float32.",
+                 "GPU, bfloat16 on a CPU with AVX512_BF16 or AMX, else float32; the transformer too, but "
+                 "float32 where --xla resolves to step. mlstm, mogrifier and qrnn always compute in "
+                 "float32.",
+    "xla": "How the training step is compiled: auto, off, step (the whole step by XLA) or fusion "
+           "(XLA fuses the elementwise ops between TensorFlow's matmuls); auto: the transformer on a "
+           "CPU, step when small, fusion when large; off otherwise.",
     "steps_per_execution": "Training windows run per compiled call (1: one; more saves a TPU "
                            "the host round trip between steps). "
                            "Evaluation, checkpoints and samples still happen at their exact steps.",

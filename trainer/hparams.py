@@ -31,9 +31,10 @@ OPTIMIZERS = ("adam", "rmsprop", "sgd", "ntasgd")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 POS_ENCODINGS = ("none", "sinusoidal", "learned", "rotary")
 PRECISIONS = ("auto", "float32", "bfloat16", "float16")
-# Cells whose matmuls honour --precision=bfloat16/float16 (trainer/models/recurrent.py); the zoo
-# cells (mlstm, mogrifier, qrnn, transformer) compute in float32 whatever --precision says.
-BF16_CELLS = ("lstm", "gru", "rnn")
+XLA_MODES = ("auto", "off", "step", "fusion")  # trainer/xla.py
+# Cells whose matmuls honour --precision=bfloat16/float16 (trainer/models/precision.py); the other
+# zoo cells (mlstm, mogrifier, qrnn) compute in float32 whatever --precision says.
+BF16_CELLS = ("lstm", "gru", "rnn", "transformer")
 # Cells with a --layer_norm variant (trainer/models/recurrent.py). The transformer always
 # normalises; mlstm, mogrifier and qrnn have none, so the flag would be silently ignored.
 LAYER_NORM_CELLS = ("lstm", "gru", "rnn")
@@ -67,7 +68,10 @@ class HParams:
     # with the relative distance bias (the default until 2026-12-06) and 1.891 with absolute
     # learned positions; and exact in a sampled stream of any length (docs/models.md).
     pos_encoding: str = "rotary"
-    max_context: int = 256
+    # Keys a query attends, itself included (distances 0..max_context-1). At most --unroll_steps
+    # (validate): training windows show distances up to unroll_steps - 1, and sampling must not
+    # reach farther back than training did.
+    max_context: int = 128
 
     # --- regularisation (AWD-LSTM); free to change between runs ---
     dropout: float = 0.0
@@ -110,6 +114,9 @@ class HParams:
     # Windows per compiled call. Above 1 the training loop runs inside one tf.function per call
     # (Keras' steps_per_execution): what keeps a TPU busy, where each call has a fixed host cost.
     steps_per_execution: int = 1
+    # How the training step is compiled: off, step (all of it by XLA), fusion (XLA between the
+    # matmuls) or auto (trainer/xla.py). Resolved on the training machine, like precision.
+    xla: str = "auto"
 
     # --- fine-tuning and embeddings ---
     init_from: str = ""
@@ -134,7 +141,7 @@ class HParams:
         """Raises ValueError naming the flag for any value out of range; returns self."""
         choices = {
             "cell": CELLS, "optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES,
-            "pos_encoding": POS_ENCODINGS, "precision": PRECISIONS,
+            "pos_encoding": POS_ENCODINGS, "precision": PRECISIONS, "xla": XLA_MODES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -164,6 +171,9 @@ class HParams:
             raise ValueError(f"--precision={self.precision}: --cell={self.cell} computes in float32 "
                              f"(16-bit matmuls exist for {', '.join(BF16_CELLS)}); use --precision=auto "
                              "or float32")
+        if self.xla == "step" and self.cell != "transformer":
+            raise ValueError(f"--xla=step compiles the transformer's step; --cell={self.cell} runs ops "
+                             "XLA cannot compile (its recurrence): use --xla=off or auto")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
@@ -177,6 +187,11 @@ class HParams:
             raise ValueError(f"--seed={self.seed}: must be in [0, 2**63)")
         if self.cell == "transformer" and self.d_model % self.heads:
             raise ValueError(f"--d_model={self.d_model} must be divisible by --heads={self.heads}")
+        if self.cell == "transformer" and self.max_context > self.unroll_steps:
+            raise ValueError(f"--max_context={self.max_context} is longer than the training windows "
+                             f"(--unroll_steps={self.unroll_steps}): sampling would attend distances "
+                             f"training never showed; give --unroll_steps={self.max_context} or "
+                             f"--max_context={self.unroll_steps}")
         depth = self.d_model // self.heads
         if self.cell == "transformer" and self.pos_encoding == "rotary" and depth % 2:
             raise ValueError(f"--pos_encoding=rotary rotates pairs of each head's {depth} dimensions, "
@@ -215,18 +230,20 @@ SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
 _DEFAULTS = HParams()
 
 
-def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool, has_tpu: bool = False) -> str:
+def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool, has_tpu: bool = False,
+                   xla: str = "off") -> str:
     """What --precision=auto means on a machine, for a cell that honours 16-bit matmuls:
     bfloat16 on a TPU (its native matmul type), float16 with loss scaling on a GPU (tensor cores;
     the usual mixed-precision recipe, not measured here: no GPU), bfloat16 on a CPU with native
-    bf16 matmuls; float32 otherwise and for the zoo cells."""
+    bf16 matmuls unless XLA compiles the whole step there (`xla` = "step": its CPU dot gained
+    nothing from bfloat16, trainer/xla.py); float32 otherwise and for the zoo cells."""
     if cell not in BF16_CELLS:
         return "float32"
     if has_tpu:
         return "bfloat16"
     if has_gpu:
         return "float16"
-    return "bfloat16" if cpu_flags & BF16_CPU_FLAGS else "float32"
+    return "bfloat16" if cpu_flags & BF16_CPU_FLAGS and xla != "step" else "float32"
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -249,7 +266,7 @@ def resolve_precision(hparams: HParams, on_tpu: bool = False) -> HParams:
     import tensorflow as tf  # here, not at import: hparams.py is read by light tools too
 
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu, on_tpu))
+    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu, on_tpu, hparams.xla))
 
 
 def shape_of(hparams: HParams) -> dict[str, Any]:

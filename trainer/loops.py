@@ -24,15 +24,18 @@ EvalStep = Callable[[tf.Tensor, tf.Tensor, State], tuple[tf.Tensor, tf.Tensor, S
 
 
 def initial_state(params: Params, strategy: tf.distribute.Strategy, global_batch: int) -> State:
-    """Zero state for `global_batch` streams, split over the strategy's replicas."""
+    """The state training and evaluation windows of `global_batch` streams start from (the
+    model's `window_state`), split over the strategy's replicas."""
     per_replica = global_batch // strategy.num_replicas_in_sync
-    return strategy.run(lambda: params.model.initial_state(per_replica))
+    return strategy.run(lambda: params.model.window_state(per_replica))
 
 
 def split_state(strategy: tf.distribute.Strategy, state: State) -> State:
     """A global state ([global_batch, ...] leaves) as per-replica values, replica r taking the
     contiguous block of streams it trains (trainer.distribute.replica_streams)."""
     leaves = tf.nest.flatten(state)
+    if not leaves:  # a model that carries nothing between windows
+        return state
 
     def rows() -> list[tf.Tensor]:
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
@@ -105,14 +108,16 @@ def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
 
 def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
                     strategy: tf.distribute.Strategy,
-                    loss_scale: optimizers.DynamicLossScale | None = None) -> TrainStep:
+                    loss_scale: optimizers.DynamicLossScale | None = None,
+                    jit_compile: bool = False) -> TrainStep:
     """(tokens, labels, state) -> (mean loss, gradient norm before clipping, next state).
 
     With `loss_scale` (--precision=float16) a step whose gradient overflows is skipped: the
-    optimizer does not move, and the returned norm is that non-finite value."""
+    optimizer does not move, and the returned norm is that non-finite value. `jit_compile`:
+    the whole step compiled by XLA (--xla=step)."""
     replica_step = _replica_train_step(params, optimizer, strategy, loss_scale)
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile or None)
     def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
         loss, norm, state = strategy.run(replica_step, args=(tokens, labels, state))
         mean = tf.distribute.ReduceOp.MEAN
@@ -175,8 +180,6 @@ def make_eval_step(params: Params, strategy: tf.distribute.Strategy) -> EvalStep
     """(tokens, labels, state) -> (summed nats, token count, next state)."""
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
-        if not params.model.carries_state_between_windows:
-            state = params.model.initial_state(tf.shape(tokens)[0])
         spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.EVAL, params)
         return spec.eval_metrics["nats"], spec.eval_metrics["tokens"], spec.state
 

@@ -26,7 +26,18 @@ import keras
 import tensorflow as tf
 
 from preprocessing import contract
-from trainer import checkpoints, cloud_env, data, distribute, errors, finetune, loops, optimizers, sampling
+from trainer import (
+    checkpoints,
+    cloud_env,
+    data,
+    distribute,
+    errors,
+    finetune,
+    loops,
+    optimizers,
+    sampling,
+    xla,
+)
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, HParams, resolve_precision, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
@@ -69,7 +80,12 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
         hparams = checkpoints.resolve_hparams(hparams, metadata).validate()
     except ValueError as err:  # HParams built in code (pipelines, tests) skip the flags' check
         raise UsageError(str(err)) from None
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    accelerator = bool(tf.config.list_physical_devices("GPU")) or distribute.is_tpu(strategy)
+    hparams = xla.resolve(hparams, replicas, accelerator)
     hparams = resolve_precision(hparams, on_tpu=distribute.is_tpu(strategy))
+    if hparams.xla == "fusion":
+        xla.enable_fusion()  # before TensorFlow's first graph optimisation reads its flags
     if strategy is not None:
         # Before anything is written: an uneven split would silently drop streams, then fail
         # on the first assignment of the carried state.
@@ -203,7 +219,7 @@ class _Trainer:
         # The carried state is saved too (gathered from the replicas), so a resumed run
         # continues exactly.
         self.carry = [tf.Variable(t, trainable=False)
-                      for t in tf.nest.flatten(self.model.initial_state(hparams.batch_size))]
+                      for t in tf.nest.flatten(self.model.window_state(hparams.batch_size))]
         items = dict(optimizer=self.optimizer, layout=self.layout_var, best_loss=self.best_loss,
                      **checkpoints.model_trackables(self.model), **self.counters)
         self.checkpoint = tf.train.Checkpoint(**items, carry=self.carry)
@@ -217,7 +233,7 @@ class _Trainer:
             self.loss_scale = (optimizers.DynamicLossScale() if hparams.precision == "float16"
                                else None)
         self.train_step = loops.make_train_step(self.params, self.optimizer, self.strategy,
-                                                self.loss_scale)
+                                                self.loss_scale, jit_compile=hparams.xla == "step")
         self.train_steps = loops.make_train_steps(self.params, self.optimizer, self.strategy,
                                                   self.loss_scale)
         self.eval_step = loops.make_eval_step(self.params, self.strategy)
@@ -266,7 +282,7 @@ class _Trainer:
         position = _Position(*(int(self.counters[k].numpy()) for k in ("step", "epoch", "position")))
         note = ""
         if same_layout:
-            saved = tf.nest.pack_sequence_as(self.model.initial_state(self.hparams.batch_size),
+            saved = tf.nest.pack_sequence_as(self.model.window_state(self.hparams.batch_size),
                                              [v.read_value() for v in self.carry])
             state = saved if self.single_replica else loops.split_state(self.strategy, saved)
         else:
@@ -309,7 +325,7 @@ class _Trainer:
     def _fresh_state(self) -> Any:
         """Zero state for every stream (per replica under a multi-device strategy)."""
         if self.single_replica:
-            return self.model.initial_state(self.hparams.batch_size)
+            return self.model.window_state(self.hparams.batch_size)
         return loops.initial_state(self.params, self.strategy, self.hparams.batch_size)
 
     def _drop_scratch(self) -> None:

@@ -24,13 +24,19 @@ class LanguageModel(keras.Model):
         raise NotImplementedError
 
     # Whether a window of training or evaluation starts from the state the previous window left
-    # (stateful truncated back-propagation) or from `initial_state`, each window on its own.
+    # (stateful truncated back-propagation) or stands on its own.
     carries_state_between_windows = True
+
+    def window_state(self, batch_size: int | tf.Tensor) -> State:
+        """The state training and evaluation carry from window to window: `initial_state` for
+        models that carry state, `()` (nothing) for models whose windows stand on their own,
+        which `call` then computes without any state."""
+        return self.initial_state(batch_size) if self.carries_state_between_windows else ()
 
     def training_reset_period(self, state_reset_windows: int) -> int:
         """Every how many windows a stream restarts from `initial_state` in training
-        (--state_reset_windows for models that carry state; 0: never)."""
-        return state_reset_windows if self.carries_state_between_windows else 1
+        (--state_reset_windows for models that carry state; 0: never, or nothing to reset)."""
+        return state_reset_windows if self.carries_state_between_windows else 0
 
     def call(self, tokens: tf.Tensor, state: State, training: bool = False,
              dropout_seed: tf.Tensor | None = None) -> tuple[tf.Tensor, State]:

@@ -20,29 +20,12 @@ from trainer.hparams import HParams
 from trainer.kernels import gru_sequence, lstm_sequence
 from trainer.models import awd
 from trainer.models.base import LanguageModel, State
+from trainer.models.precision import compute_dtype_of
+from trainer.models.precision import matmul as _matmul
 
 # Gates per cell: the width of the fused projection is GATES * units.
 GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 _EPSILON = 1e-5
-
-
-def compute_dtype_of(precision: str) -> tf.DType:
-    """16-bit only when asked for by name: an unresolved "auto" computes in float32, because
-    resolving it needs the machine (hparams.resolve_precision) and building a model stays pure."""
-    return {"bfloat16": tf.bfloat16, "float16": tf.float16}.get(precision, tf.float32)
-
-
-def _matmul(a: tf.Tensor, b: tf.Tensor, compute_dtype: tf.DType, transpose_b: bool = False) -> tf.Tensor:
-    """a @ b, or a @ bᵀ (any leading dims of a), in compute_dtype, result float32. `transpose_b`
-    reads b transposed in the matmul: materialising the tied [vocab, E] table's transpose every
-    step cost ~25% of the output layer's forward and backward (10,000 x 650, bf16)."""
-    if compute_dtype != tf.float32:
-        a, b = tf.cast(a, compute_dtype), tf.cast(b, compute_dtype)
-    if a.shape.rank == 2:
-        out = tf.linalg.matmul(a, b, transpose_b=transpose_b)
-    else:
-        out = tf.einsum("btd,kd->btk" if transpose_b else "btd,dk->btk", a, b)
-    return tf.cast(out, tf.float32)
 
 
 def _layer_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:

@@ -32,10 +32,11 @@ import tensorflow as tf
 
 from trainer.errors import UsageError
 from trainer.hparams import HParams
-from trainer.models import awd
+from trainer.models import awd, precision
 from trainer.models.base import LanguageModel, State
 
 _MASKED = -1e9
+_EPSILON = 1e-5
 
 
 def sinusoid(positions: tf.Tensor, width: int) -> tf.Tensor:
@@ -48,8 +49,7 @@ def sinusoid(positions: tf.Tensor, width: int) -> tf.Tensor:
 
 
 def rotation(slots: tf.Tensor, depth: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """(cos, sin) [L, 1, depth // 2] of the rotary angles of slots 0..L-1 of [cache ; window]
-    (RoFormer's rates)."""
+    """(cos, sin) [L, 1, depth // 2] of the rotary angles of key slots 0..L-1 (RoFormer's rates)."""
     rates = tf.exp(-math.log(10000.0) * tf.range(0, depth, 2, dtype=tf.float32) / depth)
     angles = tf.cast(tf.range(slots), tf.float32)[:, None, None] * rates
     return tf.cos(angles), tf.sin(angles)
@@ -58,26 +58,75 @@ def rotation(slots: tf.Tensor, depth: int) -> tuple[tf.Tensor, tf.Tensor]:
 def rotate(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, heads: int) -> tf.Tensor:
     """Rotary position embedding of x [B, L, H * Dh] by angles [L, 1, Dh / 2] given as cos and
     sin: each head's first and second halves are paired as the (real, imaginary) parts of Dh / 2
-    complex numbers."""
+    complex numbers. Computed in x's dtype."""
     shape = tf.shape(x)
+    cos, sin = tf.cast(cos, x.dtype), tf.cast(sin, x.dtype)
     first, second = tf.split(tf.reshape(x, [shape[0], shape[1], heads, -1]), 2, axis=-1)
     rotated = tf.concat([first * cos - second * sin, first * sin + second * cos], axis=-1)
     return tf.reshape(rotated, shape)
 
 
-def window_distances(context: int, steps: tf.Tensor) -> tf.Tensor:
+def key_distances(cached: int, steps: tf.Tensor) -> tf.Tensor:
     """[T, C + T] distance from query t to key k of [cache (C) ; window (T)]: C + t - k."""
     t = tf.range(steps)[:, None]
-    k = tf.range(context + steps)[None, :]
-    return context + t - k
+    k = tf.range(cached + steps)[None, :]
+    return cached + t - k
+
+
+# The elementwise pieces between the matmuls, in float32 (TensorFlow's 16-bit elementwise kernels
+# on CPU run several times slower than its float32 ones: GELU's erfc alone took 21 ms of a
+# layer's step in bfloat16 at bench/train.py --shape gpt-small). Each is one small function so
+# XLA can fuse it into one pass over memory (--xla, trainer/xla.py).
+def _layer_norm(x: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    """Layer norm of float32 x over its last axis, cast to `dtype` (the next matmul's input)."""
+    mean, variance = tf.nn.moments(x, axes=[-1], keepdims=True)
+    return tf.cast((x - mean) * tf.math.rsqrt(variance + _EPSILON) * gamma + beta, dtype)
+
+
+def _bias_gelu(y: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """GELU (exact, erf) of a matmul's output plus bias, computed in float32, in y's dtype."""
+    return tf.cast(tf.nn.gelu(tf.cast(y, tf.float32) + bias), y.dtype)
+
+
+def _residual(x: tf.Tensor, y: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    """x + (y + bias): a projection's output added to the float32 residual stream."""
+    return x + (tf.cast(y, tf.float32) + bias)
+
+
+def _attention_weights(logits: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """softmax(logits + mask) over the keys in float32, in the logits' dtype."""
+    return tf.cast(tf.nn.softmax(tf.cast(logits, tf.float32) + mask, axis=-1), logits.dtype)
+
+
+def _query_key_value(y: tf.Tensor, bias: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, heads: int,
+                    scale: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """A window's queries, keys and values [B, H, T, Dh] in y's dtype from the fused projection
+    y [B, T, 3 * D] and its bias: rotary rotation of queries and keys by cos/sin [T, 1, Dh / 2]
+    (None: no rotation), queries scaled by `scale`, all in float32 before the cast."""
+    q, k, v = tf.split(tf.cast(y, tf.float32) + bias, 3, axis=-1)
+    batch, steps = tf.shape(y)[0], tf.shape(y)[1]
+
+    def heads_first(t: tf.Tensor) -> tf.Tensor:
+        return tf.transpose(tf.reshape(t, [batch, steps, heads, -1]), [0, 2, 1, 3])
+
+    q, k, v = heads_first(q), heads_first(k), heads_first(v)
+    if cos is not None:
+        cos, sin = tf.transpose(cos, [1, 0, 2]), tf.transpose(sin, [1, 0, 2])  # [1, T, Dh / 2]
+        q, k = (tf.concat([a * cos - b * sin, a * sin + b * cos], axis=-1)
+                for a, b in (tf.split(q, 2, axis=-1), tf.split(k, 2, axis=-1)))
+    return tf.cast(q * scale, y.dtype), tf.cast(k, y.dtype), tf.cast(v, y.dtype)
 
 
 class Block(keras.layers.Layer):
-    """Pre-LN transformer block attending over [cached keys/values ; this window]."""
+    """Pre-LN transformer block: attention over [cached keys/values ;] this window, then a 4x
+    GELU MLP. Matmuls run in `compute_dtype` on float32 weights; layer norms, softmax, GELU and
+    the residual stream in float32 between them."""
 
-    def __init__(self, d_model: int, heads: int, dropout: float, layers: int = 1, **kwargs: object) -> None:
+    def __init__(self, d_model: int, heads: int, dropout: float, layers: int = 1,
+                 compute_dtype: tf.DType = tf.float32, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.d_model, self.heads, self.depth = d_model, heads, d_model // heads
+        self.compute_dtype_, self.dropout = compute_dtype, dropout
         self.norm_attn = keras.layers.LayerNormalization(epsilon=1e-5, name="norm_attn")
         self.norm_mlp = keras.layers.LayerNormalization(epsilon=1e-5, name="norm_mlp")
         # GPT-2's initialisation: N(0, 0.02), and the projections that add into the residual
@@ -91,43 +140,90 @@ class Block(keras.layers.Layer):
         self.mlp_out = keras.layers.Dense(d_model, kernel_initializer=residual, name="mlp_out")
         self.drop = keras.layers.Dropout(dropout)
 
+    def _build_sublayers(self) -> None:
+        # In the order the layers were first called when Keras built them lazily, so the
+        # variables (checkpointed as one list in creation order) keep their places.
+        shape = (None, None, self.d_model)
+        for layer, input_shape in ((self.norm_attn, shape), (self.qkv, shape), (self.attn_out, shape),
+                                   (self.norm_mlp, shape), (self.mlp_in, shape),
+                                   (self.mlp_out, (None, None, 4 * self.d_model))):
+            layer.build(input_shape)
+
+    def _matmul(self, x: tf.Tensor, layer: keras.layers.Dense) -> tf.Tensor:
+        """x [B, T, in] @ the layer's kernel as one 2-D matmul in compute_dtype (its output too)."""
+        shape = tf.shape(x)
+        flat = tf.reshape(tf.cast(x, self.compute_dtype_), [-1, x.shape[-1]])
+        y = tf.linalg.matmul(flat, tf.cast(layer.kernel, self.compute_dtype_))
+        return tf.reshape(y, tf.concat([shape[:-1], [layer.units]], 0))
+
+    def _add(self, x: tf.Tensor, y: tf.Tensor, layer: keras.layers.Dense, training: bool) -> tf.Tensor:
+        if training and self.dropout:
+            return x + self.drop(tf.cast(y, tf.float32) + layer.bias, training=training)
+        return _residual(x, y, layer.bias)
+
+    def call(self, x: tf.Tensor, mask: tf.Tensor, rotation: tuple[tf.Tensor, tf.Tensor] | None,
+             cache: tuple[tf.Tensor, tf.Tensor] | None = None, training: bool = False
+             ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor] | None]:
+        """x [B, T, D] float32 -> (x, new cache).
+
+        Without `cache` (a window on its own) the queries attend within the window: mask and
+        rotation cover its T keys. With `cache` (keys, values [B, C, D], float32) they attend
+        [cache ; window]: mask and rotation cover C + T keys, and the new cache is the last C
+        keys and values. `rotation` (cos, sin for every key slot) rotates queries and keys by
+        their slot just before the product, so the cache holds unrotated keys and only distances
+        (slot differences) reach the logits: exact in float32 however long the stream."""
+        if not self.qkv.built:
+            self._build_sublayers()
+        norm = self.norm_attn
+        projected = self._matmul(_layer_norm(x, norm.gamma, norm.beta, self.compute_dtype_), self.qkv)
+        scale = 1.0 / math.sqrt(self.depth)  # on the queries, not on the [T, keys] logits
+        if cache is None:
+            cos, sin = rotation if rotation is not None else (None, None)
+            q, k, v = _query_key_value(projected, self.qkv.bias, cos, sin, self.heads, scale)
+            new_cache = None
+        else:
+            q, k, v, new_cache = self._with_cache(projected, cache, rotation, scale)
+        weights = _attention_weights(tf.linalg.matmul(q, k, transpose_b=True), mask)
+        attended = tf.transpose(tf.linalg.matmul(weights, v), [0, 2, 1, 3])  # [B, T, H, Dh]
+        shape = tf.shape(x)
+        attended = tf.reshape(attended, [shape[0], shape[1], self.d_model])
+        x = self._add(x, self._matmul(attended, self.attn_out), self.attn_out, training)
+        norm = self.norm_mlp
+        hidden = _bias_gelu(self._matmul(_layer_norm(x, norm.gamma, norm.beta, self.compute_dtype_),
+                                              self.mlp_in), self.mlp_in.bias)
+        return self._add(x, self._matmul(hidden, self.mlp_out), self.mlp_out, training), new_cache
+
+    def _with_cache(self, projected: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor],
+                    rotation: tuple[tf.Tensor, tf.Tensor] | None, scale: float
+                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
+        """Queries [B, H, T, Dh], keys and values [B, H, C + T, Dh] of [cache ; window], and the
+        new cache (float32, unrotated). Sampling's path: plain TensorFlow ops, one token at a time."""
+        q, k, v = tf.split(tf.cast(projected, tf.float32) + self.qkv.bias, 3, axis=-1)
+        keys, values = tf.concat([cache[0], k], axis=1), tf.concat([cache[1], v], axis=1)
+        cached = cache[0].shape[1]
+        new_cache = (keys[:, -cached:], values[:, -cached:])
+        if rotation is not None:
+            cos, sin = rotation
+            q = rotate(q, cos[-tf.shape(q)[1]:], sin[-tf.shape(q)[1]:], self.heads)
+            keys = rotate(keys, cos, sin, self.heads)
+        q, keys, values = (tf.cast(self._split_heads(t), self.compute_dtype_)
+                           for t in (q * scale, keys, values))
+        return q, keys, values, new_cache
+
     def _split_heads(self, x: tf.Tensor) -> tf.Tensor:
         shape = tf.shape(x)
         return tf.transpose(tf.reshape(x, [shape[0], shape[1], self.heads, self.depth]), [0, 2, 1, 3])
 
-    def call(self, x: tf.Tensor, cache: tuple[tf.Tensor, tf.Tensor], bias: tf.Tensor,
-             slot_rotation: tuple[tf.Tensor, tf.Tensor] | None = None, training: bool = False
-             ) -> tuple[tf.Tensor, tuple[tf.Tensor, tf.Tensor]]:
-        """x [B, T, D], cache keys/values [B, C, D], bias [B, H or 1, T, C + T] -> x, new cache.
-
-        With `slot_rotation` (`rotation(C + T, D / H)`), queries and keys are rotated by their
-        slot in [cache ; window] just before the product, so the cache holds unrotated keys and
-        only distances (slot differences) reach the logits: exact in float32 however long the
-        stream, and the same for training windows, evaluation and one-token sampling steps."""
-        q, k, v = tf.split(self.qkv(self.norm_attn(x)), 3, axis=-1)
-        keys = tf.concat([cache[0], k], axis=1)
-        values = tf.concat([cache[1], v], axis=1)
-        attend_keys = keys
-        if slot_rotation is not None:
-            cos, sin = slot_rotation
-            context = tf.shape(cache[0])[1]
-            q = rotate(q, cos[context:], sin[context:], self.heads)
-            attend_keys = rotate(keys, cos, sin, self.heads)
-        logits = tf.einsum("bhtd,bhkd->bhtk", self._split_heads(q), self._split_heads(attend_keys))
-        weights = tf.nn.softmax(logits / math.sqrt(self.depth) + bias, axis=-1)
-        attended = tf.einsum("bhtk,bhkd->bhtd", weights, self._split_heads(values))
-        shape = tf.shape(x)
-        attended = tf.reshape(tf.transpose(attended, [0, 2, 1, 3]), [shape[0], shape[1], self.d_model])
-        x = x + self.drop(self.attn_out(attended), training=training)
-        x = x + self.drop(self.mlp_out(self.mlp_in(self.norm_mlp(x))), training=training)
-        context = cache[0].shape[1]
-        return x, (keys[:, -context:], values[:, -context:])
-
 
 class TransformerLM(LanguageModel):
-    """Embedding -> `layers` causal blocks -> layer norm -> logits; state = key/value cache.
+    """Embedding -> `layers` causal blocks -> layer norm -> logits.
 
-    State: (position [B], valid [B, C], ((keys [B, C, D], values [B, C, D]) per layer)).
+    Training and evaluation windows stand alone: `window_state` is `()` and they attend within
+    the window. Sampling streams carry a key/value cache (`initial_state`):
+    (valid [B, C], ((keys [B, C, D], values [B, C, D]) per layer)), plus the stream position [B]
+    last for `sinusoidal`, the one encoding that reads it. C = --max_context, at most
+    --unroll_steps (HParams.validate), so a sampled token never attends a distance training
+    windows did not show.
     """
 
     def __init__(self, hparams: HParams, **kwargs: object) -> None:
@@ -136,14 +232,16 @@ class TransformerLM(LanguageModel):
         self.context, self.d_model, self.heads = hparams.max_context, hparams.d_model, hparams.heads
         self.pos_encoding = hparams.pos_encoding
         self.embed_dropout = hparams.embed_dropout
+        self.compute_dtype_ = precision.compute_dtype_of(hparams.precision)
+        policy = precision.keras_policy(self.compute_dtype_)
         self.embedding = keras.layers.Embedding(hparams.vocab_size, hparams.embedding_size,
                                                 embeddings_initializer=_normal(0.02),
                                                 trainable=not hparams.freeze_embedding, name="embedding")
         self.embedding.build()  # the table is read directly (embedding dropout, tied output)
-        self.embed_in = (keras.layers.Dense(hparams.d_model, use_bias=False, name="embed_in")
+        self.embed_in = (keras.layers.Dense(hparams.d_model, use_bias=False, dtype=policy, name="embed_in")
                          if hparams.embedding_size != hparams.d_model else None)
         self.blocks = [Block(hparams.d_model, hparams.heads, hparams.dropout, hparams.layers,
-                             name=f"block_{i}") for i in range(hparams.layers)]
+                             self.compute_dtype_, name=f"block_{i}") for i in range(hparams.layers)]
         for i, block in enumerate(self.blocks):
             setattr(self, f"block_{i}", block)  # checkpoints follow attributes, not Keras lists
         self.drop = keras.layers.Dropout(hparams.dropout)
@@ -153,13 +251,14 @@ class TransformerLM(LanguageModel):
                                                  initializer="zeros")
         self.tied = hparams.tie_embeddings
         if self.tied:
-            self.embed_out = (keras.layers.Dense(hparams.embedding_size, use_bias=False, name="embed_out")
+            self.embed_out = (keras.layers.Dense(hparams.embedding_size, use_bias=False, dtype=policy,
+                                                 name="embed_out")
                               if hparams.embedding_size != hparams.d_model else None)
             self.output_bias = self.add_weight(name="output_bias", shape=(hparams.vocab_size,),
                                                initializer="zeros")
         else:
             self.output_layer = keras.layers.Dense(hparams.vocab_size, kernel_initializer=_normal(0.02),
-                                                   name="output")
+                                                   dtype=policy, name="output")
 
     # Every window of training and evaluation starts from an empty cache. Carried across windows
     # in training (Transformer-XL style), the cache made every query see a full window from the
@@ -171,17 +270,18 @@ class TransformerLM(LanguageModel):
 
     def initial_state(self, batch_size: int | tf.Tensor) -> State:
         cache = tf.zeros(tf.stack([batch_size, self.context, self.d_model]), tf.float32)
-        return (tf.zeros(tf.stack([batch_size]), tf.float32),
-                tf.zeros(tf.stack([batch_size, self.context]), tf.float32),
-                tuple((cache, cache) for _ in self.blocks))
+        state = (tf.zeros(tf.stack([batch_size, self.context]), tf.float32),
+                 tuple((cache, cache) for _ in self.blocks))
+        if self.pos_encoding == "sinusoidal":
+            state += (tf.zeros(tf.stack([batch_size]), tf.float32),)
+        return state
 
-    def _attention_bias(self, valid: tf.Tensor, steps: tf.Tensor) -> tf.Tensor:
-        """[B, H or 1, T, C + T]: 0 where a query may look, -1e9 elsewhere, plus distance bias."""
-        distance = window_distances(self.context, steps)
-        in_window = tf.logical_and(distance >= 0, distance < self.context)
-        batch = tf.shape(valid)[0]
-        key_valid = tf.concat([valid, tf.ones(tf.stack([batch, steps]), tf.float32)], axis=1) > 0.5
-        allowed = tf.logical_and(in_window[None], key_valid[:, None, :])
+    def _attention_mask(self, distance: tf.Tensor, key_valid: tf.Tensor | None) -> tf.Tensor:
+        """[B or 1, H or 1, T, keys]: 0 where a query may look (0 <= distance < C, a valid key),
+        -1e9 elsewhere, plus the learned distance bias."""
+        allowed = tf.logical_and(distance >= 0, distance < self.context)[None]
+        if key_valid is not None:
+            allowed = tf.logical_and(allowed, key_valid[:, None, :])
         bias = tf.where(allowed, 0.0, _MASKED)[:, None]
         if self.pos_encoding == "learned":
             clipped = tf.clip_by_value(distance, 0, self.context - 1)
@@ -198,37 +298,52 @@ class TransformerLM(LanguageModel):
                             dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, tf.Tensor, State]:
         """(logits, final-layer-norm outputs [B, T, D], state): the cache pointer's hidden states.
 
-        `--dropout` here is Keras' Dropout, whose SeedGenerator state (one per layer) is a model
-        variable, so checkpoints carry it and resumes repeat its masks; `--embed_dropout` draws
-        from `dropout_seed` like the recurrent models."""
-        position, valid, caches = state
+        `state` is `()` for a window on its own (training, evaluation: attention within the
+        window) or a stream's cache (`initial_state`; sampling). `--dropout` here is Keras'
+        Dropout, whose SeedGenerator state (one per layer) is a model variable, so checkpoints
+        carry it and resumes repeat its masks; `--embed_dropout` draws from `dropout_seed` like
+        the recurrent models."""
         steps = tf.shape(tokens)[1]
+        streaming = bool(tf.nest.flatten(state))
+        if streaming:
+            valid, caches = state[0], state[1]
+            cached = self.context
+            key_valid = tf.concat([valid, tf.ones(tf.shape(tokens), tf.float32)], axis=1) > 0.5
+        else:
+            caches, cached, key_valid = (None,) * len(self.blocks), 0, None
         table = awd.embedding_dropout(tf.convert_to_tensor(self.embedding.embeddings),
                                       self.embed_dropout, training, awd.site_seed(dropout_seed, 1))
         x = tf.gather(table, tokens)
         if self.embed_in is not None:
-            x = self.embed_in(x)
+            x = tf.cast(self.embed_in(x), tf.float32)
         if self.pos_encoding == "sinusoidal":
-            x = x + sinusoid(position[:, None] + tf.cast(tf.range(steps), tf.float32)[None], self.d_model)
+            start = state[2][:, None] if streaming else 0.0
+            x = x + sinusoid(start + tf.cast(tf.range(steps), tf.float32)[None], self.d_model)
         x = self.drop(x, training=training)
-        bias = self._attention_bias(valid, steps)
-        slot_rotation = (rotation(self.context + steps, self.d_model // self.heads)
-                         if self.pos_encoding == "rotary" else None)  # the same for every layer
+        # Computed once for every layer.
+        mask = self._attention_mask(key_distances(cached, steps), key_valid)
+        slot_rotation = (rotation(cached + steps, self.d_model // self.heads)
+                         if self.pos_encoding == "rotary" else None)
         new_caches = []
         for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block(x, cache, bias, slot_rotation, training=training)
+            x, cache = block(x, mask, slot_rotation, cache, training=training)
             new_caches.append(cache)
         x = self.norm(x)
-        new_valid = tf.concat([valid, tf.ones_like(tf.cast(tokens, tf.float32))], axis=1)[:, -self.context:]
-        new_state = (position + tf.cast(steps, tf.float32), new_valid, tuple(new_caches))
+        new_state: State = ()
+        if streaming:
+            new_valid = tf.concat([valid, tf.ones(tf.shape(tokens), tf.float32)], axis=1)[:, -self.context:]
+            new_state = (new_valid, tuple(new_caches))
+            if self.pos_encoding == "sinusoidal":
+                new_state += (state[2] + tf.cast(steps, tf.float32),)
         return self._logits(x), x, new_state
 
     def _logits(self, x: tf.Tensor) -> tf.Tensor:
         if not self.tied:
-            return self.output_layer(x)
+            return tf.cast(self.output_layer(x), tf.float32)
         if self.embed_out is not None:
             x = self.embed_out(x)
-        return tf.einsum("bte,ve->btv", x, self.embedding.embeddings) + self.output_bias
+        return precision.matmul(x, self.embedding.embeddings, self.compute_dtype_, transpose_b=True) \
+            + self.output_bias
 
 
 def _normal(stddev: float) -> keras.initializers.Initializer:
