@@ -7,6 +7,8 @@ in one run without paying torch's start-up and warm-up each time:
 The model is the issue's: nn.Embedding -> nn.LSTM/nn.GRU (batch_first) -> nn.Linear (optionally tied
 to the embedding, with dropout between layers and before it), Adam, cross-entropy,
 and global-norm gradient clipping like verne's default, so both sides do the same work per step.
+`--cell gpt`: bench/gpt_reference.py's GPT (layers x heads x --state, block --unroll, tied) with
+its AdamW (weight decay 0.1 on matrices, betas 0.9/0.99) and clip 1.
 """
 
 from __future__ import annotations
@@ -44,6 +46,18 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
     return model, torch.optim.Adam(model.parameters(), lr=2e-3)
 
 
+def build_gpt(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from gpt_reference import GPT  # beside this file
+
+    torch.manual_seed(1)
+    model = GPT(args.vocab, args.unroll, args.layers, args.heads, args.state)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1},
+                                   {"params": others, "weight_decay": 0.0}], lr=1e-3, betas=(0.9, 0.99))
+    return model, optimizer
+
+
 def detach(state: object) -> object:
     # float() too: under autocast the state comes back in bfloat16.
     if isinstance(state, tuple):
@@ -56,11 +70,14 @@ def main() -> None:
     for name, default in (("layers", 2), ("state", 512), ("embedding", 128), ("vocab", 65),
                           ("batch", 64), ("unroll", 128)):
         parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--cell", default="lstm")
+    parser.add_argument("--cell", default="lstm", help="lstm, gru or gpt")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads (gpt)")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--tied", action="store_true", help="output weight = embedding table (sizes equal)")
     args = parser.parse_args()
-    model, optimizer = build(args)
+    gpt = args.cell == "gpt"
+    model, optimizer = build_gpt(args) if gpt else build(args)
+    clip = 1.0 if gpt else 5.0
     tokens = torch.randint(0, args.vocab, (args.batch, args.unroll))
     labels = torch.randint(0, args.vocab, (args.batch, args.unroll))
     state = None
@@ -71,14 +88,19 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         # Stateful truncated BPTT, as verne trains: the state carries over, detached.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, new_state = model(tokens, state)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab), labels.reshape(-1))
+            if gpt:  # windows stand alone; the model returns its loss (float32 under autocast)
+                loss, new_state = model(tokens, labels), None
+            else:
+                logits, new_state = model(tokens, state)
+        if not gpt:
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, args.vocab),
+                                                     labels.reshape(-1))
         forward = time.perf_counter()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         backward = time.perf_counter()
         optimizer.step()
-        state = detach(new_state)
+        state = None if gpt else detach(new_state)
         end = time.perf_counter()
         return forward - start, backward - forward, end - backward
 

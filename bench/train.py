@@ -2,6 +2,8 @@
 
     .venv/bin/python -m bench.train [--cell lstm|gru] [--layers 2] [--state 512] [--precision ...]
     .venv/bin/python -m bench.train --shape ptb-medium     # word-level: vocab 10,000, 2x650 tied
+    .venv/bin/python -m bench.train --shape gpt-baby       # transformer 4x4x128, block 64, batch 12
+    .venv/bin/python -m bench.train --shape gpt-small      # transformer 6x6x384, block 256, batch 32
 
 Prints tokens/s of verne's real train step (trainer.models.build_model + trainer.loops, the code
 `trainer.task` runs) and of torch 2.13 `nn.LSTM`/`nn.GRU` (fp32, and with bfloat16 autocast as extra
@@ -9,7 +11,10 @@ information), measured in interleaved blocks after warm-up (medians); model-FLOP
 against float32 / bfloat16 matmuls measured in the same run; how a verne step splits into
 forward, backward, optimizer and input; the input pipeline's own rate on GZIP shards; peak RSS.
 The header names the CPU, its bfloat16 instruction set (`amx`, `avx512_bf16` or none) and the
-recurrence verne ran. `ratio verne/pytorch: R.RRx` is verne at --precision over torch fp32; the
+recurrence verne ran (for the transformer: how XLA compiled its step, --xla). The GPT shapes run
+verne's transformer against bench/gpt_reference.py's GPT with the same recipe (tied embeddings,
+AdamW with weight decay 0.1 on matrices, betas 0.9/0.99, clip 1).
+`ratio verne/pytorch: R.RRx` is verne at --precision over torch fp32; the
 last line, `ratio verne/pytorch-best: R.RRx`, is verne over the faster of torch fp32 and torch bf16
 autocast in the same run, with verne's MFU against the bfloat16 matmul ceiling on the line before.
 
@@ -37,7 +42,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import data, loops, runner
+from trainer import data, loops, runner, xla
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import HParams, cpu_flags, resolve_precision
 from trainer.kernels import native
@@ -47,10 +52,13 @@ from trainer.models import build_model
 BENCH_DIR = Path(__file__).resolve().parent
 TORCH_PIN = "torch==2.13.0"
 
-flags.DEFINE_enum("shape", "char", ["char", "ptb-medium"],
+flags.DEFINE_enum("shape", "char", ["char", "ptb-medium", "gpt-baby", "gpt-small"],
                   "char: the char model the flags below describe; ptb-medium: the word-level "
                   "PTB-medium shape (vocab 10,000, embedding 650 tied to the output, LSTM 2x650, "
-                  "batch 20, unroll 35, dropout 0.5), which replaces those flags.")
+                  "batch 20, unroll 35, dropout 0.5), which replaces those flags; gpt-baby / "
+                  "gpt-small: the transformer (4 layers x 4 heads x 128, block 64, batch 12 / 6 x 6 "
+                  "x 384, block 256, batch 32; char vocabulary 65) against the PyTorch GPT of "
+                  "bench/gpt_reference.py.")
 flags.DEFINE_enum("cell", "lstm", ["lstm", "gru"], "Recurrent cell of both models.")
 flags.DEFINE_integer("layers", 2, "Recurrent layers.")
 flags.DEFINE_integer("state", 512, "Units per recurrent layer (--lstm_state_size).")
@@ -80,6 +88,7 @@ class Shape:
     unroll: int
     dropout: float = 0.0
     tied: bool = False  # output layer = the embedding table transposed (embedding == state)
+    heads: int = 0  # the transformer's; its width is `state`, its context `unroll`
 
     @property
     def tokens(self) -> int:
@@ -87,6 +96,9 @@ class Shape:
 
     def train_flops_per_token(self) -> float:
         """Matmul FLOPs of one training token: forward 2*m*n per weight, backward twice that."""
+        if self.cell == "transformer":
+            return xla.transformer_train_flops(self.layers, self.state, self.vocab, self.batch,
+                                               self.unroll) / self.tokens
         gates = {"lstm": 4, "gru": 3}[self.cell]
         forward = sum(2 * ((self.embedding if i == 0 else self.state) + self.state) * gates * self.state
                       for i in range(self.layers))
@@ -96,6 +108,25 @@ class Shape:
 # Zaremba et al.'s medium PTB model, as word-level users know it.
 PTB_MEDIUM = Shape("lstm", layers=2, state=650, embedding=650, vocab=10_000, batch=20, unroll=35,
                    dropout=0.5, tied=True)
+# nanoGPT's "baby GPT" for characters (bench/quality.py --compare's recipe) and a GPT-small-like
+# one; both tied, as the reference.
+GPT_SHAPES = {
+    "gpt-baby": Shape("transformer", layers=4, state=128, embedding=128, vocab=65, batch=12, unroll=64,
+                      tied=True, heads=4),
+    "gpt-small": Shape("transformer", layers=6, state=384, embedding=384, vocab=65, batch=32, unroll=256,
+                       tied=True, heads=6),
+}
+
+
+def verne_hparams(shape: Shape, precision: str) -> HParams:
+    """trainer.task's hyperparameters for `shape`; the GPT shapes take the reference's recipe."""
+    common = dict(vocab_size=shape.vocab, cell=shape.cell, layers=shape.layers,
+                  embedding_size=shape.embedding, batch_size=shape.batch, unroll_steps=shape.unroll,
+                  dropout=shape.dropout, tie_embeddings=shape.tied, precision=precision)
+    if shape.cell == "transformer":
+        return HParams(d_model=shape.state, heads=shape.heads, max_context=shape.unroll, weight_decay=0.1,
+                       adam_beta2=0.99, grad_clip=1.0, learning_rate=1e-3, **common).validate()
+    return HParams(lstm_state_size=shape.state, **common).validate()
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -127,23 +158,22 @@ class VerneSteps:
     """verne's train step as trainer.task runs it, plus forward-only and optimizer-only twins."""
 
     def __init__(self, shape: Shape, precision: str) -> None:
-        self.hparams = HParams(vocab_size=shape.vocab, cell=shape.cell, layers=shape.layers,
-                               lstm_state_size=shape.state, embedding_size=shape.embedding,
-                               batch_size=shape.batch, unroll_steps=shape.unroll, dropout=shape.dropout,
-                               tie_embeddings=shape.tied, precision=precision).validate()
+        self.hparams = xla.resolve(verne_hparams(shape, precision))
         strategy = tf.distribute.get_strategy()
         self.params = Params(self.hparams, build_model(self.hparams))
         self.optimizer = runner.make_optimizer(self.hparams, total_steps=10_000)
-        self.train_step = loops.make_train_step(self.params, self.optimizer, strategy)
+        self.train_step = loops.make_train_step(self.params, self.optimizer, strategy,
+                                                jit_compile=self.hparams.xla == "step")
         rng = np.random.default_rng(0)
         self.tokens = tf.constant(rng.integers(0, shape.vocab, (shape.batch, shape.unroll)), tf.int32)
         self.labels = tf.constant(rng.integers(0, shape.vocab, (shape.batch, shape.unroll)), tf.int32)
-        self.state = self.params.model.initial_state(shape.batch)
+        self.state = self.params.model.window_state(shape.batch)
         # Drawn once: drawn inside the timed twin, ptb-medium's 13 M random numbers per call were
         # counted as optimizer time.
         self.grads = [tf.random.normal(v.shape, stddev=1e-3) for v in self.params.model.trainable_variables]
-        self.forward = tf.function(self._forward)
-        self.apply = tf.function(self._apply)
+        jit = self.hparams.xla == "step" or None  # the twins compiled as the step is
+        self.forward = tf.function(self._forward, jit_compile=jit)
+        self.apply = tf.function(self._apply, jit_compile=jit)
 
     def _forward(self, tokens: tf.Tensor, labels: tf.Tensor, state: object) -> tf.Tensor:
         return model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, self.params).loss
@@ -186,7 +216,9 @@ class TorchReference:
     """bench/torch_reference.py as a subprocess, driven block by block."""
 
     def __init__(self, python: Path, shape: Shape) -> None:
-        args = [str(python), str(BENCH_DIR / "torch_reference.py"), "--cell", shape.cell,
+        cell = "gpt" if shape.cell == "transformer" else shape.cell
+        args = [str(python), str(BENCH_DIR / "torch_reference.py"), "--cell", cell,
+                "--heads", str(shape.heads),
                 "--layers", str(shape.layers), "--state", str(shape.state),
                 "--embedding", str(shape.embedding), "--vocab", str(shape.vocab),
                 "--batch", str(shape.batch), "--unroll", str(shape.unroll),
@@ -255,32 +287,41 @@ def bf16_isa_of(flags: frozenset[str]) -> str:
     return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
 
 
-def header(shape: Shape, torch_info: dict | None) -> list[str]:
+def header(shape: Shape, torch_info: dict | None, xla_mode: str) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     torch = f", torch {torch_info['torch']} ({torch_info['threads']} threads)" if torch_info else ""
     extras = (f", dropout {shape.dropout}" if shape.dropout else "") + (", tied output" if shape.tied else "")
+    if shape.cell == "transformer":
+        model = (f"model: transformer {shape.layers} layers x {shape.heads} heads x {shape.state}, block "
+                 f"{shape.unroll}, vocab {shape.vocab}, batch {shape.batch}{extras}, AdamW 0.1, clip 1")
+        compiled = f"compiled: --xla={xla_mode}"
+    else:
+        model = (f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, vocab "
+                 f"{shape.vocab}, batch {shape.batch}, unroll {shape.unroll}{extras}, Adam, clip 5")
+        compiled = f"recurrence: {native.describe()}"
     return [f"machine: {cpu}, {os.cpu_count()} cores, bf16 ISA {bf16_isa_of(cpu_flags())}, "
             f"load average {os.getloadavg()[0]:.1f}",
             f"versions: Python {platform.python_version()}, tensorflow {tf.__version__}{torch}",
-            f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, "
-            f"vocab {shape.vocab}, batch {shape.batch}, unroll {shape.unroll}{extras}, Adam, clip 5; "
-            f"{shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token",
-            f"recurrence: {native.describe()}"]
+            f"{model}; {shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token", compiled]
 
 
 def main(argv: list[str]) -> None:
     del argv
-    shape = PTB_MEDIUM if FLAGS.shape == "ptb-medium" else Shape(
+    shape = {"ptb-medium": PTB_MEDIUM, **GPT_SHAPES}.get(FLAGS.shape) or Shape(
         FLAGS.cell, FLAGS.layers, FLAGS.state, FLAGS.embedding, FLAGS.vocab, FLAGS.batch, FLAGS.unroll)
     if FLAGS.repeats < 1 or FLAGS.steps < 1:
         raise UsageError("--repeats and --steps must be at least 1")
+    xla_mode = xla.resolve(verne_hparams(shape, "float32")).xla  # as trainer.task resolves it
+    if xla_mode == "fusion":
+        xla.enable_fusion()  # before TensorFlow's first graph optimisation
     # The input pipeline first: it is quick, and a broken data path should fail before the long part.
     input_rate, input_rss = input_tokens_per_second(shape, FLAGS.input_tokens)
     print(f"input pipeline: {input_rate:,.0f} tokens/s", flush=True)
     torch_ref = TorchReference(ensure_torch_venv(Path(FLAGS.torch_venv)), shape) if FLAGS.torch else None
     # Resolved as trainer.task resolves it, so the headline is what a default run gets here.
-    FLAGS.precision = resolve_precision(HParams(cell=shape.cell, precision=FLAGS.precision)).precision
+    FLAGS.precision = resolve_precision(HParams(cell=shape.cell, precision=FLAGS.precision,
+                                                xla=xla_mode)).precision
     other = "bfloat16" if FLAGS.precision == "float32" else "float32"
     verne = {p: VerneSteps(shape, p) for p in (FLAGS.precision, other)}
     for steps in verne.values():  # warm-up: tracing, oneDNN primitive caches
@@ -313,12 +354,13 @@ def main(argv: list[str]) -> None:
     flops = shape.train_flops_per_token()
     rates = {name: median_rate(seconds, shape.tokens) for name, seconds in times.items()
              if name not in ("forward", "optimizer") and seconds}
-    lines = header(shape, torch_ref.info if torch_ref else None)
+    lines = header(shape, torch_ref.info if torch_ref else None, xla_mode)
     lines.append(f"matmul ceiling (2048^3, best of run): float32 {peaks['float32']:.0f} GFLOP/s, "
                  f"bfloat16 {peaks['bfloat16']:.0f} GFLOP/s")
     lines.append(f"{'implementation':<34}{'tokens/s':>10}{'GFLOP/s':>9}{'MFU fp32':>10}{'MFU bf16':>10}")
     for name, rate in rates.items():
-        label = f"verne --precision={name}" if name in verne else f"{name} (nn.{shape.cell.upper()})"
+        reference = "GPT" if shape.cell == "transformer" else f"nn.{shape.cell.upper()}"
+        label = f"verne --precision={name}" if name in verne else f"{name} ({reference})"
         achieved = rate * flops / 1e9
         lines.append(f"{label:<34}{rate:>10.0f}{achieved:>9.0f}{achieved / peaks['float32']:>10.0%}"
                      f"{achieved / peaks['bfloat16']:>10.0%}")
