@@ -334,3 +334,23 @@ def test_transformer_evaluates_each_window_on_its_own() -> None:
     expected = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=tokens, logits=logits)
     np.testing.assert_allclose(float(nats), float(tf.reduce_sum(expected)), rtol=1e-5)
     assert float(count) == 8
+
+
+def test_an_old_transformer_job_that_attends_beyond_its_windows_is_refused_in_one_line(
+        tmp_path, make_data_dir) -> None:
+    # Job dirs from before the rule (max_context 256 with unroll 128, the old defaults): loading
+    # them for sampling names the flags that train them on.
+    from preprocessing import contract
+    from trainer import checkpoints
+    from trainer.errors import UsageError
+
+    _, _, metadata = make_data_dir(tmp_path)
+    job = tmp_path / "job"
+    job.mkdir()
+    old = HParams(cell="transformer", language_model="char", vocab_size=metadata.vocab_size,
+                  max_context=256, unroll_steps=128)
+    (job / "hparams.json").write_text(old.to_json())
+    (job / "metadata.json").write_text(contract.metadata_to_json(metadata))
+    with pytest.raises(UsageError, match="--max_context 256 --unroll_steps 256") as refused:
+        checkpoints.load_job(str(job))
+    assert "\n" not in str(refused.value)

@@ -226,6 +226,12 @@ def load_job_at(job_dir: str, best: bool = False) -> tuple[HParams, contract.Met
     if hparams is None or metadata is None:
         raise UsageError(f"--job-dir={job_dir}: no {HPARAMS_FILE} / {METADATA_FILE} there; "
                          "point --job-dir at a directory trainer.task wrote")
+    if hparams.cell == "transformer" and hparams.max_context > hparams.unroll_steps:
+        context = hparams.max_context
+        raise UsageError(f"--job-dir={job_dir}: its transformer attends {context} tokens back but trained "
+                         f"on windows of {hparams.unroll_steps} (before verne required --max_context <= "
+                         f"--unroll_steps); train it on with trainer.task --job-dir {job_dir} "
+                         f"--max_context {context} --unroll_steps {context}, or train a new job")
     path = checkpoint_path(job_dir, best)
     model = build_model(hparams)
     restore_model(model, path)
