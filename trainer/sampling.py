@@ -326,18 +326,29 @@ class TextGenerator:
     def stream(self, prime: str, length: int, options: SamplingOptions, num_samples: int = 1,
                chunk: int = STREAM_CHUNK) -> Iterator[list[str]]:
         """Yields one text piece per sample: first the prime, then the text of each block of tokens."""
-        encoded = self.encode_prime(prime)
+        yield [prime] * num_samples
+        for block in self.stream_tokens(self.encode_prime(prime).ids, length, options, num_samples, chunk):
+            yield ["".join(pieces) for pieces in block]
+
+    def stream_tokens(self, prime_ids: Sequence[int], length: int, options: SamplingOptions,
+                      num_samples: int = 1, chunk: int = STREAM_CHUNK) -> Iterator[list[list[str]]]:
+        """Per block of generated tokens, per sample, the text each token adds ("" while a byte
+        model holds back incomplete UTF-8; what is held at the end comes with the last token).
+        Token-level text lets a caller stop at a stop string and count the tokens it took."""
         decoders = [self.tokenizer.decoder() for _ in range(num_samples)]
         for decoder in decoders:
-            for token in encoded.ids:  # so spacing and UTF-8 continue from the prime
+            for token in prime_ids:  # so spacing and UTF-8 continue from the prime
                 decoder.push(token)
-        yield [prime] * num_samples
-        for block in self.generator.stream(encoded.ids, length, options, num_samples, chunk):
-            yield ["".join(decoder.push(int(t)) for t in row)
-                   for decoder, row in zip(decoders, block, strict=True)]
-        tails = [decoder.flush() if hasattr(decoder, "flush") else "" for decoder in decoders]
-        if any(tails):
-            yield tails
+        done = 0
+        for block in self.generator.stream(prime_ids, length, options, num_samples, chunk):
+            pieces = [[decoder.push(int(t)) for t in row]
+                      for decoder, row in zip(decoders, block, strict=True)]
+            done += block.shape[1]
+            if done == length:  # the last block carries what the decoders still hold
+                for decoder, row in zip(decoders, pieces, strict=True):
+                    if hasattr(decoder, "flush") and row:
+                        row[-1] += decoder.flush()
+            yield pieces
 
     def generate(self, prime: str, length: int, options: SamplingOptions, num_samples: int = 1) -> list[str]:
         """`num_samples` texts, each the prime followed by `length` generated tokens."""
