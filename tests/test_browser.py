@@ -153,7 +153,7 @@ def test_the_model_panel_and_a_phone_sized_window(server: Server, browser: objec
     assert facts["fact-cell"] == "lstm" and facts["fact-layers"] == "2 × 32"
     assert facts["fact-tokenizer"].startswith("char, vocabulary ") and facts["fact-step"] == "30"
     assert "nats/token" in facts["fact-validation"] and "bits/char" in facts["fact-validation"]
-    assert facts["fact-runs"].startswith("model runs on: TensorFlow kernels")
+    assert facts["fact-runs"].startswith("TensorFlow kernels")
     browser.set_window_size(390, 844)
     browser.get(server.url + "/ui")
     width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")

@@ -501,7 +501,8 @@ h1 {{ margin: .2rem 0; font-size: 1.6rem; }} h2 {{ font-size: 1.1rem; margin: 1r
 label {{ display: block; font-size: .9rem; margin-bottom: .15rem; }}
 input, select, textarea, button {{ font: inherit; width: 100%; padding: .35rem; }}
 .controls {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(8.5rem, 1fr));
-  gap: .6rem 1rem; margin: .6rem 0; }}
+  gap: .6rem 1rem; margin: .6rem 0; align-items: end; }}
+.wide {{ grid-column: span 2; }}
 .buttons {{ display: flex; gap: .6rem; align-items: center; flex-wrap: wrap; }}
 .buttons button {{ width: auto; padding: .5rem 1.4rem; }}
 pre {{ white-space: pre-wrap; overflow-wrap: anywhere; background: #f4f4f4; padding: .8rem;
@@ -527,7 +528,8 @@ dt {{ color: #555; }} dd {{ margin: 0; overflow-wrap: anywhere; }}
 <input id="top_k" name="top_k" type="number" min="0" value="{top_k}"></div>
 <div><label for="top_p">Top-p (1: all)</label>
 <input id="top_p" name="top_p" type="number" min="0.01" max="1" step="0.01" value="{top_p}"></div>
-<div><label for="sample_mode">Mode</label><select id="sample_mode" name="sample_mode">{modes}</select></div>
+<div class="wide"><label for="sample_mode">Mode</label>
+<select id="sample_mode" name="sample_mode">{modes}</select></div>
 <div><label for="seed">Seed (empty: random)</label>
 <input id="seed" name="seed" type="number" min="0" value="{seed}"></div>
 <div><label for="num_samples">Samples</label>
@@ -642,7 +644,7 @@ def facts_html(facts: Mapping[str, Any]) -> str:
              if "tokenizer" in facts else None),
             ("Step", f"{facts['step']:,}" if "step" in facts else None),
             ("Validation", _validation_text(facts)),
-            ("Runs on", facts.get("runtime"))]
+            ("Runs on", facts.get("runtime", "").removeprefix("model runs on: ") or None)]
     return "".join(f'<dt>{html.escape(name)}</dt>'
                    f'<dd id="fact-{name.split()[0].lower()}">{html.escape(str(value))}</dd>'
                    for name, value in rows if value is not None)
