@@ -236,3 +236,15 @@ def test_stream_arrives_as_generated_and_stops_when_the_client_goes_away(server:
         if settled == previous:
             break
     assert settled - before < 2000, f"{settled - before} tokens: generation went on without a client"
+
+
+def test_an_nfd_prompt_gets_what_its_nfc_form_gets(server: Server) -> None:
+    import unicodedata
+
+    texts = []
+    for prompt in (unicodedata.normalize("NFD", "Ciéizen café"), "Ciéizen café"):
+        status, answer = post(server.url + "/v1/completions",
+                              json.dumps({"prompt": prompt, "max_tokens": 30, "seed": 4}).encode())
+        assert status == 200, answer
+        texts.append(answer["choices"][0]["text"])
+    assert texts[0] == texts[1]
