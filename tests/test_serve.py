@@ -9,6 +9,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from generation_job import Server, shared_server, trained_job
@@ -248,3 +249,28 @@ def test_an_nfd_prompt_gets_what_its_nfc_form_gets(server: Server) -> None:
         assert status == 200, answer
         texts.append(answer["choices"][0]["text"])
     assert texts[0] == texts[1]
+
+
+def test_model_facts_take_the_validation_loss_of_the_last_evaluation(server: Server, tmp_path: Path) -> None:
+    import math
+    import shutil
+
+    from trainer import checkpoints
+    from trainer.serve import model_facts
+
+    job = tmp_path / "job"
+    shutil.copytree(health(server)["job_dir"], job)
+    metadata = checkpoints.saved_metadata(str(job))
+
+    def facts() -> dict:
+        return model_facts(str(job), checkpoints.saved_hparams(str(job)), metadata,
+                           checkpoints.checkpoint_path(str(job)), best=False)
+
+    trained = facts()
+    assert (trained["cell"], trained["layers"], trained["size"], trained["step"]) == ("lstm", 2, 32, 30)
+    assert trained["valid_source"] == "the best of training's evaluations" and trained["valid_loss"] > 0
+    (job / "eval-valid.json").write_text(json.dumps({"split": "valid", "loss": 2.0, "step": 30}))
+    evaluated = facts()
+    per_char = metadata.splits["valid"].characters_per_token
+    assert evaluated["valid_loss"] == 2.0 and evaluated["valid_source"] == "trainer.evaluate at step 30"
+    assert evaluated["valid_bits_per_char"] == pytest.approx(2.0 / per_char / math.log(2))
