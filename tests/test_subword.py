@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import unicodedata
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -102,6 +103,62 @@ def test_graph_tokenizer_gives_sentencepieces_ids(models: dict[str, bytes], kind
     # A sample cut inside a character's bytes decodes to U+FFFD, as the Python decoder does.
     cut = tok.encode("a😀")[:3]
     assert graph.decode(tf.constant([cut], tf.int32)).numpy()[0].decode("utf-8") == tok.decode(cut)
+
+
+# An NFD prime (as macOS input often is): the Python tokenizer composes it first (NFC).
+NFD_PRIMES = [unicodedata.normalize("NFD", text) for text in
+              ("Ωμέγα naïve café", "Ça été\r\nÉTÉ ǖ", "한국어 ḗ ố ṩ", "e\u0323\u0302 x\u0301")]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_nfd_prime_gets_the_same_ids_from_babble_serve_and_the_export(tmp_path: Path, kind: str) -> None:
+    import tensorflow as tf
+    from conftest import write_data_dir
+
+    from trainer.export import MAX_BPE_PRIME_CHARS, GenerationModule
+    from trainer.hparams import HParams
+    from trainer.models import build_model
+    from trainer.sampling import TextGenerator
+
+    _, _, metadata = write_data_dir(tmp_path, TEXT, kind)
+    shape = {"layers": 1, "lstm_state_size": 8, "embedding_size": 4}
+    model = build_model(HParams(vocab_size=metadata.vocab_size, **shape))
+    generator = TextGenerator(model, metadata)  # what babble and serve encode primes with
+    # The function the SavedModel's signatures run (tests/test_export.py saves and loads them).
+    prime_ids = tf.function(GenerationModule(model, metadata).prime_ids,
+                            input_signature=[tf.TensorSpec([], tf.string)])
+    for prime in NFD_PRIMES:
+        composed = unicodedata.normalize("NFC", prime)
+        assert prime != composed
+        ids = generator.encode_prime(composed).ids
+        assert generator.encode_prime(prime).ids == ids
+        assert prime_ids(tf.constant(prime)).numpy().tolist() == ids, prime
+    if kind == "bpe":  # quadratic in the graph: capped, and the message says why
+        assert len(prime_ids(tf.constant("a b" * (MAX_BPE_PRIME_CHARS // 3))).numpy()) > 100
+        with pytest.raises(tf.errors.InvalidArgumentError, match="grows with the square of the prime length"):
+            prime_ids(tf.constant("x" * (MAX_BPE_PRIME_CHARS + 1)))
+
+
+def test_graph_nfc_is_pythons_nfc() -> None:
+    """Random strings of the characters that decompose, reorder or compose (and plain ones), half
+    of them decomposed first, against `unicodedata.normalize`."""
+    import random
+
+    import tensorflow as tf
+
+    from trainer.graph_nfc import GraphNFC, nfc_tables
+
+    nfc = tf.function(GraphNFC().normalize, input_signature=[tf.TensorSpec([], tf.string)])
+    decompositions, classes, _, seconds = nfc_tables()
+    hangul = [chr(c) for c in (*range(0x1100, 0x1113), 0xAC00, 0xAC01, 0xD7A3)]
+    pool = [*decompositions, *map(chr, classes), *map(chr, seconds), *hangul, *"aeoAEn ,\n"]
+    rng = random.Random(0)
+    texts = ["", "plain text", "\u0301x", "Zalgo" + "\u0301\u0323" * 300]
+    texts += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 12))) for _ in range(600)]
+    texts = [unicodedata.normalize("NFD", t) if i % 2 else t for i, t in enumerate(texts)]
+    wrong = [t for t in texts
+             if nfc(tf.constant(t)).numpy().decode("utf-8") != unicodedata.normalize("NFC", t)]
+    assert not wrong, [[hex(ord(c)) for c in t] for t in wrong[:3]]
 
 
 # ---------------------------------------------------------------------------------------------

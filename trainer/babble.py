@@ -23,7 +23,7 @@ from typing import TextIO
 
 from absl import app, flags, logging
 
-from trainer import checkpoints
+from trainer import checkpoints, kernels
 from trainer.errors import UsageError, run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.sampling import SamplingOptions, TextGenerator
@@ -107,6 +107,7 @@ def define_flags() -> None:
 @run_cli
 def main(argv: list[str]) -> int:
     hparams = hparams_from_command_line(argv)
+    print(kernels.describe_runtime(portable=True), file=sys.stderr, flush=True)
     flag = flags.FLAGS
     options = sampling_options(temperature=flag.temperature, sample_mode=flag.sample_mode,
                                top_k=flag.top_k, top_p=flag.top_p, seed=flag.seed, no_unk=flag.no_unk)

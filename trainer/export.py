@@ -37,15 +37,18 @@ From Python, without verne::
         sample_mode=tf.constant([1]), no_unk=tf.constant([False]))
     out["text"][0].numpy().decode("utf-8")
 
-Tokenization in TF: newlines are normalised and case folded as the corpus was (Unicode NFC is
-not applied); char primes are split into code points, byte primes into bytes, word primes with
-an RE2 translation of `preprocessing.tokenizers.WORD_PATTERN` (or of `WHITESPACE_PATTERN` for
-data preprocessed with `--word_split whitespace`), bpe/unigram primes by `trainer.graph_subword`
-(SentencePiece's algorithms on the learned pieces in plain TF ops: the tokenizer's own ids, no
-tensorflow-text needed). Byte output, and byte pieces of bpe/unigram output, that is not valid
-UTF-8 becomes U+FFFD. Word output is spaced with regular expressions implementing the
-tokenizer's rules except the alternation of straight quotes (whitespace-split models: single
-spaces between tokens, none around line breaks).
+Tokenization in TF: newlines, Unicode NFC (`trainer.graph_nfc`) and case are normalised as the
+corpus was, so a prime gets the ids babble and serve give it; char primes are split into code
+points, byte primes into bytes, word primes with an RE2 translation of
+`preprocessing.tokenizers.WORD_PATTERN` (or of `WHITESPACE_PATTERN` for data preprocessed with
+`--word_split whitespace`), bpe/unigram primes by `trainer.graph_subword` (SentencePiece's
+algorithms on the learned pieces in plain TF ops: the tokenizer's own ids, no tensorflow-text
+needed). BPE's merge loop costs the square of the prime's length, so a bpe export takes primes of
+up to MAX_BPE_PRIME_CHARS characters and answers a longer one with InvalidArgument, which TF
+Serving and Vertex AI return as HTTP 400 with its message. Byte output, and byte pieces of
+bpe/unigram output, that is not valid UTF-8 becomes U+FFFD. Word output is spaced with regular
+expressions implementing the tokenizer's rules except the alternation of straight quotes
+(whitespace-split models: single spaces between tokens, none around line breaks).
 Training writes one to JOB_DIR/export at its end (see trainer.runner).
 """
 
@@ -61,6 +64,7 @@ from preprocessing import contract, subword
 from trainer import checkpoints, errors, kernels
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
+from trainer.graph_nfc import GraphNFC
 from trainer.graph_subword import SubwordGraph
 from trainer.models.base import LanguageModel
 from trainer.sampling import banned_logits, boundary_mask, default_prime, generation_loop, prime_model
@@ -80,6 +84,12 @@ WORD_PATTERN_RE2 = (r"<unk>|<eos>|\n|\p{Nd}+(?:[.,:]\p{Nd}+)+|[\pL\pN]+(?:['’]
 # preprocessing.tokenizers.WHITESPACE_PATTERN: runs of what str.split() keeps, and newlines.
 WHITESPACE_PATTERN_RE2 = rf"\n|[^{_SPACE}]+"
 _SEPARATOR = "\x00"
+# The longest prime (characters, after normalisation) a bpe export takes: the in-graph BPE
+# merges one pair per loop step over the whole prime, so its cost grows with the square of
+# the length (measured on 2 cores: 35 ms at 1,000 characters, 131 ms at 2,000, 482 ms at
+# 4,000). 2,000 is also trainer.serve's default --max_prime_chars. Unigram is linear (17 ms
+# at 1,000, 66 ms at 4,000) and has no cap.
+MAX_BPE_PRIME_CHARS = 2000
 # tokenizers._WordDecoder's spacing, as substitutions on tokens joined by single spaces.
 _WORD_SPACING = (
     (r" ([.,;:!?)\]}%’”»…])", r"\1"),
@@ -115,6 +125,7 @@ class GenerationModule(tf.Module):
         self.table = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(keys, tf.constant(values, tf.int32)),
             default_value=-1 if metadata.unk_id is None else metadata.unk_id)
+        self.nfc = GraphNFC()
         if metadata.learned:  # bpe/unigram: the learned tokenizer's pieces and scores as tables
             learned = subword.SubwordTokenizer(metadata.tokenizer, metadata.tokenizer_model, metadata.vocab)
             self.subword = SubwordGraph(learned.piece_table())
@@ -190,10 +201,18 @@ class GenerationModule(tf.Module):
     def prime_ids(self, prime: tf.Tensor) -> tf.Tensor:
         """int32 [P]: the prime's token ids (unknown pieces -> <unk>); a line break if empty.
 
-        Newlines and case are normalised as the corpus was, for byte models too (as
-        `Tokenizer.encode` does), so a byte prime means here what it means to babble.
+        Newlines, NFC and case are normalised as the corpus was, for byte models too (as
+        `Tokenizer.encode` does), so a prime means here what it means to babble.
         """
-        text = tf.strings.regex_replace(prime, "\r\n?", "\n")
+        text = self.nfc.normalize(tf.strings.regex_replace(prime, "\r\n?", "\n"))
+        if self.kind == "bpe":
+            length = tf.strings.length(text, unit="UTF8_CHAR")
+            with tf.control_dependencies([tf.debugging.assert_less_equal(
+                    length, MAX_BPE_PRIME_CHARS, message=f"prime is longer than {MAX_BPE_PRIME_CHARS} "
+                    "characters, the most this bpe export takes (the cost of its in-graph tokenizer "
+                    "grows with the square of the prime length); send at most the last "
+                    f"{MAX_BPE_PRIME_CHARS} characters")]):
+                text = tf.identity(text)
         if self.lowercase:
             text = tf.strings.lower(text, encoding="utf-8")
         if self.kind == "byte":

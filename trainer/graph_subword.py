@@ -13,7 +13,9 @@ Encoding follows SentencePiece's own algorithms on the learned model's pieces an
   piece scores the lowest piece score minus 10 (SentencePiece's unknown penalty); on equal
   totals the longest last piece wins, as SentencePiece keeps the earliest start;
 - then byte fallback: a symbol that is not a piece becomes the byte pieces of its UTF-8.
-The loops are sequential in the prime's length (quadratic at worst), which is fine for primes.
+BPE merges one pair per loop step, each step over the whole prime: its cost grows with the square
+of the prime's length, so the export caps bpe primes (`trainer.export.MAX_BPE_PRIME_CHARS`).
+Unigram's Viterbi is one step per character (linear). Callers pass NFC text (`trainer.graph_nfc`).
 Decoding maps each id to its bytes ("▁" → space, `<0xNN>` → the byte) and replaces invalid UTF-8.
 """
 

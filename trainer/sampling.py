@@ -240,8 +240,11 @@ class Generator:
         self._loop = _portable_function(lambda *args: generation_loop(model, *args))
 
     def stream(self, prime_ids: Sequence[int], length: int, options: SamplingOptions,
-               batch_size: int = 1, chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:
-        """Yields int32 [batch_size, n] blocks of new tokens, `length` in all, as they are made."""
+               batch_size: int = 1, chunk: int = STREAM_CHUNK, first_chunk: int | None = None
+               ) -> Iterator[np.ndarray]:
+        """Yields int32 [batch_size, n] blocks of new tokens, `length` in all, as they are made:
+        blocks of `chunk` tokens, or from `first_chunk` tokens doubling up to `chunk` (the first
+        text soon, then fewer calls)."""
         if len(prime_ids) == 0:
             raise ValueError("generation needs a non-empty prime (see default_prime)")
         params = options_as_tensors(options.validate())
@@ -255,7 +258,8 @@ class Generator:
         banned = tf.constant(banned_logits(vocab_size, self.unk_id, options.no_unk))
         done = 0
         while done < length:
-            n = min(chunk, length - done)
+            n = min(first_chunk or chunk, length - done)
+            first_chunk = min(2 * first_chunk, chunk) if first_chunk else None
             tokens, logits, state, prev = self._loop(
                 logits, state, prev, tf.constant(done), tf.constant(n), params, boundary, banned)
             done += n
@@ -326,18 +330,31 @@ class TextGenerator:
     def stream(self, prime: str, length: int, options: SamplingOptions, num_samples: int = 1,
                chunk: int = STREAM_CHUNK) -> Iterator[list[str]]:
         """Yields one text piece per sample: first the prime, then the text of each block of tokens."""
-        encoded = self.encode_prime(prime)
+        yield [prime] * num_samples
+        for block in self.stream_tokens(self.encode_prime(prime).ids, length, options, num_samples, chunk):
+            yield ["".join(pieces) for pieces in block]
+
+    def stream_tokens(self, prime_ids: Sequence[int], length: int, options: SamplingOptions,
+                      num_samples: int = 1, chunk: int = STREAM_CHUNK, first_chunk: int | None = None
+                      ) -> Iterator[list[list[str]]]:
+        """Per block of generated tokens, per sample, the text each token adds ("" while a byte
+        model holds back incomplete UTF-8; what is held at the end comes with the last token).
+        Token-level text lets a caller stop at a stop string and count the tokens it took.
+        `chunk` and `first_chunk` as in `Generator.stream`."""
         decoders = [self.tokenizer.decoder() for _ in range(num_samples)]
         for decoder in decoders:
-            for token in encoded.ids:  # so spacing and UTF-8 continue from the prime
+            for token in prime_ids:  # so spacing and UTF-8 continue from the prime
                 decoder.push(token)
-        yield [prime] * num_samples
-        for block in self.generator.stream(encoded.ids, length, options, num_samples, chunk):
-            yield ["".join(decoder.push(int(t)) for t in row)
-                   for decoder, row in zip(decoders, block, strict=True)]
-        tails = [decoder.flush() if hasattr(decoder, "flush") else "" for decoder in decoders]
-        if any(tails):
-            yield tails
+        done = 0
+        for block in self.generator.stream(prime_ids, length, options, num_samples, chunk, first_chunk):
+            pieces = [[decoder.push(int(t)) for t in row]
+                      for decoder, row in zip(decoders, block, strict=True)]
+            done += block.shape[1]
+            if done == length:  # the last block carries what the decoders still hold
+                for decoder, row in zip(decoders, pieces, strict=True):
+                    if hasattr(decoder, "flush") and row:
+                        row[-1] += decoder.flush()
+            yield pieces
 
     def generate(self, prime: str, length: int, options: SamplingOptions, num_samples: int = 1) -> list[str]:
         """`num_samples` texts, each the prime followed by `length` generated tokens."""

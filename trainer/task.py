@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 from absl import app, flags
 
-from trainer import cloud_env, runner
+from trainer import cloud_env, kernels, runner
 from trainer import flags as trainer_flags
 from trainer.errors import run_cli
 from trainer.flags import define_hparams_flags, hparams_from_command_line
@@ -24,6 +25,8 @@ def main(argv: list[str]) -> int:
     hparams = hparams_from_command_line(argv)
     # On Vertex AI: AIP_* dirs fill what the flags left empty; tuning trials get their own dir.
     hparams = cloud_env.apply_environment(hparams, os.environ)
+    print(kernels.describe_runtime(fused=hparams.cell in ("lstm", "gru") and not hparams.layer_norm),
+          file=sys.stderr, flush=True)
     result = runner.train(hparams)
     print(runner.describe(result), flush=True)
     # 128 + the signal (143 SIGTERM, 130 SIGINT): a supervisor or shell sees that the job

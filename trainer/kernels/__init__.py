@@ -67,9 +67,41 @@ def gru_sequence(x_proj: tf.Tensor, h0: tf.Tensor, w_h: tf.Tensor, b_h: tf.Tenso
     return kernel(x_proj, h0, w_h, b_h, compute_dtype=compute_dtype)
 
 
+def cpu_bf16_isa(flags: frozenset[str] | None = None) -> str:
+    """The CPU's bfloat16 matmul instructions by its /proc/cpuinfo flags (this machine's by
+    default): "amx", "avx512_bf16" or "none"."""
+    from trainer.hparams import cpu_flags
+
+    flags = cpu_flags() if flags is None else flags
+    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+
+
+_BF16_NAMES = {"amx": "AMX", "avx512_bf16": "AVX512-BF16", "none": "none"}
+
+
+def describe_runtime(portable: bool = False, fused: bool = True) -> str:
+    """One line saying what runs the model on this machine: verne's native op or TensorFlow's
+    kernels, and the CPU's bfloat16 instructions. The first line trainer.task, babble and serve
+    print; `portable` for generation, which always traces TensorFlow's kernels (as the export
+    must); `fused` false for cells that never call this module's recurrences (the transformer,
+    layer-normed cells), which run TensorFlow's kernels whatever the machine has.
+    """
+    if portable:
+        runs = "TensorFlow kernels (generation uses the portable kernels, as the SavedModel does)"
+    elif tf.config.list_logical_devices("GPU"):
+        runs = "cuDNN / TensorFlow kernels on the GPU"
+    elif not fused:
+        runs = "TensorFlow kernels (this cell has no fused recurrence)"
+    elif native.load() is not None:
+        runs = "verne's native C++ recurrence op (trainer/kernels/native_recurrences.cc)"
+    else:
+        runs = "TensorFlow kernels (verne's native op is unavailable here)"
+    return f"model runs on: {runs}; CPU bfloat16: {_BF16_NAMES[cpu_bf16_isa()]}"
+
+
 __all__ = [
     "gru_sequence", "gru_sequence_cudnn", "gru_sequence_fast", "gru_sequence_native",
     "gru_sequence_reference", "lstm_sequence", "lstm_sequence_cudnn", "lstm_sequence_fast",
     "lstm_sequence_native", "lstm_sequence_reference",
-    "portable", "use_cudnn", "use_native",
+    "cpu_bf16_isa", "describe_runtime", "portable", "use_cudnn", "use_native",
 ]
