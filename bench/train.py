@@ -42,9 +42,9 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import data, loops, runner, xla
+from trainer import data, kernels, loops, runner, xla
 from trainer.errors import UsageError, run_cli
-from trainer.hparams import HParams, cpu_flags, resolve_precision
+from trainer.hparams import HParams, resolve_precision
 from trainer.kernels import native
 from trainer.model_fn import Mode, Params, model_fn
 from trainer.models import build_model
@@ -282,11 +282,6 @@ def median_rate(seconds: list[float], tokens: int) -> float:
     return tokens / statistics.median(seconds)
 
 
-def bf16_isa_of(flags: frozenset[str]) -> str:
-    """The CPU's bfloat16 matmul instruction set by its /proc/cpuinfo flags: amx, avx512_bf16 or none."""
-    return "amx" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
-
-
 def header(shape: Shape, torch_info: dict | None, xla_mode: str) -> list[str]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
@@ -300,7 +295,7 @@ def header(shape: Shape, torch_info: dict | None, xla_mode: str) -> list[str]:
         model = (f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, vocab "
                  f"{shape.vocab}, batch {shape.batch}, unroll {shape.unroll}{extras}, Adam, clip 5")
         compiled = f"recurrence: {native.describe()}"
-    return [f"machine: {cpu}, {os.cpu_count()} cores, bf16 ISA {bf16_isa_of(cpu_flags())}, "
+    return [f"machine: {cpu}, {os.cpu_count()} cores, bf16 ISA {kernels.cpu_bf16_isa()}, "
             f"load average {os.getloadavg()[0]:.1f}",
             f"versions: Python {platform.python_version()}, tensorflow {tf.__version__}{torch}",
             f"{model}; {shape.train_flops_per_token() / 1e6:.1f} MFLOP per training token", compiled]
