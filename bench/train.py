@@ -309,7 +309,7 @@ def main(argv: list[str]) -> None:
         raise UsageError("--repeats and --steps must be at least 1")
     xla_mode = xla.resolve(verne_hparams(shape, "float32")).xla  # as trainer.task resolves it
     if xla_mode == "fusion":
-        xla.enable_fusion()  # before TensorFlow's first graph optimisation
+        tf.config.optimizer.set_jit("autoclustering")  # as xla.fusion does for trainer.task
     # The input pipeline first: it is quick, and a broken data path should fail before the long part.
     input_rate, input_rss = input_tokens_per_second(shape, FLAGS.input_tokens)
     print(f"input pipeline: {input_rate:,.0f} tokens/s", flush=True)

@@ -112,3 +112,21 @@ def test_xla_auto_compiles_a_small_transformer_whole_and_fuses_a_large_one() -> 
     assert xla.resolve(baby.replace(xla="off")).xla == "off"  # a given mode stays
     with pytest.raises(ValueError, match="--xla=step compiles the transformer's step"):
         HParams(cell="lstm", xla="step").validate()
+
+
+def test_xla_fusion_turns_clustering_on_only_inside_and_the_cpu_flags_are_set_at_import() -> None:
+    import os
+
+    import tensorflow as tf
+
+    from trainer import xla
+
+    # Read by TensorFlow once, at its first device set-up: trainer/__init__ sets them.
+    assert "--tf_xla_cpu_global_jit" in os.environ["TF_XLA_FLAGS"]
+    assert "--tf_xla_ops_to_cluster=FUSIBLE" in os.environ["TF_XLA_FLAGS"]
+    before = tf.config.optimizer.get_jit()
+    with xla.fusion(False):
+        assert tf.config.optimizer.get_jit() == before
+    with xla.fusion(True):
+        assert tf.config.optimizer.get_jit() == "autoclustering"
+    assert tf.config.optimizer.get_jit() == before

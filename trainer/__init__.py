@@ -7,3 +7,12 @@ import os
 # lines and mean nothing to a user. Set before any `import tensorflow`; real failures still reach
 # the user as Python exceptions. TF_CPP_MIN_LOG_LEVEL=0 brings the lines back.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+# XLA's clustering flags: TensorFlow reads TF_XLA_FLAGS once per process, when it first sets up its
+# devices (any device query or eager op), so they are set here, before verne touches TensorFlow.
+# They change nothing until `--xla fusion` turns clustering on (trainer.xla.fusion): then the CPU
+# clusters only elementwise ops, and the matmuls stay on TensorFlow's oneDNN kernels.
+_GIVEN_XLA_FLAGS = os.environ.get("TF_XLA_FLAGS", "")
+os.environ["TF_XLA_FLAGS"] = " ".join([_GIVEN_XLA_FLAGS, *(
+    flag for flag in ("--tf_xla_cpu_global_jit", "--tf_xla_ops_to_cluster=FUSIBLE")
+    if flag not in _GIVEN_XLA_FLAGS)]).strip()

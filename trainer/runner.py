@@ -84,8 +84,6 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
     accelerator = bool(tf.config.list_physical_devices("GPU")) or distribute.is_tpu(strategy)
     hparams = xla.resolve(hparams, replicas, accelerator)
     hparams = resolve_precision(hparams, on_tpu=distribute.is_tpu(strategy))
-    if hparams.xla == "fusion":
-        xla.enable_fusion()  # before TensorFlow's first graph optimisation reads its flags
     if strategy is not None:
         # Before anything is written: an uneven split would silently drop streams, then fail
         # on the first assignment of the carried state.
@@ -514,7 +512,7 @@ def train(hparams: HParams) -> TrainResult:
     hparams, metadata = prepare_job(hparams, strategy)
     resume = "; run the same command again to resume from the last checkpoint"
     with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),
-          data.reading_shards(hparams.data_dir, hparams.data_prefix)):
+          data.reading_shards(hparams.data_dir, hparams.data_prefix), xla.fusion(hparams.xla == "fusion")):
         trainer = _Trainer(hparams, metadata, strategy)
         with _signals_set_flag(trainer):
             result = trainer.run()

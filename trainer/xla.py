@@ -7,7 +7,8 @@
   tokens a step) took 24 ms compiled against 34 ms as a graph (AMD EPYC, float32). XLA's CPU dot
   gains nothing from bfloat16 there (34 ms), so `--precision auto` keeps float32 with it.
 - `fusion`: TensorFlow's oneDNN kernels for the matmuls and XLA for the elementwise ops between
-  them (TensorFlow's auto-clustering of fusible ops on the CPU). For a large transformer, whose
+  them (TensorFlow's auto-clustering, limited to fusible ops on the CPU by the flags
+  trainer/__init__.py sets). For a large transformer, whose
   matmuls are worth bfloat16: --shape gpt-small (6x6x384, 8,192 tokens a step) took 1.30-1.40 s
   a step this way in bfloat16, 1.58-1.68 s as a plain graph, 2.6 s compiled whole.
 
@@ -18,15 +19,16 @@ everything is XLA already).
 
 from __future__ import annotations
 
-import os
+import contextlib
+from collections.abc import Iterator
+
+import tensorflow as tf
 
 from trainer.hparams import HParams
 
 # Between gpt-baby's 3.6 GFLOP a step (per-op cost dominates) and gpt-small's 520 (arithmetic
 # does); the crossover in between was not measured.
 STEP_XLA_FLOPS = 30e9
-# TensorFlow reads these once per process, at its first graph optimisation.
-_FUSION_FLAGS = ("--tf_xla_auto_jit=2", "--tf_xla_cpu_global_jit", "--tf_xla_ops_to_cluster=FUSIBLE")
 
 
 def transformer_train_flops(layers: int, d_model: int, vocab_size: int, batch_size: int,
@@ -57,10 +59,14 @@ def resolve(hparams: HParams, replicas: int = 1, accelerator: bool = False) -> H
     return hparams.replace(xla="fusion" if mode == "step" and replicas > 1 else mode)
 
 
-def enable_fusion() -> bool:
-    """Turns on XLA's clustering of fusible ops for this process; True if TensorFlow had not read
-    its XLA flags yet (it reads them at its first graph optimisation, so call this first)."""
-    flags = os.environ.get("TF_XLA_FLAGS", "")
-    missing = [flag for flag in _FUSION_FLAGS if flag not in flags]
-    os.environ["TF_XLA_FLAGS"] = " ".join([flags, *missing]).strip()
-    return bool(missing)
+@contextlib.contextmanager
+def fusion(enabled: bool) -> Iterator[None]:
+    """XLA's clustering of elementwise ops on (`enabled`) for the functions traced inside, and back
+    as it was after. The CPU flags it needs are set when `trainer` is imported (trainer/__init__)."""
+    before = tf.config.optimizer.get_jit()
+    if enabled:
+        tf.config.optimizer.set_jit("autoclustering")
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_jit(before)
