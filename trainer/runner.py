@@ -492,13 +492,31 @@ def _signals_set_flag(trainer: _Trainer) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+@contextmanager
+def _vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
+    """A shard deleted or moved while training runs is "missing: PATH", not a failed write (the
+    --job-dir wrapper around it would take the "No such file or directory" for one)."""
+    shards = [name for split in contract.SPLITS
+              for name in tf.io.gfile.glob(contract.shard_glob(data_dir, prefix, split))]
+    try:
+        yield
+    except tf.errors.NotFoundError:
+        missing = [name for name in shards if not tf.io.gfile.exists(name)]
+        if not missing:
+            raise
+        raise UsageError(f"missing: {', '.join(missing)} (deleted or moved while training ran); put it "
+                         "back or run preprocessing.run again to rewrite the data, then run the same "
+                         "command again to resume from the last checkpoint") from None
+
+
 def train(hparams: HParams) -> TrainResult:
     """Trains (or resumes) the job described by `hparams`; see the module docstring."""
     strategy = strategy_from_environment()
     hparams, metadata = prepare_job(hparams, strategy)
     resume = "; run the same command again to resume from the last checkpoint"
     with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),
-          data.reading_shards(hparams.data_dir, hparams.data_prefix)):
+          data.reading_shards(hparams.data_dir, hparams.data_prefix),
+          _vanished_shards_reported(hparams.data_dir, hparams.data_prefix)):
         trainer = _Trainer(hparams, metadata, strategy)
         with _signals_set_flag(trainer):
             result = trainer.run()
