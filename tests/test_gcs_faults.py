@@ -42,8 +42,9 @@ def _finish(process: subprocess.Popen[str]) -> str:
     return output
 
 
-def _faulty(gcs: GcsServer, args: list[str], rules: list[dict]) -> str:
-    """Runs trainer.task with `rules` injected; every rule must have fired as often as it says."""
+def _faulty(gcs: GcsServer, args: list[str], rules: list[dict], retried: list[str]) -> str:
+    """Runs trainer.task with `rules` injected; every rule must have fired as often as it says, and
+    a 503 and a timeout (curl's abort) must each have been retried while doing each of `retried`."""
     assert gcs.proxy is not None
     gcs.proxy.faults(rules)
     try:
@@ -55,7 +56,10 @@ def _faulty(gcs: GcsServer, args: list[str], rules: list[dict]) -> str:
     finally:
         gcs.proxy.faults([])
     assert [rule["fired"] for rule in fired] == [rule["times"] for rule in rules], (fired, output[-3000:])
-    assert output.count("retrying in") >= sum(rule["times"] for rule in rules), output[-3000:]
+    for doing in retried:
+        for fault in ("HTTP response code 503", "libcurl code 42"):
+            said = re.search(rf": {doing} failed \(.*{fault}.*\); retrying in", output)
+            assert said, (doing, fault, output[-3000:])
     assert "damaged" not in output, output[-3000:]
     return output
 
@@ -95,12 +99,14 @@ def test_503s_and_timeouts_at_read_save_and_restore_lose_no_step(
     # First run: the train shards' first read, and the upload of checkpoint 10, fail 3 times each.
     shard_read = rf"GET storage\.googleapis\.com /{name}/data%2F{prefix}\.train-"
     save = rf"(POST|PUT) www\.googleapis\.com /upload/storage/v1/b/{name}/o\?.*name=job%2Fckpt-10"
-    first = _faulty(gcs_server, [*common, "--max_steps=20"], [*_fail(shard_read), *_fail(save)])
+    first = _faulty(gcs_server, [*common, "--max_steps=20"], [*_fail(shard_read), *_fail(save)],
+                   ["reading the shards", "saving a checkpoint"])
     assert "from scratch" in first
 
     # Second run: reading checkpoint 20 back fails 3 times; the job resumes from it all the same.
     restore = rf"GET storage\.googleapis\.com /{name}/job%2Fckpt-20\."
-    second = _faulty(gcs_server, [*common, f"--max_steps={FINAL_STEP}"], _fail(restore))
+    second = _faulty(gcs_server, [*common, f"--max_steps={FINAL_STEP}"], _fail(restore),
+                    ["reading a checkpoint"])
     assert re.search(r"Resuming gs://\S+/job from gs://\S+/job/ckpt-20: step 20,", second), second[-3000:]
 
     _finish(whole)

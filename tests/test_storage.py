@@ -32,9 +32,14 @@ def _error(code: int, text: str) -> tf.errors.OpError:
     (_error(tf.errors.UNKNOWN, TIMED_OUT), "transient"),
     (tf.errors.AbortedError(None, None, "{{function_node x}} " + EXHAUSTED + " [Op:IteratorGetNext]"),
      "transient"),
-    (tf.errors.UnavailableError(None, None, "connection refused"), "transient"),
-    (tf.errors.DeadlineExceededError(None, None, "deadline"), "transient"),
+    (tf.errors.UnavailableError(None, None, "Error executing an HTTP request: libcurl code 7 meaning "
+                                "'Couldn't connect to server' when reading gs://b/x"), "transient"),
+    (tf.errors.DeadlineExceededError(None, None, "deadline exceeded reading gs://b/x"), "transient"),
     (tf.errors.ResourceExhaustedError(None, None, "HTTP response code 429"), "transient"),
+    # The same codes from elsewhere are no storage fault: a lost worker, a device out of memory.
+    (tf.errors.AbortedError(None, None, "Collective ops is aborted by: worker 1 is gone"), None),
+    (tf.errors.UnavailableError(None, None, "Socket closed; Connection reset by peer"), None),
+    (tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor with shape[4096]"), None),
     (_error(tf.errors.UNKNOWN, FORBIDDEN), "denied"),
     (tf.errors.PermissionDeniedError(None, None, "nope"), "denied"),
     (tf.errors.DataLossError(None, None, "truncated record at 65580"), None),

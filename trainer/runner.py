@@ -599,8 +599,9 @@ def _signals_set_flag(trainer: _Trainer) -> Iterator[None]:
 def _vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
     """A shard deleted or moved while training runs is "missing: PATH", not a failed write (the
     --job-dir wrapper around it would take the "No such file or directory" for one)."""
-    shards = [name for split in contract.SPLITS
-              for name in tf.io.gfile.glob(contract.shard_glob(data_dir, prefix, split))]
+    patterns = [contract.shard_glob(data_dir, prefix, split) for split in contract.SPLITS]
+    shards = storage.retry("listing the shards", data_dir,
+                           lambda: [name for pattern in patterns for name in tf.io.gfile.glob(pattern)])
     try:
         yield
     except tf.errors.NotFoundError:

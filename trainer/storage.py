@@ -37,8 +37,10 @@ ENV_BUDGET = "VERNE_GCS_RETRIES"
 _TRANSIENT_CODES = frozenset({tf.errors.UNAVAILABLE, tf.errors.DEADLINE_EXCEEDED, tf.errors.ABORTED,
                               tf.errors.RESOURCE_EXHAUSTED})
 _DENIED_CODES = frozenset({tf.errors.PERMISSION_DENIED, tf.errors.UNAUTHENTICATED})
-_TRANSIENT_TEXT = re.compile(r"retry attempts failed|HTTP response code (408|429|5\d\d)\b|libcurl code|"
-                             r"timed out|Connection reset|Service Unavailable")
+_TRANSIENT_TEXT = re.compile(r"retry attempts failed|HTTP response code (408|429|5\d\d)\b|libcurl code")
+# A transient code alone is not enough: a collective aborted by a lost worker (ABORTED, UNAVAILABLE)
+# or a device out of memory (RESOURCE_EXHAUSTED) is no storage fault, and retrying would hide it.
+_FROM_STORAGE = re.compile(r"gs://|HTTP|libcurl|retry attempts failed")
 _DENIED_TEXT = re.compile(r"HTTP response code (401|403)\b")
 
 
@@ -86,14 +88,14 @@ def is_remote(path: str) -> bool:
 
 
 def kind(err: BaseException) -> str | None:
-    """"transient" (worth retrying), "denied" (a permission error), or None (anything else,
-    damage included)."""
+    """"transient" (a Cloud Storage fault worth retrying), "denied" (a permission error), or None
+    (anything else, damage included)."""
     if not isinstance(err, tf.errors.OpError):
         return None
     text = message(err)
     if err.error_code in _DENIED_CODES or _DENIED_TEXT.search(text):
         return "denied"
-    if err.error_code in _TRANSIENT_CODES or _TRANSIENT_TEXT.search(text):
+    if _TRANSIENT_TEXT.search(text) or (err.error_code in _TRANSIENT_CODES and _FROM_STORAGE.search(text)):
         return "transient"
     return None
 
