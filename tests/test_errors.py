@@ -38,6 +38,9 @@ class Case:
     code: int = 1
     prepare: Callable[[Path], None] | None = None
     mount: str = ""     # "ro": {tmp}/mnt read-only (after `prepare`); "full": a 64 KiB file system there
+    native_build: bool = False  # builds the native kernels into {tmp}/cache (skipped where none build)
+    env: tuple[tuple[str, str], ...] = ()  # more environment; values filled in as argv
+    absent: str = ""    # nowhere in the output
 
     @property
     def id(self) -> str:
@@ -79,6 +82,41 @@ def _damage_every_checkpoint(tmp: Path) -> None:
 
 def _job_in_mount(tmp: Path) -> None:
     shutil.copytree(tmp / "job", tmp / "mnt" / "job")
+
+
+def _shard_vanishes_after_first_checkpoint(tmp: Path) -> None:
+    """Deletes a train shard once the run in {tmp}/j has saved (so while it trains)."""
+    import threading
+    import time
+
+    def vanish() -> None:
+        deadline = time.monotonic() + 300
+        while not list((tmp / "j").glob("ckpt-*.index")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (tmp / "data" / "tiny.train-00000-of-00002.tfrecord.gz").unlink()
+
+    threading.Thread(target=vanish, daemon=True).start()
+
+
+def _stand_in_compiler(body: str) -> Callable[[Path], None]:
+    """Writes {tmp}/cxx: answers --version and option probes (-E), then runs `body`."""
+    def write(tmp: Path) -> None:
+        from trainer.kernels import native
+
+        script = tmp / "cxx"
+        script.write_text(f"#!{sys.executable}\nimport os, signal, sys\nargs = sys.argv[1:]\n"
+                          f"REAL = {shutil.which(native._compiler())!r}\n{body}")
+        script.chmod(0o755)
+    return write
+
+
+# GCC 11 (Ubuntu 22.04's default) does not know -mno-avx512fp16; otherwise the real compiler runs.
+_GCC11 = ("if '-mno-avx512fp16' in args:\n"
+          "    sys.exit(\"g++: error: unrecognized command-line option '-mno-avx512fp16'\")\n"
+          "os.execv(REAL, [REAL, *args])\n")
+# The OOM killer takes the compiler (the probe of its options still answers).
+_OOM_KILLED = ("if '--version' in args or '-E' in args:\n    sys.exit(0)\n"
+               "os.kill(os.getpid(), signal.SIGKILL)\n")
 
 
 PRE, TASK, EVAL, BABBLE = "preprocessing.run", "trainer.task", "trainer.evaluate", "trainer.babble"
@@ -126,9 +164,25 @@ CASES = [
          "warning naming it; resumes from the one before and trains on", ("--data_dir", "{data}",
                                                                           "--job-dir", "{job}", *TRAIN),
          "ckpt-20 is damaged", 0, prepare=_damage_newest_checkpoint("index")),
+    Case(TASK, "a shard is deleted while training runs",
+         "error `missing:` naming the shard: put it back or rerun preprocessing.run, then rerun to resume",
+         ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRAIN, "--max_steps", "5000",
+          "--save_checkpoints_steps", "10"),
+         "missing: {data}/tiny.train-00000-of-00002.tfrecord.gz (deleted or moved while training ran)",
+         prepare=_shard_vanishes_after_first_checkpoint),
     Case(TASK, "Ctrl-C while the native kernels build (first run)",
          "`interrupted`, exit 130; no library or temporary left in the cache; the next run builds again",
-         ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRAIN), "interrupted", 130),
+         ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRAIN), "interrupted", 130, native_build=True),
+    Case(TASK, "the OOM killer kills the compiler of the native kernels",
+         "one line saying so; trains with TensorFlow's kernels; no `.failed` marker: next run builds again",
+         ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRAIN),
+         "the compiler was killed by SIGKILL (out of memory?)", 0, prepare=_stand_in_compiler(_OOM_KILLED),
+         native_build=True, env=(("CXX", "{tmp}/cxx"),), absent="delete"),
+    Case(TASK, "the C++ compiler does not know `-mno-avx512fp16` (GCC 11)",
+         "builds the native kernels for this exact CPU (without the flag) and trains with them",
+         ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRAIN), "building the native CPU kernels", 0,
+         prepare=_stand_in_compiler(_GCC11), native_build=True, env=(("CXX", "{tmp}/cxx"),),
+         absent="as the build for this CPU failed"),
     Case(EVAL, "`--job-dir` holds no trained job",
          "error: point `--job-dir` at a directory trainer.task wrote",
          ("--job-dir", "{tmp}/none"), "point --job-dir at a directory trainer.task wrote"),
@@ -225,12 +279,13 @@ def test_bad_input_ends_in_one_line(case: Case, trained: Path, tmp_path: Path) -
     names = {"tmp": str(tmp_path), "data": str(tmp_path / "data"), "job": str(tmp_path / "job"),
              "books": str(trained / "books")}
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-    if case.code == 130:
+    if case.native_build:
         from trainer.kernels import native
 
         if shutil.which(native._compiler()) is None or os.environ.get(native.ENV_SWITCH) == "0":
             pytest.skip("no native kernels to build here")
         env["VERNE_CACHE_DIR"] = str(tmp_path / "cache")
+    env.update((name, value.format(**names)) for name, value in case.env)
     (tmp_path / "mnt").mkdir()
     if case.prepare:
         case.prepare(tmp_path)
@@ -244,6 +299,7 @@ def test_bad_input_ends_in_one_line(case: Case, trained: Path, tmp_path: Path) -
     said = [line for line in stderr.splitlines() if line.strip() and not NOISE.match(line)]
     assert "Traceback" not in stderr + stdout, stderr
     assert code == case.code, f"exit {code}:\n" + "\n".join(said[-8:])
+    assert not case.absent or case.absent not in stdout + stderr, said[-3:]
     if code == 0:
         assert case.expect.format(**names) in stdout + stderr, said[-3:]
     else:

@@ -71,7 +71,7 @@ def test_native_op_compiles_for(compiled: dict, march: str) -> None:
 def test_march_native_turns_off_what_tensorflows_eigen_breaks_on() -> None:
     flags = native.target_flags("native")
     assert flags[0] == "-march=native"
-    if native._is_x86():
+    if native._is_x86() and native.compiler_accepts(native._compiler(), "-mno-avx512fp16"):
         assert "-mno-avx512fp16" in flags
 
 
@@ -100,22 +100,36 @@ def test_first_error_names_the_file_line_and_text() -> None:
     assert native.first_error(linker) == "/usr/bin/ld: cannot find -ltensorflow_framework"
 
 
-# A stand-in compiler: fails like GCC on Eigen for -march=native (or always, with FAIL_ALWAYS set;
-# dies of SIGINT with DIE_BY_SIGINT), otherwise writes the output file; it counts its compile calls
-# in CALLS.
+# A stand-in compiler: fails like GCC 12 on Eigen for -march=native (or always, with FAIL_ALWAYS
+# set; dies of SIGINT with DIE_BY_SIGINT, of SIGKILL with DIE_BY_SIGKILL; reports its cc1plus
+# OOM-killed as GCC's driver does with CC1PLUS_KILLED; rejects -mno-avx512fp16 as GCC 11 does, and
+# so builds for -march=native, with GCC11), otherwise writes the output file; it counts its compile
+# calls (not its option probes, `-E`) in CALLS.
 FAKE_COMPILER = """#!{python}
-import os, sys
+import os, signal, sys
 args = sys.argv[1:]
 if "--version" in args:
     print("fake-g++ 1.0")
     sys.exit(0)
+gcc11 = os.environ.get("GCC11")
+if gcc11 and "-mno-avx512fp16" in args:
+    sys.stderr.write("g++: error: unrecognized command-line option '-mno-avx512fp16'; "
+                     "did you mean '-mno-avx512f'?\\n")
+    sys.exit(1)
+if "-E" in args:
+    sys.exit(0)
 with open(os.environ["CALLS"], "a") as calls:
     calls.write("x")
 if os.environ.get("DIE_BY_SIGINT"):  # as a compiler does when Ctrl-C reaches its process group
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     os.kill(os.getpid(), signal.SIGINT)
-if os.environ.get("FAIL_ALWAYS") or "-march=native" in args:
+if os.environ.get("DIE_BY_SIGKILL"):  # the OOM killer
+    os.kill(os.getpid(), signal.SIGKILL)
+if os.environ.get("CC1PLUS_KILLED"):
+    sys.stderr.write("g++: fatal error: Killed signal terminated program cc1plus\\n"
+                     "compilation terminated.\\n")
+    sys.exit(1)
+if os.environ.get("FAIL_ALWAYS") or ("-march=native" in args and not gcc11):
     sys.stderr.write("{include}/Eigen/src/Core/arch/AVX512/PacketMathFP16.h:740:49: error: "
                      "expected initializer before '<' token\\n      |    ^\\n")
     sys.exit(1)
@@ -171,6 +185,40 @@ def test_a_compiler_killed_by_ctrl_c_interrupts_instead_of_trying_another_target
         native.build(native.library_path())
     assert (fake_compiler / "calls").read_text() == "x"
     assert not native.library_path().parent.exists() or not any(native.library_path().parent.iterdir())
+
+
+@pytest.mark.parametrize("how", ["DIE_BY_SIGKILL", "CC1PLUS_KILLED"])
+def test_a_compiler_killed_by_the_oom_killer_is_not_remembered_as_a_failed_build(
+        fake_compiler: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+        how: str) -> None:
+    monkeypatch.setenv(how, "1")
+    assert native.load() is None
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the compiler was killed by SIGKILL (out of memory?)" in message, message
+    assert "the next run builds again" in message
+    assert (fake_compiler / "calls").read_text() == "x"  # no other target tried: it would die too
+    assert not native.library_path().with_suffix(".failed").exists()
+    assert not any(native.library_path().parent.iterdir())  # no library, no temporary
+    # The next run (memory freed) builds, for this CPU's generic level as the stand-in allows.
+    monkeypatch.delenv(how)
+    native.load.cache_clear()
+    native.build(native.library_path())
+    assert native.library_path().read_text() == "not really a library"
+
+
+def test_a_compiler_without_mno_avx512fp16_still_builds_for_this_cpu(
+        fake_compiler: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GCC11", "1")
+    assert not native.compiler_accepts(native._compiler(), "-mno-avx512fp16")
+    assert native.target_flags("native") == ["-march=native"]
+    assert native.build(native.library_path()) is None  # None: built for this exact CPU
+    assert (fake_compiler / "calls").read_text() == "x"
+    monkeypatch.delenv("GCC11")  # a compiler that knows the flag (a new path: the probe is per compiler)
+    newer = fake_compiler / "fake-g++-12"
+    newer.write_bytes((fake_compiler / "fake-g++").read_bytes())
+    newer.chmod(0o755)
+    monkeypatch.setenv("CXX", str(newer))
+    assert native.target_flags("native")[1:] == (["-mno-avx512fp16"] if native._is_x86() else [])
 
 
 # Runs in a fresh process: the emulated library registers the same ops as the real one.

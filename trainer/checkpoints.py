@@ -21,7 +21,7 @@ import uuid
 import tensorflow as tf
 
 from preprocessing import contract
-from trainer import data, optimizers
+from trainer import data, optimizers, storage
 from trainer.errors import UsageError, warn
 from trainer.hparams import (
     ANY_VOCAB_SIZE,
@@ -44,21 +44,29 @@ def join(directory: str, *names: str) -> str:
 
 
 def write_atomic(path: str, text: str | bytes) -> None:
-    """Writes `text` to `path` via a temporary name and a rename (local or gs://)."""
-    parent = os.path.dirname(path)
-    if parent:
-        tf.io.gfile.makedirs(parent)
-    temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with tf.io.gfile.GFile(temporary, "w" if isinstance(text, str) else "wb") as f:
-        f.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    """Writes `text` to `path` via a temporary name and a rename (local or gs://; Cloud Storage
+    faults are retried, see trainer.storage)."""
+
+    def write() -> None:
+        parent = os.path.dirname(path)
+        if parent:
+            tf.io.gfile.makedirs(parent)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with tf.io.gfile.GFile(temporary, "w" if isinstance(text, str) else "wb") as f:
+            f.write(text)
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+
+    storage.retry("writing", path, write)
 
 
 def _read(path: str) -> str | None:
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path) as f:
-        return f.read()
+    def read() -> str | None:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            return f.read()
+
+    return storage.retry("reading", path, read)
 
 
 def saved_hparams(job_dir: str) -> HParams | None:
@@ -184,7 +192,8 @@ def latest_usable(directory: str) -> str | None:
 def _checkpoints_newest_first(directory: str) -> list[str]:
     """By the files themselves, not the `checkpoint` state file, which may be damaged too."""
     try:
-        indexes = tf.io.gfile.glob(join(directory, "ckpt-*.index"))
+        indexes = storage.retry("listing checkpoints", directory,
+                                lambda: tf.io.gfile.glob(join(directory, "ckpt-*.index")))
     except tf.errors.NotFoundError:
         return []
     paths = [index.removesuffix(".index") for index in indexes]
@@ -194,14 +203,22 @@ def _checkpoints_newest_first(directory: str) -> list[str]:
 
 def _damage(path: str) -> str | None:
     """Why the checkpoint at `path` cannot be read whole, or None: every tensor is read, since a
-    truncated data file passes the index."""
+    truncated data file passes the index. Only data that reads wrong is damage: a storage fault is
+    retried, then a StorageError (trainer.storage), as is a permission error; neither may pass a
+    good checkpoint over."""
     try:
-        reader = tf.train.load_checkpoint(path)
-        for name in reader.get_variable_to_shape_map():
-            reader.get_tensor(name)
+        storage.retry("reading a checkpoint", path, lambda: _read_whole(path))
     except (tf.errors.OpError, IndexError, ValueError, RuntimeError) as err:
+        if storage.kind(err) == "denied":
+            raise storage.denied(path, "reading a checkpoint", err) from None
         return (str(getattr(err, "message", None) or err).strip().splitlines() or ["unreadable"])[0]
     return None
+
+
+def _read_whole(path: str) -> None:
+    reader = tf.train.load_checkpoint(path)
+    for name in reader.get_variable_to_shape_map():
+        reader.get_tensor(name)
 
 
 def checkpoint_path(job_dir: str, best: bool = False) -> str:
@@ -257,5 +274,6 @@ def model_trackables(model: LanguageModel) -> dict[str, list[tf.Variable]]:
 
 def restore_model(model: LanguageModel, path: str) -> None:
     """Loads only the model's variables from a training checkpoint (no optimizer slots)."""
-    status = tf.train.Checkpoint(**model_trackables(model)).read(path)
+    status = storage.retry("restoring a checkpoint", path,
+                           lambda: tf.train.Checkpoint(**model_trackables(model)).read(path))
     status.expect_partial().assert_existing_objects_matched()

@@ -36,6 +36,7 @@ from trainer import (
     loops,
     optimizers,
     sampling,
+    storage,
     xla,
 )
 from trainer.errors import UsageError
@@ -242,6 +243,7 @@ class _Trainer:
         # (preemption) stops this one too, hence the default.
         self.stop_signal = signal.SIGTERM
         self.agree_to_stop = distribute.stop_agreement(self.strategy)
+        self.from_chief = _chief_decides(self.strategy)
         self.saved_step = -1
 
     def _valid_split(self) -> tuple[list[str], data.Layout] | None:
@@ -264,19 +266,21 @@ class _Trainer:
     def restore(self) -> tuple[_Position, Any]:
         """Restores the newest checkpoint if any; returns the position and the carried state."""
         state = self._fresh_state()
-        path = checkpoints.latest_usable(self.hparams.job_dir)  # the chief's, on every worker
+        path = self._checkpoint_to_restore()
         if path is None:
             for line in finetune.warm_start(self.model, self.hparams, self.metadata):
                 print(line, flush=True)
             print(f"Starting {self.hparams.job_dir} from scratch "
                   f"({self.layout.windows_per_epoch} windows per epoch)", flush=True)
             return _Position(), state
-        saved_layout = tf.train.load_checkpoint(path).get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
+        saved_layout = storage.retry("restoring a checkpoint", path, lambda: tf.train.load_checkpoint(path)
+                                     .get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE"))
         current = [self.layout.batch_size, self.layout.unroll_steps, self.layout.windows_per_epoch]
         same_layout = list(saved_layout) == current
         # expect_partial: a changed layout skips the saved state, another --optimizer its slots.
-        (self.checkpoint if same_layout else self.checkpoint_without_carry).restore(path) \
-            .expect_partial().assert_existing_objects_matched()
+        checkpoint = self.checkpoint if same_layout else self.checkpoint_without_carry
+        storage.retry("restoring a checkpoint", path, lambda: checkpoint.restore(path)
+                      .expect_partial().assert_existing_objects_matched())
         position = _Position(*(int(self.counters[k].numpy()) for k in ("step", "epoch", "position")))
         note = ""
         if same_layout:
@@ -293,20 +297,49 @@ class _Trainer:
               flush=True)
         return position, state
 
+    def _checkpoint_to_restore(self) -> str | None:
+        """The newest usable checkpoint of the job dir, as the chief judges it: with several workers
+        the others restore the step it chose (a storage fault on one worker must not make it
+        restore another step) and never judge the checkpoints themselves."""
+        if self.from_chief is None:
+            return checkpoints.latest_usable(self.hparams.job_dir)
+        choice, failure = _NO_CHECKPOINT, None
+        if self.chief:
+            try:
+                path = checkpoints.latest_usable(self.hparams.job_dir)
+                choice = _NO_CHECKPOINT if path is None else int(path.rsplit("-", 1)[1])
+            except UsageError as err:  # told to every worker, so none waits forever
+                choice, failure = _CHIEF_FAILED, err
+        step = self.from_chief(choice)
+        if failure is not None:
+            raise failure
+        if step == _CHIEF_FAILED:
+            raise UsageError(f"--job-dir={self.hparams.job_dir}: the chief worker could not choose a "
+                             "checkpoint to restore; its log says why")
+        return None if step == _NO_CHECKPOINT else checkpoints.join(self.hparams.job_dir, f"ckpt-{step}")
+
     def save(self, position: _Position, state: Any) -> None:
         if self.saved_step == position.step:
             return
         self._check_weights_finite(position.step)
         self._record(position, state)
-        try:
-            self.manager.save(checkpoint_number=position.step)
-        except Exception:
-            # TensorFlow leaves the parts of a checkpoint it could not finish in ckpt-N_temp/.
-            for partial in tf.io.gfile.glob(checkpoints.join(self.save_dir, "ckpt-*_temp")):
-                tf.io.gfile.rmtree(partial)
-            raise
+        self._save_with(self.manager, position.step)
         self._drop_scratch()
         self.saved_step = position.step
+
+    def _save_with(self, manager: tf.train.CheckpointManager, step: int) -> None:
+        """Saves, retrying Cloud Storage faults (trainer.storage); no partial checkpoint is left."""
+        def drop_partial() -> None:
+            # TensorFlow leaves the parts of a checkpoint it could not finish in ckpt-N_temp/.
+            for partial in tf.io.gfile.glob(checkpoints.join(manager.directory, "ckpt-*_temp")):
+                tf.io.gfile.rmtree(partial)
+
+        try:
+            storage.retry("saving a checkpoint", manager.directory,
+                          lambda: manager.save(checkpoint_number=step), before_retry=drop_partial)
+        except Exception:
+            drop_partial()
+            raise
 
     def _record(self, position: _Position, state: Any) -> None:
         """Copies the position, layout and carried state into the checkpointed variables."""
@@ -359,9 +392,15 @@ class _Trainer:
         if self.hparams.eval_steps > 0:
             dataset = dataset.take(self.hparams.eval_steps)
         eval_state = loops.initial_state(self.params, self.strategy, layout.batch_size)
+        # A shard read that fails is read again from the start: evaluation changes nothing until it
+        # ends. Not with several workers, whose collectives would pair one worker's first window
+        # with another's k-th: there one line says so.
+        once = None if self.from_chief is None else storage.Backoff(attempts=1)
         # NT-ASGD evaluates (and keeps as best/) the averaged weights once it has switched.
         with optimizers.averaged_weights(self.optimizer):
-            nats, tokens, _ = loops.run_eval(self.eval_step, self._distribute(dataset), eval_state)
+            nats, tokens, _ = storage.retry(
+                "reading the validation shards", self.hparams.data_dir, backoff=once,
+                action=lambda: loops.run_eval(self.eval_step, self._distribute(dataset), eval_state))
             loss = nats / tokens
             self.summaries.eval(step, loss,
                                 characters_per_token=self.metadata.splits["valid"].characters_per_token)
@@ -370,7 +409,7 @@ class _Trainer:
             if loss < float(self.best_loss.numpy()):
                 self.best_loss.assign(loss)
                 self._record(position, state)  # else best/ would carry the last save's position
-                self.best_manager.save(checkpoint_number=step)
+                self._save_with(self.best_manager, step)
                 self._drop_scratch()
         if isinstance(self.optimizer, optimizers.NTASGD) and self.optimizer.observe_validation(loss):
             print(f"NT-ASGD: validation loss stalled at step {step}; averaging weights from now on",
@@ -413,6 +452,41 @@ class _Trainer:
         losses, norms, state = self.train_steps(windows, state, tf.constant(count))
         return losses.numpy().tolist(), norms.numpy().tolist(), state
 
+    def _windows(self, position: _Position) -> Iterator[Any]:
+        """The training windows of this epoch from `position` on (a resume continues exactly)."""
+        dataset = data.windows(self.train_files, self.layout, start=position.window,
+                               shuffle_seed=self.hparams.seed * 100003 + position.epoch,
+                               random_starts=not self.model.carries_state_between_windows)
+        return iter(self._distribute(dataset))
+
+    def _train_retrying(self, windows: Iterator[Any], state: Any, position: _Position,
+                        ) -> tuple[list[float], list[float], Any, Iterator[Any]]:
+        """`_train` on the next windows; a Cloud Storage fault while reading the shards is retried
+        from the same window with a new reader, which is exact as long as the failed call applied
+        no step (always so with --steps_per_execution=1: the window is read before the step)."""
+        count = self._execution_size(position)
+        current = [windows]
+
+        def attempt() -> tuple[list[float], list[float], Any]:
+            applied = int(self.optimizer.iterations.numpy())
+            try:
+                return self._train(current[0], state, count)
+            except tf.errors.OpError as err:
+                if storage.kind(err) == "transient" and int(self.optimizer.iterations.numpy()) != applied:
+                    raise storage.StorageUnavailable(
+                        f"--data_dir={self.hparams.data_dir}: a shard read failed ({storage.message(err)}) "
+                        f"inside a --steps_per_execution={self.hparams.steps_per_execution} call after "
+                        "some of its steps; run the same command again to resume from the last "
+                        "checkpoint") from None
+                raise
+
+        def reopen() -> None:
+            current[0] = self._windows(position)
+
+        losses, norms, state = storage.retry("reading the shards", self.hparams.data_dir, attempt,
+                                             before_retry=reopen)
+        return losses, norms, state, current[0]
+
     def finished(self, position: _Position) -> bool:
         if self.hparams.max_steps > 0:
             return position.step >= self.hparams.max_steps
@@ -429,12 +503,9 @@ class _Trainer:
         # flag alone: every worker must run the same collectives in the same order.
         stopping = self.agree_to_stop(self.terminate)
         while not self.finished(position) and not stopping:
-            dataset = data.windows(self.train_files, self.layout, start=position.window,
-                                   shuffle_seed=hparams.seed * 100003 + position.epoch,
-                                   random_starts=not self.model.carries_state_between_windows)
-            windows = iter(self._distribute(dataset))
+            windows = self._windows(position)
             while position.window < self.layout.windows_per_epoch:
-                losses, norms, state = self._train(windows, state, self._execution_size(position))
+                losses, norms, state, windows = self._train_retrying(windows, state, position)
                 for loss, norm in zip(losses, norms, strict=True):
                     if not (math.isfinite(loss) and math.isfinite(norm) or self._overflow_skipped(loss)):
                         progress.close()
@@ -485,6 +556,28 @@ class _Trainer:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_NO_CHECKPOINT, _CHIEF_FAILED = -1, -2
+
+
+def _chief_decides(strategy: tf.distribute.Strategy) -> Any:
+    """With several workers, `from_chief(value) -> the chief's value` on every worker (an
+    all-reduce in which only the chief's replicas count); None with one process, which decides
+    alone. Every worker must call it at the same point."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    local = len(strategy.extended.worker_devices)
+
+    @tf.function
+    def broadcast(value: tf.Tensor) -> tf.Tensor:
+        share = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, share, axis=None)
+
+    def from_chief(value: int) -> int:
+        # Shifted so that every value the chief sends is positive; the others send 0.
+        mine = (value - _CHIEF_FAILED + 1) / local if distribute.is_chief(strategy) else 0.0
+        return round(float(broadcast(tf.constant(mine, tf.float64)))) + _CHIEF_FAILED - 1
+
+    return from_chief
 
 
 @contextmanager
@@ -506,13 +599,33 @@ def _signals_set_flag(trainer: _Trainer) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+@contextmanager
+def _vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
+    """A shard deleted or moved while training runs is "missing: PATH", not a failed write (the
+    --job-dir wrapper around it would take the "No such file or directory" for one)."""
+    patterns = [contract.shard_glob(data_dir, prefix, split) for split in contract.SPLITS]
+    shards = storage.retry("listing the shards", data_dir,
+                           lambda: [name for pattern in patterns for name in tf.io.gfile.glob(pattern)])
+    try:
+        yield
+    except tf.errors.NotFoundError:
+        missing = [name for name in shards if not tf.io.gfile.exists(name)]
+        if not missing:
+            raise
+        raise UsageError(f"missing: {', '.join(missing)} (deleted or moved while training ran); put it "
+                         "back or run preprocessing.run again to rewrite the data, then run the same "
+                         "command again to resume from the last checkpoint") from None
+
+
 def train(hparams: HParams) -> TrainResult:
     """Trains (or resumes) the job described by `hparams`; see the module docstring."""
     strategy = strategy_from_environment()
     hparams, metadata = prepare_job(hparams, strategy)
     resume = "; run the same command again to resume from the last checkpoint"
     with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),
-          data.reading_shards(hparams.data_dir, hparams.data_prefix), xla.fusion(hparams.xla == "fusion")):
+          data.reading_shards(hparams.data_dir, hparams.data_prefix),
+          _vanished_shards_reported(hparams.data_dir, hparams.data_prefix),
+          xla.fusion(hparams.xla == "fusion")):
         trainer = _Trainer(hparams, metadata, strategy)
         with _signals_set_flag(trainer):
             result = trainer.run()
@@ -521,8 +634,10 @@ def train(hparams: HParams) -> TrainResult:
             # Vertex), NT-ASGD's averaged ones once it has switched (what awd-lstm-lm keeps).
             from trainer import export  # deferred: export imports babble, which imports this package
 
+            export_dir = cloud_env.model_export_dir(hparams, os.environ)
             with optimizers.averaged_weights(trainer.optimizer):
-                export.export_model(trainer.model, metadata, cloud_env.model_export_dir(hparams, os.environ))
+                storage.retry("exporting the model", export_dir,
+                              lambda: export.export_model(trainer.model, metadata, export_dir))
     return result
 
 

@@ -17,6 +17,12 @@ What the replay has to fix, found by running TF against the emulator:
   bucket has a hierarchical namespace; fake-gcs-server 404s (TF then fails the rename), so the
   proxy answers as GCS does for an ordinary bucket and TF renames object by object.
 
+Faults, for tests of what verne does when Cloud Storage misbehaves: `POST /faults` (plain HTTP to
+the proxy itself, a JSON list of rules) makes the next requests whose "METHOD HOST TARGET" matches
+a rule's `match` regex fail, `times` times each: with HTTP `status` (e.g. 503), or by a `stall`
+of that many seconds and then a closed connection (a timeout for a client that waits less).
+`GET /faults` returns the rules with how often each fired (`fired`).
+
 It runs as its own process (`python proxy.py --emulator_port N --cert C --key K`, printing its
 port on stdout): some TF calls (e.g. opening a TFRecordWriter) hold the GIL while curl waits
 for the answer, so a proxy thread inside the process running TF would deadlock. Standard
@@ -34,6 +40,8 @@ import socket
 import socketserver
 import ssl
 import sys
+import threading
+import time
 from typing import BinaryIO
 
 GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com")
@@ -89,10 +97,41 @@ def _storage_layout(bucket: str) -> tuple[int, str, list[tuple[str, str]], bytes
     return 200, "OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body
 
 
+class Faults:
+    """The injected faults (see the module docstring); shared by the proxy's threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rules: list[dict] = []
+
+    def set(self, rules: list[dict]) -> None:
+        with self._lock:
+            self._rules = [{**rule, "fired": 0} for rule in rules]
+
+    def report(self) -> list[dict]:
+        with self._lock:
+            return [dict(rule) for rule in self._rules]
+
+    def take(self, request: str) -> dict | None:
+        """The rule that fires for `request` ("METHOD HOST TARGET"), counted; None if none does."""
+        with self._lock:
+            for rule in self._rules:
+                if rule["fired"] < rule.get("times", 1) and re.search(rule["match"], request):
+                    rule["fired"] += 1
+                    _LOG.warning("gcs proxy: fault %s for %s", rule, request)
+                    return rule
+        return None
+
+
+class _Stalled(Exception):
+    """An injected stall: the tunnel closes without an answer."""
+
+
 class GoogleApisProxy:
     """Threaded CONNECT proxy on 127.0.0.1; `url` is what `https_proxy` takes."""
 
     def __init__(self, emulator_port: int, cert: str, key: str) -> None:
+        self.faults = Faults()
         self.emulator_port = emulator_port
         self.emulator_url = f"http://127.0.0.1:{emulator_port}"
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -117,8 +156,11 @@ class GoogleApisProxy:
     def _handle(self, connection: socket.socket, rfile: BinaryIO, wfile: BinaryIO,
                 context: ssl.SSLContext) -> None:
         line = rfile.readline(_MAX_LINE).decode("latin-1")
-        http.client.parse_headers(rfile)
+        headers = http.client.parse_headers(rfile)
         parts = line.split()
+        if len(parts) == 3 and parts[1] == "/faults":
+            self._control(parts[0], rfile, wfile, headers)
+            return
         host = parts[1].rsplit(":", 1)[0] if len(parts) == 3 else ""
         if parts[:1] != ["CONNECT"] or host not in GOOGLE_HOSTS:
             # Anything else would mean a test is about to reach the real internet.
@@ -134,14 +176,31 @@ class GoogleApisProxy:
             with (context.wrap_socket(connection, server_side=True) as tls,
                   tls.makefile("rb") as tls_in, tls.makefile("wb") as tls_out):
                 self._serve_tunnel(host, tls_in, tls_out)
-        except (ssl.SSLError, ConnectionError, TimeoutError) as err:
+        except (ssl.SSLError, ConnectionError, TimeoutError, _Stalled) as err:
             _LOG.info("gcs proxy: tunnel to %s closed: %s", host, err)
+
+    def _control(self, method: str, rfile: BinaryIO, wfile: BinaryIO,
+                 headers: http.client.HTTPMessage) -> None:
+        if method == "POST":
+            self.faults.set(json.loads(rfile.read(int(headers.get("Content-Length", "0")))))
+        body = json.dumps(self.faults.report()).encode()
+        wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
     def _serve_tunnel(self, host: str, rfile: BinaryIO, wfile: BinaryIO) -> None:
         upstream = http.client.HTTPConnection("127.0.0.1", self.emulator_port, timeout=120)
         try:
             while (request := _read_request(rfile, wfile)) is not None:
-                status, reason, headers, body = self._forward(upstream, host, request)
+                fault = self.faults.take(f"{request.method} {host} {request.target}")
+                if fault and "stall" in fault:
+                    time.sleep(fault["stall"])
+                    raise _Stalled(f"stalled {fault['stall']} s")
+                if fault:
+                    body = json.dumps({"error": {"code": fault["status"], "message": "injected"}}).encode()
+                    status, reason = fault["status"], "Injected"
+                    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+                else:
+                    status, reason, headers, body = self._forward(upstream, host, request)
                 head = [f"HTTP/1.1 {status} {reason}"]
                 head += [f"{name}: {value}" for name, value in headers]
                 wfile.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body)

@@ -60,6 +60,20 @@ class ProxyProcess:
             raise RuntimeError(f"gcs proxy did not start: {log}")
         self.url = f"http://127.0.0.1:{int(line)}"
 
+    def faults(self, rules: list[dict] | None = None) -> list[dict]:
+        """Sets the injected faults (see proxy.py) when `rules` is given; returns them with how
+        often each fired."""
+        import http.client
+        import json
+
+        connection = http.client.HTTPConnection("127.0.0.1", int(self.url.rsplit(":", 1)[1]), timeout=30)
+        try:
+            body = None if rules is None else json.dumps(rules)
+            connection.request("GET" if rules is None else "POST", "/faults", body=body)
+            return json.loads(connection.getresponse().read())
+        finally:
+            connection.close()
+
     def stop(self) -> None:
         if self._process is None:
             return

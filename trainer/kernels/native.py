@@ -14,8 +14,10 @@ to any of them rebuilds it. Should the build for this exact CPU fail (a compiler
 does not know it), it is built once more for the newest generic x86-64 level the CPU has, then for
 the compiler's default target, and the first that builds is used; a build that fails every way is
 remembered (a `.failed` file beside where the library would be) so later runs do not pay for it
-again. Where no compiler is found or nothing builds, `load()` returns None and the callers keep the
-pure-TensorFlow kernels (`lstm.py`, `gru.py`); `VERNE_NATIVE_KERNELS=0` asks for that explicitly.
+again; a compiler killed by a signal (the OOM killer's SIGKILL) proves nothing, so that is not
+remembered and the next run builds again. Where no compiler is found or nothing builds, `load()`
+returns None and the callers keep the pure-TensorFlow kernels (`lstm.py`, `gru.py`);
+`VERNE_NATIVE_KERNELS=0` asks for that explicitly.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def _compiler() -> str:
 # CPUs since Sapphire Rapids have (Google Cloud's C3, N4, C4). The op computes in float32 and uses
 # no FP16 arithmetic, so that one extension is turned off and everything else -march=native finds
 # stays. tests/test_native_build.py compiles the op for a range of CPUs to catch the next one.
+# A compiler that does not know the flag (GCC 11, Ubuntu 22.04's default) rejects it, so it is only
+# passed to compilers that accept it: one that does not know AVX512-FP16 cannot turn it on either.
 _EIGEN_BREAKING_EXTENSIONS = ("-mno-avx512fp16",)
 # The generic x86-64 levels (GCC 11+, clang 12+), newest first, with the /proc/cpuinfo flags each needs.
 _X86_LEVELS = (
@@ -70,8 +74,21 @@ def _is_x86() -> bool:
 
 def target_flags(march: str) -> list[str]:
     """The flags that build the op for the CPU `march` names (a GCC -march value; `native` is this
-    one), with the extensions TensorFlow's headers break on turned off."""
-    return [f"-march={march}", *(_EIGEN_BREAKING_EXTENSIONS if _is_x86() else ())]
+    one), with the extensions TensorFlow's headers break on turned off where the compiler knows them."""
+    extensions = _EIGEN_BREAKING_EXTENSIONS if _is_x86() else ()
+    return [f"-march={march}", *(flag for flag in extensions if compiler_accepts(_compiler(), flag))]
+
+
+@functools.cache
+def compiler_accepts(compiler: str, flag: str) -> bool:
+    """Whether `compiler` takes `flag` (it preprocesses an empty file with it; an unknown option
+    is an error in GCC and clang). False when the compiler cannot be run at all."""
+    try:
+        probe = subprocess.run([compiler, flag, "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+                               capture_output=True, check=False)
+    except OSError:
+        return False
+    return probe.returncode == 0
 
 
 def build_targets(flags: frozenset[str]) -> list[tuple[str, list[str]]]:
@@ -128,6 +145,31 @@ class BuildError(RuntimeError):
     """No target built; the message is the compiler's first error line."""
 
 
+class CompilerKilled(RuntimeError):
+    """The compiler died of a signal (the OOM killer's SIGKILL, a SIGTERM): nothing is known about
+    whether the op builds, so nothing is remembered and the next run builds again."""
+
+
+# How GCC's driver (`g++: fatal error: Killed signal terminated program cc1plus`) and clang's
+# (`clang++: error: unable to execute command: Killed`, `... failed due to signal`) report a
+# compiler process that a signal killed: the driver itself then exits normally, with status 1.
+_KILLED = re.compile(r"signal terminated program|unable to execute command: Killed|failed due to signal")
+
+
+def killed_by(returncode: int, stderr: str) -> str | None:
+    """What killed the compiler (e.g. "SIGKILL"), or None if it ran to its end."""
+    if returncode < 0:
+        try:
+            return signal.Signals(-returncode).name
+        except ValueError:
+            return f"signal {-returncode}"
+    match = _KILLED.search(stderr)
+    if match is None:
+        return None
+    line = next(line.strip() for line in stderr.splitlines() if _KILLED.search(line))
+    return "SIGKILL" if "Killed" in line else line
+
+
 def build(path: pathlib.Path) -> str | None:
     """Compiles the library to `path`, trying `build_targets` in turn, each through a temporary
     name (a concurrent or interrupted build never leaves a half-written library where a loader
@@ -144,6 +186,12 @@ def build(path: pathlib.Path) -> str | None:
                 # Ctrl-C reached the compiler (its process group's signal): the user's interrupt,
                 # even where Python's own KeyboardInterrupt did not surface; no other target.
                 raise KeyboardInterrupt
+            killed = killed_by(result.returncode, result.stderr)
+            if killed is not None:
+                # Out of memory (the OOM killer's SIGKILL) or stopped from outside: another target
+                # would meet the same fate, and a later run may well build.
+                hint = " (out of memory?)" if killed == "SIGKILL" else ""
+                raise CompilerKilled(f"the compiler was killed by {killed}{hint}")
             if result.returncode == 0:
                 os.replace(partial, path)
                 return f"built for {name}, as the build for this CPU failed: {errors[0]}" if errors else None
@@ -178,6 +226,10 @@ def load() -> object | None:
     except BuildError as error:
         _write_atomic(failed, str(error))
         return _unavailable(str(error), failed)
+    except CompilerKilled as error:
+        _say(f"native CPU kernels not built this time ({error}): using the slower TensorFlow ones "
+             f"for this run; the next run builds again (or set {ENV_SWITCH}=0 to skip the build)")
+        return None
     except (OSError, tf.errors.NotFoundError) as error:
         return _unavailable(str(error).strip().splitlines()[0], None)
 
