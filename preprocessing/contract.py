@@ -18,8 +18,11 @@ metadata. Whoever copies the metadata elsewhere (a trainer job dir) copies the t
 to it under the same name: readers look for it in the directory the metadata file is in.
 
 Records are long runs, not training windows, so the trainer can pick its unroll length later.
-Each record is contiguous text from one document; the order of records within a split carries
-no meaning (Beam does not keep it), so readers may interleave shards freely.
+Each record is contiguous text from one document. A split is cut into shards of at most
+SHARD_CHARACTERS characters of text (`shards_for`), so that many writers and many readers can
+share it; consecutive records of a document stay in order in one shard where they can. The
+metadata counts each shard's tokens (`SplitStats.shard_tokens`): a reader divides the shards
+between workers from it without opening them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,9 @@ SHARD_TEMPLATE = "-SSSSS-of-NNNNN"
 # Tokens per record: long enough that per-record overhead vanishes, short enough that a
 # record never strains memory. The trainer concatenates records, so the value is free to change.
 DEFAULT_RECORD_TOKENS = 65536
+# Text per shard: a shard is what one writer writes and one reader reads, so a split of N of these
+# can be written by N workers and read by up to N. 32 MB compresses to ~12 MB (char ids, GZIP).
+SHARD_CHARACTERS = 32_000_000
 
 
 class ContractError(ValueError):
@@ -67,6 +73,16 @@ def shard_prefix(data_dir: str, prefix: str, split: str) -> str:
 def shard_glob(data_dir: str, prefix: str, split: str) -> str:
     """Glob matching every shard of one split."""
     return shard_prefix(data_dir, prefix, split) + "-*-of-*" + SHARD_SUFFIX
+
+
+def shard_name(data_dir: str, prefix: str, split: str, index: int, shards: int) -> str:
+    """The path of shard `index` of `shards` (what SHARD_TEMPLATE makes of it)."""
+    return shard_prefix(data_dir, prefix, split) + f"-{index:05d}-of-{shards:05d}" + SHARD_SUFFIX
+
+
+def shards_for(characters: int) -> int:
+    """How many shards a split of `characters` characters of text gets: none above the limit."""
+    return max(1, -(-characters // SHARD_CHARACTERS))
 
 
 def metadata_path(data_dir: str, prefix: str) -> str:
@@ -95,6 +111,10 @@ class SplitStats:
     # Characters of cleaned text the split's tokens cover, so that losses of models with different
     # tokenizers compare per character. 0: unknown (metadata written before the field existed).
     characters: int = 0
+    # Tokens in each shard, in shard order (NAME.SPLIT-00000-of-N first), so that readers can
+    # divide the shards between them without opening any. Empty: unknown (metadata written
+    # before the field existed; such a split is read whole by every reader).
+    shard_tokens: tuple[int, ...] = ()
 
     @property
     def characters_per_token(self) -> float:
@@ -168,7 +188,8 @@ def metadata_from_json(text: str, source: str = "metadata") -> Metadata:
     if unknown:
         raise ContractError(f"{source}: unknown keys {unknown}")
     try:
-        splits = {name: SplitStats(**stats) for name, stats in body.pop("splits").items()}
+        splits = {name: SplitStats(**{**stats, "shard_tokens": tuple(stats.get("shard_tokens", ()))})
+                  for name, stats in body.pop("splits").items()}
         metadata = Metadata(
             splits=splits,
             vocab=tuple(body.pop("vocab")),
@@ -196,6 +217,11 @@ def _validate(metadata: Metadata, source: str) -> None:
     missing = [s for s in SPLITS if s not in metadata.splits]
     if missing:
         raise ContractError(f"{source}: no stats for splits {missing}")
+    for name, stats in metadata.splits.items():
+        if stats.shard_tokens and (len(stats.shard_tokens) != stats.shards
+                                   or sum(stats.shard_tokens) != stats.tokens):
+            raise ContractError(f"{source}: the {name} split's shard_tokens do not add up to its "
+                                f"{stats.shards} shards and {stats.tokens} tokens")
     if metadata.learned and not (metadata.tokenizer_file and metadata.tokenizer_sha256):
         raise ContractError(f"{source}: a {metadata.tokenizer} tokenizer needs tokenizer_file and "
                             "tokenizer_sha256; rerun preprocessing.run")

@@ -17,7 +17,11 @@ records are long): two passes over the files, each file one element.
 1. survey: read, clean, count tokens per document → vocabulary (a combiner) and the split plan
    (document sizes only, see splits.py).
 2. encode: read, clean, encode with the vocabulary (side input), cut into records along the plan,
-   write each split with WriteToTFRecord.
+   write each split as shards of at most ~32 MB of text (contract.shards_for, or --num_shards).
+   The plan fixes which shard each record goes to (splits.shard_plan: consecutive records of a
+   document stay together), so the metadata can count each shard's tokens. Each bundle writes
+   one part per shard it meets and the parts of a shard are joined afterwards (a rename when
+   there is one part, as in a local run): every worker writes, and memory stays flat.
 Reading twice instead of carrying cleaned text between the passes keeps memory flat: no stage
 ever holds more than one document's text.
 
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -98,6 +103,8 @@ class JobOptions:
     # record of what it was learned from).
     tokenizer_model: bytes = b""
     tokenizer_sample: dict[str, int] = dataclasses.field(default_factory=dict)
+    # --num_shards: shards per split; a split not named gets one per SHARD_CHARACTERS of text.
+    num_shards: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def presplit(self) -> bool:
@@ -159,6 +166,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--record_tokens", type=int, default=contract.DEFAULT_RECORD_TOKENS,
                         help="Tokens per TFRecord record (the trainer cuts its own windows); "
                              "characters for bpe/unigram, whose records are cut before encoding.")
+    parser.add_argument("--num_shards", metavar="N|SPLIT=N[,SPLIT=N…]",
+                        help="Shards per split instead of one per ~32 MB of text "
+                             f"({contract.SHARD_CHARACTERS // 1_000_000} million characters): one "
+                             "number for every split, or per split, e.g. train=8,valid=1,test=1 "
+                             "(a split never gets more shards than records).")
     parser.add_argument("--vocab_from", metavar="DATA_DIR/PREFIX",
                         help="Reuse an existing vocabulary (and tokenizer settings), e.g. for "
                              "fine-tuning: DATA_DIR/PREFIX, a *.metadata.json file or a trainer job dir.")
@@ -215,7 +227,30 @@ def parse_args(argv: Sequence[str]) -> tuple[JobOptions, list[str]]:
         valid_fraction=args.valid_fraction, test_fraction=args.test_fraction, seed=args.seed,
         record_tokens=args.record_tokens,
         vocab=vocab, tokenizer_sample_chars=args.tokenizer_sample_chars,
-        tokenizer_model=model, tokenizer_sample=sample), beam_args
+        tokenizer_model=model, tokenizer_sample=sample,
+        num_shards=_num_shards(args.num_shards)), beam_args
+
+
+def _num_shards(text: str | None) -> dict[str, int]:
+    """--num_shards: "8" (every split) or "train=8,valid=1" (the splits named) → {split: count}."""
+    if not text:
+        return {}
+    fix = "give one number, or per split, e.g. --num_shards train=8,valid=1,test=1"
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if "=" in text:
+        named = [part.partition("=") for part in parts]
+    else:
+        named = [(split, "=", text) for split in contract.SPLITS]
+    shards = {}
+    for split, _, count in named:
+        split = split.strip()
+        if split not in contract.SPLITS:
+            raise UsageError(f"--num_shards {text}: {split!r} is not a split "
+                             f"({', '.join(contract.SPLITS)}); {fix}")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise UsageError(f"--num_shards {text}: {count.strip()!r} is not a count of at least 1; {fix}")
+        shards[split] = int(count)
+    return shards
 
 
 def _check_names(args: argparse.Namespace) -> None:
@@ -379,6 +414,7 @@ class Survey:
     digest: str
     encoding: str
     counts: Counter[str]
+    characters: int = 0  # of cleaned text
 
 
 class _SurveyFn(beam.DoFn):
@@ -406,7 +442,7 @@ class _SurveyFn(beam.DoFn):
         if self._options.vocab is not None or split not in (None, "train"):
             counts = Counter()
         digest = hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
-        yield Survey(path, split, tokens, digest, cleaned.encoding or "", counts)
+        yield Survey(path, split, tokens, digest, cleaned.encoding or "", counts, len(text))
 
 
 class _MergeCounts(beam.CombineFn):
@@ -438,12 +474,26 @@ def _plan(surveys: list[Survey], options: JobOptions) -> dict[str, tuple[splits.
                        options.record_tokens)
 
 
+# (shards per split, document path → the shard of each of its records in the plan)
+ShardPlan = tuple[dict[str, int], dict[str, tuple[int, ...]]]
+
+
+def _shard_plan(plan: dict[str, tuple[splits.Span, ...]], surveys: list[Survey],
+                options: JobOptions) -> ShardPlan:
+    """--num_shards, else one shard per SHARD_CHARACTERS characters of each split's text."""
+    per_unit = {s.path: s.characters / s.tokens for s in surveys if s.tokens and s.characters}
+    characters = splits.split_characters(plan, per_unit)
+    wanted = {s: options.num_shards.get(s) or contract.shards_for(characters[s]) for s in contract.SPLITS}
+    return splits.shard_plan(plan, wanted)
+
+
 # ---------------------------------------------------------------------------------------------
 # Pass 2: encode
 
 
 class _EncodeFn(beam.DoFn):
-    """One file → serialized records tagged by split, plus (split, (tokens, records, characters))."""
+    """One file → (shard, tokens, serialized record) tagged by split, plus
+    (split, (tokens, records, characters))."""
 
     def __init__(self, options: JobOptions) -> None:
         self._options = options
@@ -459,7 +509,7 @@ class _EncodeFn(beam.DoFn):
         return self._tokenizer
 
     def process(self, element: tuple[Any, str | None], vocab: tuple[str, ...], learned: Learned,
-                plan: dict[str, tuple[splits.Span, ...]]) -> Iterator[Any]:
+                plan: dict[str, tuple[splits.Span, ...]], shard_plan: ShardPlan) -> Iterator[Any]:
         if learned.error:  # nothing to encode with; the driver reports the error
             return
         readable, _ = element
@@ -480,8 +530,9 @@ class _EncodeFn(beam.DoFn):
             records = ((split, ids[start:end],
                         end - start if offsets is None else int(offsets[end] - offsets[start]))
                        for split, start, end in spans)
-        for split, record, characters in records:
-            yield beam.pvalue.TaggedOutput(split, contract.encode_example(record))
+        shards = shard_plan[1].get(path, ())
+        for shard, (split, record, characters) in zip(shards, records, strict=True):
+            yield beam.pvalue.TaggedOutput(split, (shard, len(record), contract.encode_example(record)))
             yield beam.pvalue.TaggedOutput("counts", (split, (len(record), 1, characters)))
 
 
@@ -608,47 +659,126 @@ def build_pipeline(p: beam.Pipeline, files: list[InputFile], options: JobOptions
     else:
         vocab = p | "FixedVocab" >> beam.Create([options.vocab])
 
+    shard_plan = plan | "ShardPlan" >> beam.Map(_shard_plan, AsList(sizes), options)
     encoded = (_read_files(p, files, "Encode")
                | "Encode" >> beam.ParDo(_EncodeFn(options), vocab=AsSingleton(vocab),
-                                        learned=AsSingleton(learned), plan=AsSingleton(plan))
+                                        learned=AsSingleton(learned), plan=AsSingleton(plan),
+                                        shard_plan=AsSingleton(shard_plan))
                .with_outputs(*contract.SPLITS, "counts"))
     shards = {}
     for split in contract.SPLITS:
+        # Each bundle writes a part per shard it meets; the parts of a shard are then joined (a
+        # rename when there is one, as in a local run). Memory stays one record per open part.
         shards[split] = (
             encoded[split]
-            | f"Write{split}" >> beam.io.WriteToTFRecord(
-                contract.shard_prefix(work_dir, options.data_prefix, split),
-                file_name_suffix=contract.SHARD_SUFFIX, shard_name_template=contract.SHARD_TEMPLATE,
-                compression_type=CompressionTypes.GZIP)
+            | f"WriteParts{split}" >> beam.ParDo(_WritePartsFn(work_dir, options.data_prefix, split))
+            | f"PartsOf{split}" >> beam.GroupByKey()
+            | f"JoinParts{split}" >> beam.ParDo(_JoinPartsFn(work_dir, options.data_prefix, split),
+                                                 shard_plan=AsSingleton(shard_plan))
             | f"Shards{split}" >> beam.combiners.ToList())
     counts = encoded.counts | "SumCounts" >> beam.CombinePerKey(_sum_counts)
     skipped = surveyed.skipped | "AllSkipped" >> beam.combiners.ToList()
     (p | "Done" >> beam.Create([None])
      | "WriteStats" >> beam.Map(
          _write_stats, work_dir, options, vocab=AsSingleton(vocab), learned=AsSingleton(learned),
-         sizes=AsList(sizes),
+         sizes=AsList(sizes), shard_plan=AsSingleton(shard_plan),
          skipped=AsSingleton(skipped), counts=AsDict(counts),
          **{f"shards_{s}": AsSingleton(shards[s]) for s in contract.SPLITS}))
 
 
+class _WritePartsFn(beam.DoFn):
+    """(shard, tokens, record) → one GZIP TFRecord part per shard met in a bundle, closed at the
+    bundle's end, which yields (shard, (part path, tokens)) for each."""
+
+    def __init__(self, work_dir: str, prefix: str, split: str) -> None:
+        self._work_dir, self._prefix, self._split = work_dir, prefix, split
+        self._parts: dict[int, list[Any]] = {}
+
+    def start_bundle(self) -> None:
+        self._parts = {}
+
+    def process(self, element: tuple[int, int, bytes]) -> None:
+        from apache_beam.io.tfrecordio import _TFRecordUtil  # what WriteToTFRecord frames records with
+
+        shard, tokens, record = element
+        part = self._parts.get(shard)
+        if part is None:
+            # Not a shard name (no "-"): a leftover part never matches contract.shard_glob.
+            name = f"{self._prefix}.{self._split}.part-{shard:05d}-{uuid.uuid4().hex}.gz"
+            path = _join(self._work_dir, name)
+            handle = FileSystems.create(path, compression_type=CompressionTypes.GZIP)
+            part = self._parts[shard] = [path, handle, 0]
+        _TFRecordUtil.write_record(part[1], record)
+        part[2] += tokens
+
+    def finish_bundle(self) -> Iterator[Any]:
+        from apache_beam.transforms.window import GlobalWindow
+        from apache_beam.utils.windowed_value import WindowedValue
+
+        for shard, (path, handle, tokens) in sorted(self._parts.items()):
+            handle.close()
+            yield WindowedValue((shard, (path, tokens)), GlobalWindow().max_timestamp(), [GlobalWindow()])
+        self._parts = {}
+
+
+class _JoinPartsFn(beam.DoFn):
+    """(shard, its parts) → the shard file, named for its index and the split's shard count;
+    yields (shard, tokens)."""
+
+    def __init__(self, work_dir: str, prefix: str, split: str) -> None:
+        self._work_dir, self._prefix, self._split = work_dir, prefix, split
+
+    def process(self, element: tuple[int, Any], shard_plan: ShardPlan) -> Iterator[tuple[int, int]]:
+        shard, parts = element
+        parts = sorted(parts)
+        target = contract.shard_name(self._work_dir, self._prefix, self._split, shard,
+                                     shard_plan[0][self._split])
+        _concatenate([path for path, _ in parts], target)
+        yield shard, sum(tokens for _, tokens in parts)
+
+
+def _concatenate(sources: list[str], target: str) -> None:
+    """`target` := the sources one after the other. GZIP files concatenate into one GZIP file of
+    several members, which TensorFlow's reader reads through. Safe to run again (a retried bundle)."""
+    if len(sources) == 1:
+        if FileSystems.exists(sources[0]) or not FileSystems.exists(target):
+            FileSystems.rename(sources, [target])
+        return
+    temp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    with FileSystems.create(temp, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+        for source in sources:
+            with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                while block := f.read(1 << 24):
+                    out.write(block)
+    FileSystems.rename([temp], [target])
+
+
 def _write_stats(_: None, work_dir: str, options: JobOptions, vocab: tuple[str, ...], learned: Learned,
-                 sizes: list[Survey], skipped: list[dict[str, str]],
-                 counts: dict[str, tuple[int, int, int]], **shards: list[str]) -> None:
+                 sizes: list[Survey], shard_plan: ShardPlan, skipped: list[dict[str, str]],
+                 counts: dict[str, tuple[int, int, int]], **shards: list[tuple[int, int]]) -> None:
     """Runs after every write (its side inputs say so): what the driver needs to commit."""
     tokenizer_file = contract.tokenizer_file_name(options.data_prefix) if learned.model else ""
     if tokenizer_file:
         _write_atomically(_join(work_dir, tokenizer_file), learned.model)
+    shard_files, shard_tokens = {}, {}
+    for split in contract.SPLITS:
+        count, written = shard_plan[0][split], dict(shards[f"shards_{split}"])
+        shard_files[split] = [contract.shard_name(work_dir, options.data_prefix, split, i, count)
+                              for i in range(count)]
+        shard_tokens[split] = tuple(written.get(i, 0) for i in range(count))
+        for i, path in enumerate(shard_files[split]):
+            if i not in written:  # no record fell in it (a split with no text): an empty shard
+                _write_atomically(path, gzip.compress(b"", mtime=0))
     stats = {
         "metadata": contract.metadata_to_json(contract.Metadata(
             tokenizer=options.tokenizer, vocab=tuple(vocab), lowercase=options.lowercase,
             line_eos=options.line_eos, word_split=options.word_split, documents=len(sizes),
             skipped=tuple(sorted(skipped, key=lambda s: s["path"])), sources=options.sources,
-            splits={s: _split_stats(counts.get(s, (0, 0, 0)), len(shards[f"shards_{s}"]))
-                    for s in contract.SPLITS},
+            splits={s: _split_stats(counts.get(s, (0, 0, 0)), shard_tokens[s]) for s in contract.SPLITS},
             tokenizer_file=tokenizer_file,
             tokenizer_sha256=hashlib.sha256(learned.model).hexdigest() if learned.model else "",
             tokenizer_sample=learned.sample)),
-        "shards": {s: sorted(shards[f"shards_{s}"]) for s in contract.SPLITS},
+        "shards": shard_files,
         "fallback_decodes": sorted(s.path for s in sizes if s.encoding in ("cp1252", "latin-1")),
         "tokenizer_file": tokenizer_file and _join(work_dir, tokenizer_file),
         "error": learned.error,
@@ -656,9 +786,10 @@ def _write_stats(_: None, work_dir: str, options: JobOptions, vocab: tuple[str, 
     _write_atomically(_join(work_dir, _STATS_FILE), json.dumps(stats))
 
 
-def _split_stats(counts: tuple[int, int, int], shards: int) -> contract.SplitStats:
+def _split_stats(counts: tuple[int, int, int], shard_tokens: tuple[int, ...]) -> contract.SplitStats:
     tokens, records, characters = counts
-    return contract.SplitStats(tokens=tokens, records=records, shards=shards, characters=characters)
+    return contract.SplitStats(tokens=tokens, records=records, shards=len(shard_tokens),
+                               characters=characters, shard_tokens=shard_tokens)
 
 
 # ---------------------------------------------------------------------------------------------

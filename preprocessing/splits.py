@@ -115,3 +115,42 @@ def split_tokens(spans_by_path: Mapping[str, tuple[Span, ...]]) -> dict[str, int
         for split, start, end in spans:
             totals[split] += end - start
     return totals
+
+
+def split_characters(spans_by_path: Mapping[str, tuple[Span, ...]],
+                     characters_per_unit: Mapping[str, float]) -> dict[str, int]:
+    """Characters of text per split: each document's plan units (tokens, or characters for
+    bpe/unigram) times that document's characters per unit."""
+    totals = dict.fromkeys(contract.SPLITS, 0.0)
+    for path, spans in spans_by_path.items():
+        for split, start, end in spans:
+            totals[split] += (end - start) * characters_per_unit.get(path, 1.0)
+    return {split: math.ceil(total) for split, total in totals.items()}
+
+
+def shard_plan(spans_by_path: Mapping[str, tuple[Span, ...]], shards: Mapping[str, int],
+               ) -> tuple[dict[str, int], dict[str, tuple[int, ...]]]:
+    """(shards per split, document path → the shard of each of its records).
+
+    Each split's records are taken in document order (paths sorted, records in text order) and
+    cut into `shards[split]` consecutive runs of about equal size, so shards differ by at most
+    one record and a document's records stay together and in order except where a run ends.
+    A split never gets more shards than records (nor fewer than one).
+    """
+    records = dict.fromkeys(contract.SPLITS, 0)
+    for spans in spans_by_path.values():
+        for split, _, _ in spans:
+            records[split] += 1
+    counts = {s: max(1, min(shards.get(s, 1), records[s])) for s in contract.SPLITS}
+    totals = split_tokens(spans_by_path)
+    done = dict.fromkeys(contract.SPLITS, 0)
+    assignment = {}
+    for path in sorted(spans_by_path):
+        indices = []
+        for split, start, end in spans_by_path[path]:
+            # The shard whose share of the split this record's middle falls in.
+            middle = 2 * done[split] + (end - start)
+            indices.append(min(counts[split] - 1, middle * counts[split] // max(2 * totals[split], 1)))
+            done[split] += end - start
+        assignment[path] = tuple(indices)
+    return counts, assignment

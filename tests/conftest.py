@@ -67,8 +67,10 @@ def write_data_dir(data_dir: Path, text: str, tokenizer: str = "char", prefix: s
             with tf.io.TFRecordWriter(name + contract.SHARD_SUFFIX, options="GZIP") as writer:
                 for record in records[shard::count]:
                     writer.write(contract.serialize_example(record))
+        shard_tokens = tuple(sum(map(len, records[shard::count])) for shard in range(count))
         stats[split] = contract.SplitStats(tokens=len(tokens), records=len(records), shards=count,
-                                           characters=round(len(tokens) * len(text) / len(ids)))
+                                           characters=round(len(tokens) * len(text) / len(ids)),
+                                           shard_tokens=shard_tokens)
     learned = {}
     if model:
         learned = {"tokenizer_file": contract.tokenizer_file_name(prefix),

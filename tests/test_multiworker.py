@@ -63,7 +63,9 @@ def _weights(job_dir: Path) -> dict[str, np.ndarray]:
 
 def test_two_workers_train_like_one_process_with_the_same_global_batch(tmp_path: Path, make_data_dir) -> None:
     pytest.importorskip("trainer.runner", reason="trainer/runner.py not written yet")
-    data_dir, prefix, _ = make_data_dir(tmp_path)
+    # One train shard, which two workers cannot divide: each reads the whole stream and keeps its
+    # rows, so the job is the single process's exactly (divided shards: test_multiworker_shards.py).
+    data_dir, prefix, _ = make_data_dir(tmp_path, shards=1)
     common = [f"--data_dir={data_dir}", f"--data_prefix={prefix}", *MODEL]
     single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
 

@@ -68,7 +68,9 @@ def _preempt(workers: list[subprocess.Popen[str]], target: int, step: int) -> li
 @pytest.mark.parametrize("target", [0, 1], ids=["chief", "non_chief"])
 def test_sigterm_on_one_worker_stops_all_at_one_step_and_resumes(target, tmp_path: Path,
                                                                   make_data_dir) -> None:
-    data_dir, prefix, _ = make_data_dir(tmp_path)
+    # One train shard, which two workers cannot divide: each reads the whole stream and keeps its
+    # rows, so the job is the single process's exactly (divided shards: test_multiworker_shards.py).
+    data_dir, prefix, _ = make_data_dir(tmp_path, shards=1)
     common = [f"--data_dir={data_dir}", f"--data_prefix={prefix}", *ARGS]
     single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
     single = _train([*common, f"--job-dir={single_dir}"], _env())

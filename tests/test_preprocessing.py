@@ -54,6 +54,20 @@ def read_split(out: Path, prefix: str, split: str) -> tuple[list[np.ndarray], in
     return list(dataset.as_numpy_iterator()), len(files)
 
 
+def shard_tokens(out: Path, prefix: str, split: str) -> list[int]:
+    """Tokens in each shard file of a split, in shard order."""
+    files = sorted(str(p) for p in out.glob(f"{prefix}.{split}-*-of-*{contract.SHARD_SUFFIX}"))
+    return [sum(len(r) for r in read_shard(f)) for f in files]
+
+
+def read_shard(path: str) -> list[np.ndarray]:
+    """One shard's records in file order."""
+    import tensorflow as tf
+
+    dataset = tf.data.TFRecordDataset(path, compression_type="GZIP").map(contract.parse_example)
+    return list(dataset.as_numpy_iterator())
+
+
 def tile(document: Sequence[Any], pool: Counter[Any]) -> bool:
     """Consumes from `pool` records that laid end to end form `document` (backtracking)."""
     def place(pos: int) -> bool:
@@ -91,6 +105,7 @@ def check_outputs(metadata: contract.Metadata, out: Path,
         assert stats.tokens == sum(len(r) for r in records[split]) > 0, split
         assert (stats.records, stats.shards) == (len(records[split]), shards)
         assert all(0 < len(r) <= 100 for r in records[split])
+        assert list(stats.shard_tokens) == shard_tokens(out, prefix, split)
     assert not list(out.glob(".*")), "the temporary directory was left behind"
     return records
 
@@ -264,6 +279,66 @@ def test_bad_flags_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFix
     assert err.count("\n") == 1 and err.startswith("preprocessing.run: error:") and message in err, err
 
 
+def test_splits_are_cut_into_shards_of_bounded_text_each_counted(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(contract, "SHARD_CHARACTERS", 3000)
+    metadata, out = run_job(tmp_path, "--tokenizer", "char", "--valid_fraction", "0.1")
+    records = check_outputs(metadata, out)
+    train, valid = metadata.splits["train"], metadata.splits["valid"]
+    assert train.shards == contract.shards_for(train.characters) >= 4
+    assert valid.shards == contract.shards_for(valid.characters) >= 1
+    assert max(train.shard_tokens) <= 3000 + 100  # at most one record over the mean share
+    assert max(train.shard_tokens) - min(train.shard_tokens) <= 100
+    names = sorted(p.name for p in out.glob("tiny.train-*"))
+    assert names == [f"tiny.train-{i:05d}-of-{train.shards:05d}{contract.SHARD_SUFFIX}"
+                     for i in range(train.shards)]
+    # A book's records stay together and in order inside a shard: shard 0 holds the start of book 1.
+    tok = tokenizers.tokenizer_from_metadata(metadata)
+    cursor, shard0 = 0, read_shard(str(out / names[0]))
+    for record in shard0:
+        cursor = BOOK1.index(tok.decode(record), cursor) + len(record)
+    assert len(shard0) > 10
+    pool = Counter(tok.decode(r) for split in contract.SPLITS for r in records[split])
+    assert tile(BOOK1, pool) and tile(BOOK2, pool) and not +pool
+
+    # --num_shards overrides, per split or for all; a split never gets more shards than records.
+    metadata, out = run_job(tmp_path, "--tokenizer", "char", "--num_shards", "train=3,valid=2")
+    check_outputs(metadata, out)
+    assert [metadata.splits[s].shards for s in contract.SPLITS] == [3, 2, 1]
+    metadata, out = run_job(tmp_path, "--tokenizer", "char", "--num_shards", "100000")
+    check_outputs(metadata, out)
+    assert [metadata.splits[s].shards for s in contract.SPLITS] == [
+        metadata.splits[s].records for s in contract.SPLITS]
+
+
+@pytest.mark.parametrize("value", ["0", "train=x", "dev=2", "train=2,valid"])
+def test_bad_num_shards_is_a_one_line_error(value: str) -> None:
+    with pytest.raises(run.UsageError, match="--num_shards"):
+        run.parse_args(["--input", "a.txt", "--output_dir", "o", "--data_prefix", "x", "--tokenizer", "char",
+                        "--num_shards", value])
+
+
+def test_shard_plan_balances_and_keeps_documents_together() -> None:
+    plan = {"a": (("train", 0, 100), ("train", 100, 200), ("valid", 200, 250), ("train", 250, 300)),
+            "b": (("train", 0, 100), ("train", 100, 150))}
+    counts, shards = splits.shard_plan(plan, {"train": 2, "valid": 5, "test": 3})
+    assert counts == {"train": 2, "valid": 1, "test": 1}
+    assert shards == {"a": (0, 0, 0, 1), "b": (1, 1)}
+    assert splits.split_characters(plan, {"a": 2.0}) == {"train": 650, "valid": 100, "test": 0}
+
+
+def test_metadata_without_shard_tokens_still_reads() -> None:
+    body = json.loads(contract.metadata_to_json(contract.Metadata(
+        tokenizer="char", vocab=("a", "b"),
+        splits={s: contract.SplitStats(10, 1, 1, shard_tokens=(10,)) for s in contract.SPLITS})))
+    assert contract.metadata_from_json(json.dumps(body)).splits["train"].shard_tokens == (10,)
+    for stats in body["splits"].values():
+        del stats["shard_tokens"]
+    assert contract.metadata_from_json(json.dumps(body)).splits["train"].shard_tokens == ()
+    body["splits"]["train"]["shard_tokens"] = [4, 5]
+    with pytest.raises(contract.ContractError, match="do not add up"):
+        contract.metadata_from_json(json.dumps(body))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
@@ -326,3 +401,23 @@ def test_stats_file_is_json_the_driver_reads(tmp_path: Path) -> None:
     body = json.loads((out / "tiny.metadata.json").read_text())
     assert body["splits"]["valid"]["tokens"] == metadata.splits["valid"].tokens
     assert metadata.splits["valid"].tokens > metadata.splits["test"].tokens
+
+
+def test_parts_of_a_shard_join_into_one_readable_gzip_file(tmp_path: Path) -> None:
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+
+    parts = []
+    for name, values in (("p1", [[1, 2], [3]]), ("p2", [[4, 5, 6]]), ("p3", [])):
+        path = str(tmp_path / name)
+        with FileSystems.create(path, compression_type=CompressionTypes.GZIP) as f:
+            for ids in values:
+                _TFRecordUtil.write_record(f, contract.encode_example(ids))
+        parts.append(path)
+    target = str(tmp_path / "shard.tfrecord.gz")
+    run._concatenate(parts, target)
+    assert [r.tolist() for r in read_shard(target)] == [[1, 2], [3], [4, 5, 6]]
+    run._concatenate([parts[0]], str(tmp_path / "one.gz"))
+    run._concatenate([parts[0]], str(tmp_path / "one.gz"))  # a retried bundle: already done
+    assert [r.tolist() for r in read_shard(str(tmp_path / "one.gz"))] == [[1, 2], [3]]

@@ -132,3 +132,44 @@ def test_windows_are_not_autotuned(tmp_path, make_data_dir) -> None:
     dataset = data.windows(data.shard_files(data_dir, prefix, "train"),
                            data.layout_for(metadata.splits["train"].tokens, 2, 8))
     assert dataset.options().autotune.enabled is False
+
+
+def test_shards_are_assigned_to_readers_by_their_token_counts() -> None:
+    assert data.assign_shards([5, 5, 3, 3, 2, 2], 2) == [[0, 2, 4], [1, 3, 5]]
+    assert data.assign_shards([9, 1, 1, 1], 2) == [[0], [1, 2, 3]]
+    shards = data.assign_shards([7, 3, 8, 2, 6, 4, 5, 1], 4)
+    assert sorted(i for own in shards for i in own) == list(range(8))
+    loads = [sum([7, 3, 8, 2, 6, 4, 5, 1][i] for i in own) for own in shards]
+    assert max(loads) - min(loads) <= 8  # one shard at most
+
+
+def test_readers_divide_the_shards_or_say_why_not(tmp_path, make_data_dir) -> None:
+    import dataclasses
+
+    data_dir, prefix, metadata = make_data_dir(tmp_path, shards=8, record_tokens=32)
+    files, stats = data.shard_files(data_dir, prefix, "train"), metadata.splits["train"]
+    one = data.plan_reading(files, stats, 4, 5)
+    assert one.readers == 1 and one.files == (tuple(files),) and not one.note
+    assert one.layout == one.local == data.layout_for(stats.tokens, 4, 5)
+
+    two = data.plan_reading(files, stats, 4, 5, readers=2)
+    assert two.readers == 2 and sorted(sum(two.files, ())) == files
+    assert (two.layout.batch_size, two.local.batch_size) == (4, 2)
+    assert two.layout.windows_per_epoch == two.local.windows_per_epoch > 0
+    assert "2 workers each read their own 4-4 of the 8 train shards" in two.note
+    # Each reader's windows are the classic layout of its own shards' stream, its rows only.
+    reader_windows = data.reader_windows(two)
+    for reader in range(2):
+        stream = np.concatenate([r.numpy() for r in data.token_stream(list(two.files[reader]))])
+        windows = [x.numpy() for x, _ in reader_windows(reader)]
+        assert len(windows) == two.layout.windows_per_epoch and windows[0].shape == (2, 5)
+        row = two.local.windows_per_chunk * 5 + 1
+        for b in range(2):
+            np.testing.assert_array_equal(windows[0][b], stream[b * row:b * row + 5])
+        resumed = [x.numpy() for x, _ in data.reader_windows(two, start=3)(reader)]
+        np.testing.assert_array_equal(np.stack(resumed), np.stack(windows[3:]))
+
+    assert "cannot be divided between 16 workers" in data.plan_reading(files, stats, 16, 5, readers=16).note
+    old = dataclasses.replace(stats, shard_tokens=())
+    whole = data.plan_reading(files, old, 4, 5, readers=2)
+    assert whole.readers == 1 and whole.layout == one.layout and "no per-shard token counts" in whole.note

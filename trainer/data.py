@@ -17,13 +17,21 @@ there. The layout depends only on the metadata's token count, batch size and unr
 Models that carry nothing from one window to the next (the transformer) take `random_starts`:
 the same number of windows per chunk, each row cut at a random offset of the chunk (nanoGPT's
 sampling), reproducibly for the epoch's seed.
+
+Several readers (one per worker of a multi-worker job, `plan_reading`): the train shards are
+divided between them by the token counts the metadata keeps for each shard, and each reader cuts
+only its own shards into windows of its own rows (--batch_size / readers streams), so a worker
+reads about 1/readers of the split instead of all of it. Every reader takes as many windows per
+epoch as the one with the least text has; the same readers resume exactly where they were. With
+one worker, or data whose shards cannot be divided (fewer shards than workers, metadata without
+per-shard counts), every worker reads the whole stream as above and keeps its rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import tensorflow as tf
 
@@ -156,6 +164,89 @@ def layout_for(split_tokens: int, batch_size: int, unroll_steps: int, split: str
     return Layout(batch_size, unroll_steps, per_chunk, split_tokens // chunk_tokens)
 
 
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """How a split is read: by one reader (the whole stream) or divided between `readers`.
+
+    `layout` is the job's: --batch_size streams, and the windows per epoch every reader takes.
+    With several readers, reader r reads `files[r]` only and cuts them by `local` into windows of
+    its own --batch_size / readers streams: the rows of its replicas, in order.
+    """
+
+    layout: Layout
+    local: Layout
+    files: tuple[tuple[str, ...], ...]  # per reader
+    note: str = ""  # one line for the log: how the split is divided, or why it is not
+
+    @property
+    def readers(self) -> int:
+        return len(self.files)
+
+
+def assign_shards(shard_tokens: Sequence[int], readers: int) -> list[list[int]]:
+    """Shard indices per reader: the largest shard first, each to the reader with the least text
+    so far (the lower index on a tie), so loads differ by at most one shard. Pure: every worker
+    computes the same assignment from the metadata."""
+    loads, assigned = [0] * readers, [[] for _ in range(readers)]
+    for shard in sorted(range(len(shard_tokens)), key=lambda i: (-shard_tokens[i], i)):
+        reader = min(range(readers), key=lambda r: (loads[r], r))
+        assigned[reader].append(shard)
+        loads[reader] += shard_tokens[shard]
+    return [sorted(shards) for shards in assigned]
+
+
+def plan_reading(files: Sequence[str], stats: contract.SplitStats, batch_size: int, unroll_steps: int,
+                 readers: int = 1, split: str = "train") -> Reading:
+    """Who reads which shards of a split (see the module docstring); UsageError if not one window
+    of the whole split fits."""
+    whole = layout_for(stats.tokens, batch_size, unroll_steps, split)
+    if readers <= 1:
+        return Reading(whole, whole, (tuple(files),))
+    everything = f"every one of the {readers} workers reads the whole {split} split"
+    if len(stats.shard_tokens) != len(files):
+        why = ("its metadata has no per-shard token counts (written by an older verne); rerun "
+               "preprocessing.run to let each worker read only its own shards")
+        return Reading(whole, whole, (tuple(files),), f"{everything}: {why}")
+    if len(files) < readers or batch_size % readers:
+        why = (f"{len(files)} shards cannot be divided between {readers} workers; rerun "
+               f"preprocessing.run with --num_shards {split}={readers * max(1, -(-len(files) // readers))}")
+        return Reading(whole, whole, (tuple(files),), f"{everything}: {why}")
+    shards = assign_shards(stats.shard_tokens, readers)
+    loads = [sum(stats.shard_tokens[i] for i in own) for own in shards]
+    try:
+        local = layout_for(min(loads), batch_size // readers, unroll_steps, split)
+    except UsageError:
+        why = f"the smallest share ({min(loads)} tokens) is too short for one window of its streams"
+        return Reading(whole, whole, (tuple(files),), f"{everything}: {why}")
+    layout = Layout(batch_size, unroll_steps, local.windows_per_chunk, local.chunks)
+    used = readers * local.chunks * local.chunk_tokens
+    note = (f"{readers} workers each read their own {min(map(len, shards))}-{max(map(len, shards))} of "
+            f"the {len(files)} {split} shards ({max(loads) / max(stats.tokens, 1):.0%} of the text at "
+            f"most); {1 - used / max(stats.tokens, 1):.1%} of it is left out of each epoch so all take "
+            f"{layout.windows_per_epoch} windows")
+    return Reading(layout, local, tuple(tuple(files[i] for i in own) for own in shards), note)
+
+
+def division(readers: int, split: str = "train") -> str:
+    """How a split's shards are read, in words (for the line a resume prints)."""
+    return (f"{split} shards read whole by every worker" if readers == 1
+            else f"{split} shards divided between {readers} workers")
+
+
+def reader_windows(reading: Reading, start: int = 0, shuffle_seed: int | None = None,
+                   random_starts: bool = False) -> tf.data.Dataset | Callable[[int], tf.data.Dataset]:
+    """One epoch of `reading`'s windows from window `start` on: the whole split's (one reader),
+    or a function of the reader returning that reader's own (what distribute_windows takes)."""
+    if reading.readers == 1:
+        return windows(list(reading.files[0]), reading.layout, start, shuffle_seed, random_starts)
+
+    def of_reader(reader: int) -> tf.data.Dataset:
+        return windows(list(reading.files[reader]), reading.local, start, shuffle_seed, random_starts,
+                       reader=reader)
+
+    return of_reader
+
+
 def token_stream(files: list[str], shuffle_seed: int | None = None) -> tf.data.Dataset:
     """Records of the split as 1-D int32 tensors, in a deterministic order.
 
@@ -174,7 +265,7 @@ def token_stream(files: list[str], shuffle_seed: int | None = None) -> tf.data.D
 
 
 def windows(files: list[str], layout: Layout, start: int = 0, shuffle_seed: int | None = None,
-            random_starts: bool = False) -> tf.data.Dataset:
+            random_starts: bool = False, reader: int = 0) -> tf.data.Dataset:
     """One epoch of (inputs int32 [B, T], labels int32 [B, T]) windows, from window `start` on.
 
     With `random_starts` (for models that carry nothing from one window to the next) each row of
@@ -182,7 +273,8 @@ def windows(files: list[str], layout: Layout, start: int = 0, shuffle_seed: int 
     nanoGPT's `get_batch` draws them: a text seen again in a later epoch is cut differently, which
     stateless models overfit less with (bench/README.md, `--compare`). The draws are a function of
     `shuffle_seed` and the chunk, so resuming at `start` reproduces them. The epoch has as many
-    windows either way.
+    windows either way. `reader` (of several, `plan_reading`) numbers its chunks after the
+    other readers' for those draws, so no two readers cut their chunks alike.
     """
     batch, unroll, per_chunk = layout.batch_size, layout.unroll_steps, layout.windows_per_chunk
     chunks = token_stream(files, shuffle_seed).rebatch(layout.chunk_tokens, drop_remainder=True)
@@ -197,7 +289,7 @@ def windows(files: list[str], layout: Layout, start: int = 0, shuffle_seed: int 
 
     def random_rows(index: tf.Tensor, chunk: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         starts = tf.random.stateless_uniform(
-            [per_chunk, batch], seed=tf.stack([tf.constant(seed, tf.int64), index]),
+            [per_chunk, batch], seed=tf.stack([tf.constant(seed, tf.int64), index + reader * layout.chunks]),
             maxval=layout.chunk_tokens - unroll, dtype=tf.int32)
         rows = tf.gather(chunk, starts[..., None] + tf.range(unroll + 1))  # [K, B, T + 1]
         return rows[..., :-1], rows[..., 1:]

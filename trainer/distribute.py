@@ -142,21 +142,38 @@ def replica_streams(global_batch: int, replica_id: int, replicas: int) -> tuple[
     return replica_id * size, (replica_id + 1) * size
 
 
-def distribute_windows(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset) -> Any:
-    """Global (inputs, labels) windows [B, T] -> per-replica windows [B/R, T], replica r always
-    getting rows [r*B/R, (r+1)*B/R): the same streams every window, so the state each replica
-    carries stays the state of its own rows. Every worker reads the whole stream and keeps its
-    rows (tf.data's auto-sharding would hand whole windows or files to different workers)."""
+def readers(strategy: tf.distribute.Strategy) -> int:
+    """Input pipelines that can each read their own shards: one per worker under
+    MultiWorkerMirroredStrategy (each one's id is its place in the cluster, chief first), else 1."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    return max(1, cluster_workers({"cluster": strategy.cluster_resolver.cluster_spec().as_dict()}))
+
+
+def distribute_windows(strategy: tf.distribute.Strategy,
+                       windows: tf.data.Dataset | Callable[[int], tf.data.Dataset]) -> Any:
+    """Windows -> per-replica windows [B/R, T], replica r always getting the global rows
+    [r*B/R, (r+1)*B/R): the same streams every window, so the state each replica carries stays
+    the state of its own rows.
+
+    `windows` is either the global (inputs, labels) windows [B, T], which every input pipeline
+    reads whole to keep its replicas' rows, or a function of the input pipeline (one per worker)
+    that returns that pipeline's own windows [B/P, T], its replicas' rows only, read from its own
+    shards (trainer.data.reader_windows). tf.data's auto-sharding is never used: it would hand
+    whole windows or files to different workers without regard to the streams."""
     replicas = strategy.num_replicas_in_sync
     if replicas == 1:
-        return dataset
+        return windows(0) if callable(windows) else windows
 
     def per_pipeline(context: tf.distribute.InputContext) -> tf.data.Dataset:
         local = replicas // context.num_input_pipelines
-        first = context.input_pipeline_id * local
+        if callable(windows):  # the pipeline's own windows: its replicas' rows only, in order
+            dataset, first, shares = windows(context.input_pipeline_id), 0, local
+        else:
+            dataset, first, shares = windows, context.input_pipeline_id * local, replicas
 
         def blocks(inputs: tf.Tensor, labels: tf.Tensor) -> tf.data.Dataset:
-            size = tf.shape(inputs)[0] // replicas
+            size = tf.shape(inputs)[0] // shares
             rows = tf.range(first * size, (first + local) * size)
 
             def split(matrix: tf.Tensor) -> tf.Tensor:  # [B, T] -> [local, B/R, T]

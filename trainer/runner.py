@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -194,10 +194,14 @@ class _Trainer:
     def __init__(self, hparams: HParams, metadata: contract.Metadata,
                  strategy: tf.distribute.Strategy) -> None:
         self.hparams, self.metadata = hparams, metadata
-        self.layout = data.layout_for(metadata.splits["train"].tokens, hparams.batch_size,
-                                      hparams.unroll_steps)
+        # With several workers each reads only its own train shards where they divide.
+        self.reading = data.plan_reading(data.shard_files(hparams.data_dir, hparams.data_prefix, "train"),
+                                         metadata.splits["train"], hparams.batch_size,
+                                         hparams.unroll_steps, distribute.readers(strategy))
+        if self.reading.note:
+            print(self.reading.note, flush=True)
+        self.layout = self.reading.layout
         self.total = total_steps(hparams, self.layout)
-        self.train_files = data.shard_files(hparams.data_dir, hparams.data_prefix, "train")
         self.strategy = strategy
         # Only the chief writes summaries and samples; with several workers the others save
         # their (identical) checkpoints into a scratch dir, as MultiWorkerMirroredStrategy needs.
@@ -212,6 +216,7 @@ class _Trainer:
             self.counters = {name: tf.Variable(0, dtype=tf.int64, trainable=False)
                              for name in ("step", "epoch", "position")}
             self.layout_var = tf.Variable([0, 0, 0], dtype=tf.int64, trainable=False)
+            self.readers = tf.Variable(0, dtype=tf.int64, trainable=False)  # Reading.readers
             self.best_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
         self.params = Params(hparams, self.model)
         self.single_replica = self.strategy.num_replicas_in_sync == 1
@@ -219,10 +224,10 @@ class _Trainer:
         # continues exactly.
         self.carry = [tf.Variable(t, trainable=False)
                       for t in tf.nest.flatten(self.model.window_state(hparams.batch_size))]
-        items = dict(optimizer=self.optimizer, layout=self.layout_var, best_loss=self.best_loss,
-                     **checkpoints.model_trackables(self.model), **self.counters)
-        self.checkpoint = tf.train.Checkpoint(**items, carry=self.carry)
-        self.checkpoint_without_carry = tf.train.Checkpoint(**items)
+        self.items = dict(optimizer=self.optimizer, layout=self.layout_var, readers=self.readers,
+                          best_loss=self.best_loss, **checkpoints.model_trackables(self.model),
+                          **self.counters)
+        self.checkpoint = tf.train.Checkpoint(**self.items, carry=self.carry)
         self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_dir,
                                                   max_to_keep=hparams.keep_checkpoint_max)
         self.best_manager = tf.train.CheckpointManager(
@@ -273,12 +278,16 @@ class _Trainer:
             print(f"Starting {self.hparams.job_dir} from scratch "
                   f"({self.layout.windows_per_epoch} windows per epoch)", flush=True)
             return _Position(), state
-        saved_layout = storage.retry("restoring a checkpoint", path, lambda: tf.train.load_checkpoint(path)
-                                     .get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE"))
+        stored = storage.retry("restoring a checkpoint", path, lambda: tf.train.load_checkpoint(path))
+        saved_layout = stored.get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
+        # A checkpoint from before the train shards could be divided between workers had one reader.
+        has_readers = stored.has_tensor("readers/.ATTRIBUTES/VARIABLE_VALUE")
+        saved_readers = int(stored.get_tensor("readers/.ATTRIBUTES/VARIABLE_VALUE")) if has_readers else 1
         current = [self.layout.batch_size, self.layout.unroll_steps, self.layout.windows_per_epoch]
-        same_layout = list(saved_layout) == current
+        same_layout = list(saved_layout) == current and saved_readers == self.reading.readers
         # expect_partial: a changed layout skips the saved state, another --optimizer its slots.
-        checkpoint = self.checkpoint if same_layout else self.checkpoint_without_carry
+        items = {name: item for name, item in self.items.items() if has_readers or name != "readers"}
+        checkpoint = tf.train.Checkpoint(**items, **({"carry": self.carry} if same_layout else {}))
         storage.retry("restoring a checkpoint", path, lambda: checkpoint.restore(path)
                       .expect_partial().assert_existing_objects_matched())
         position = _Position(*(int(self.counters[k].numpy()) for k in ("step", "epoch", "position")))
@@ -288,9 +297,13 @@ class _Trainer:
                                              [v.read_value() for v in self.carry])
             state = saved if self.single_replica else loops.split_state(self.strategy, saved)
         else:
-            # Another batch size or unroll length: keep the same fraction of the epoch.
+            # Another batch size, unroll length or division of the shards between workers (whose
+            # streams then read other text): keep the same fraction of the epoch.
             position.window = position.window * current[2] // max(int(saved_layout[2]), 1)
-            note = " (batch/unroll changed: same point of the epoch, fresh state)"
+            changed = "batch/unroll changed"
+            if saved_readers != self.reading.readers:
+                changed = f"{data.division(saved_readers)} before, {data.division(self.reading.readers)} now"
+            note = f" ({changed}: same point of the epoch, fresh state)"
         self.saved_step = position.step
         print(f"Resuming {self.hparams.job_dir} from {path}: step {position.step}, "
               f"epoch {position.epoch}, window {position.window}/{self.layout.windows_per_epoch}{note}",
@@ -348,6 +361,7 @@ class _Trainer:
             self.counters[name].assign(value)
         self.layout_var.assign([self.layout.batch_size, self.layout.unroll_steps,
                                 self.layout.windows_per_epoch])
+        self.readers.assign(self.reading.readers)
         if not self.single_replica:
             state = loops.gather_state(self.strategy, state)
         for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
@@ -425,7 +439,7 @@ class _Trainer:
                                                   f"step-{step}.txt"), text)
         self.summaries.sample(step, text)
 
-    def _distribute(self, dataset: tf.data.Dataset) -> Any:
+    def _distribute(self, dataset: tf.data.Dataset | Callable[[int], tf.data.Dataset]) -> Any:
         return distribute.distribute_windows(self.strategy, dataset)
 
     # ------------------------------------------------------------ the loop
@@ -454,9 +468,9 @@ class _Trainer:
 
     def _windows(self, position: _Position) -> Iterator[Any]:
         """The training windows of this epoch from `position` on (a resume continues exactly)."""
-        dataset = data.windows(self.train_files, self.layout, start=position.window,
-                               shuffle_seed=self.hparams.seed * 100003 + position.epoch,
-                               random_starts=not self.model.carries_state_between_windows)
+        dataset = data.reader_windows(self.reading, start=position.window,
+                                      shuffle_seed=self.hparams.seed * 100003 + position.epoch,
+                                      random_starts=not self.model.carries_state_between_windows)
         return iter(self._distribute(dataset))
 
     def _train_retrying(self, windows: Iterator[Any], state: Any, position: _Position,
