@@ -96,7 +96,7 @@ class TailEstimate:
     eval_windows: int  # windows in the final evaluation (0: evaluation is off)
     sample_tokens: int  # tokens in the final sample (0: no sample, e.g. a non-chief worker)
     checkpoint_bytes: int  # model + optimizer variables
-    step_seconds: float = 0.0  # measured time of one training step
+    step_seconds: float = 0.0  # measured time of one training step (0: not yet)
     compile_seconds: float = 0.0  # this process's first training call (it compiles)
     measured: dict[str, float] = dataclasses.field(default_factory=dict)  # eval, save, sample
     calls: int = 0  # compiled training calls timed in this process
@@ -124,13 +124,15 @@ class TailEstimate:
         raise KeyError(name)
 
     def note_steps(self, seconds: float, count: int) -> None:
-        """One compiled call trained `count` steps in `seconds`. The process's first call compiles
-        and stands until the second replaces it; later ones are averaged in."""
+        """One compiled call trained `count` steps in `seconds`. The process's first call compiles:
+        it sizes the compiling parts of the tail, and the step time comes from the later ones
+        (the second call's, then averaged)."""
         per_step = seconds / max(count, 1)
         self.calls += 1
         if self.calls == 1:
             self.compile_seconds = seconds
-        self.step_seconds = per_step if self.calls <= 2 else 0.9 * self.step_seconds + 0.1 * per_step
+        else:
+            self.step_seconds = per_step if self.calls == 2 else 0.9 * self.step_seconds + 0.1 * per_step
 
     def seconds(self) -> float:
         return sum(self.part(name) for name in ("eval", "save", "sample", "export")) + EXIT_SECONDS
@@ -189,15 +191,15 @@ class Budget:
     def read(self) -> Reading:
         return Reading(self.spent(), self.training_end(), self.tail.step_seconds)
 
-    def _progress_at(self, spent: float, end: float) -> float:
-        if spent >= end:
+    def _progress_at(self, spent: float, end: float, step_seconds: float = 0.0) -> float:
+        if spent + step_seconds >= end:  # where training stops (Reading.out_of_time)
             return 1.0
         moved = max(spent - self.progress_spent, 0.0) / (end - self.progress_spent)
         return min(self.progress + (1.0 - self.progress) * moved, 1.0)
 
     def advance(self, reading: Reading) -> float:
         """The schedule's progress at `reading` (and from now on)."""
-        self.progress = self._progress_at(reading.spent, reading.end)
+        self.progress = self._progress_at(reading.spent, reading.end, reading.step_seconds)
         self.progress_spent = max(reading.spent, self.progress_spent)
         return self.progress
 
@@ -227,7 +229,11 @@ class Budget:
         """The wall-clock time (time.time()) at which the budget runs out."""
         return time.time() + self.left()
 
-    def describe(self) -> str:
-        """`time budget 1m30s: 1m02s spent, 28s left`."""
+    def describe(self, before_this_run: bool = False) -> str:
+        """`time budget 1m30s: 1m02s spent, 28s left`; `before_this_run`: what the checkpoint
+        says (`1m00s spent before this run, 30s left`), for the resume line."""
+        if before_this_run:
+            return (f"time budget {format_duration(self.seconds)}: {format_duration(self.spent_before)} "
+                    f"spent before this run, {format_duration(self.seconds - self.spent_before)} left")
         return (f"time budget {format_duration(self.seconds)}: {format_duration(self.spent())} spent, "
                 f"{format_duration(self.left())} left")

@@ -324,15 +324,13 @@ class _Trainer:
         tail = TailEstimate(
             eval_windows=eval_windows, sample_tokens=self.hparams.sample_length if self.chief else 0,
             checkpoint_bytes=sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables))
-        if saved_clock is None or saved_clock[0] <= 0:
-            self.budget = Budget(self.budget_seconds, 0.0, tail, self.started)
-        else:
-            self.budget = Budget.from_checkpoint(saved_clock, self.budget_seconds, tail,
-                                                        self.started)
+        resumed = saved_clock is not None and saved_clock[0] > 0
+        self.budget = (Budget.from_checkpoint(saved_clock, self.budget_seconds, tail, self.started)
+                       if resumed else Budget(self.budget_seconds, 0.0, tail, self.started))
         end = self.budget.training_end()
-        return (f"; {self.budget.describe()}, training stops at {format_duration(end)} of "
-                f"it (the last {format_duration(self.budget_seconds - end)} are kept for the "
-                "final evaluation, checkpoint, sample and export)")
+        return (f"; {self.budget.describe(before_this_run=resumed)}, training stops at "
+                f"{format_duration(end)} of it (the last {format_duration(self.budget_seconds - end)} "
+                "are kept for the final evaluation, checkpoint, sample and export)")
 
     def _check_budget(self) -> bool:
         """Sets the learning rate's time progress; returns whether training must stop now. With
