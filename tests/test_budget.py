@@ -236,12 +236,13 @@ def test_progress_lines_show_the_eta_and_the_deadline() -> None:
 # --------------------------------------------------------------------------- whole runs
 
 # Seconds: start-up (5-15 s, the latter with other jobs on the machine), some training, and the
-# tail (17-25 s guessed).
-BUDGET = 60.0
+# tail (17-25 s guessed). One process at a time: two would slow each other after their clocks
+# have measured them.
+BUDGET = 45.0
 MODEL = ["--layers=1", "--lstm_state_size=16", "--embedding_size=8", "--unroll_steps=8",
          "--batch_size=4", "--eval_every=200", "--sample_every=0", "--log_every=20",
          "--save_checkpoints_steps=100", f"--time_budget={BUDGET:.0f}s", "--seed=5"]
-RESUMED = re.compile(r"^Resuming .*; time budget 1m00s: (\w+) spent before this run, (\w+) left",
+RESUMED = re.compile(r"^Resuming .*; time budget 45s: (\w+) spent before this run, (\w+) left",
                      re.MULTILINE)
 
 
@@ -284,38 +285,67 @@ def _assert_finished_in_budget(job_dir: Path, output: str, wall: float, budget_l
 
 
 @pytest.mark.slow
-def test_a_budgeted_job_and_a_preempted_one_both_end_in_their_budget(tmp_path: Path,
-                                                                       make_data_dir) -> None:
+def test_a_fresh_budgeted_job_ends_in_its_budget(tmp_path: Path, make_data_dir) -> None:
     data_dir, prefix, _ = make_data_dir(tmp_path)
-    common = [f"--data_dir={data_dir}", f"--data_prefix={prefix}", *MODEL]
-    whole_dir, term_dir = tmp_path / "whole", tmp_path / "term"
-    whole, whole_began = _start([*common, f"--job-dir={whole_dir}"], tmp_path / "whole.log")
-    term, term_began = _start([*common, f"--job-dir={term_dir}"], tmp_path / "term.log")
+    job_dir = tmp_path / "job"
+    process, began = _start([f"--data_dir={data_dir}", f"--data_prefix={prefix}", *MODEL,
+                             f"--job-dir={job_dir}"], tmp_path / "job.log")
+    wall = _wait(process, began)
+    output = (tmp_path / "job.log").read_text()
+    assert process.returncode == 0, output[-3000:]
+    assert re.search(r"^step \d+ epoch \d+ loss .* ETA \S+ \(deadline ", output, re.MULTILINE), output[-3000:]
+    _assert_finished_in_budget(job_dir, output, wall, BUDGET)
 
-    # SIGTERM halfway through the budget, once training has begun.
+
+@pytest.mark.slow
+def test_a_preempted_budgeted_job_runs_only_the_time_it_had_left(tmp_path: Path, make_data_dir) -> None:
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    job_dir = tmp_path / "job"
+    args = [f"--data_dir={data_dir}", f"--data_prefix={prefix}", *MODEL, f"--job-dir={job_dir}"]
+    term, term_began = _start(args, tmp_path / "term.log")
+    # SIGTERM at 40% of the budget, once training has begun.
     while not re.search(r"^step \d+ epoch", (tmp_path / "term.log").read_text(), re.MULTILINE) \
-            or time.monotonic() - term_began < BUDGET / 2:
+            or time.monotonic() - term_began < 0.4 * BUDGET:
         assert term.poll() is None, (tmp_path / "term.log").read_text()[-3000:]
         time.sleep(0.2)
     term.send_signal(signal.SIGTERM)
     term_wall = _wait(term, term_began)
     term_output = (tmp_path / "term.log").read_text()
     assert term.returncode == 143, term_output[-3000:]
-    assert re.search(r"^SIGTERM: saving a checkpoint at step \d+ and stopping \(time budget 1m00s: ",
+    assert re.search(r"^SIGTERM: saving a checkpoint at step \d+ and stopping \(time budget 45s: ",
                      term_output, re.MULTILINE), term_output[-3000:]
 
-    rerun, rerun_began = _start([*common, f"--job-dir={term_dir}"], tmp_path / "rerun.log")
-    whole_wall = _wait(whole, whole_began)
-    whole_output = (tmp_path / "whole.log").read_text()
-    assert whole.returncode == 0, whole_output[-3000:]
-    _assert_finished_in_budget(whole_dir, whole_output, whole_wall, BUDGET)
-
+    rerun, rerun_began = _start(args, tmp_path / "rerun.log")
     rerun_wall = _wait(rerun, rerun_began)
     rerun_output = (tmp_path / "rerun.log").read_text()
     assert rerun.returncode == 0, rerun_output[-3000:]
     spent, left = map(parse_duration, RESUMED.search(rerun_output).groups())
     # The resume line counts the first process's time (to its SIGTERM checkpoint; its exit is
-    # not counted) and what is left; the rerun takes no more than that.
+    # not counted) and what is left; the rerun takes no more than that, and its schedule ends
+    # where an uninterrupted run's does: at the floor, where training stops.
     assert term_wall - 4 <= spent <= term_wall + 1, (spent, term_wall)
     assert abs(spent + left - BUDGET) <= 1, (spent, left)
-    _assert_finished_in_budget(term_dir, rerun_output, rerun_wall, left + 1)
+    _assert_finished_in_budget(job_dir, rerun_output, rerun_wall, left + 1)
+
+    # TensorBoard: both runs wrote the same deadline, and their budget/* points share one axis
+    # of budget seconds, the rerun's continuing after the first run's.
+    seconds, losses = _budget_events(job_dir / "tensorboard")
+    assert seconds == [BUDGET, BUDGET]
+    assert [step for step, _ in losses] == sorted(step for step, _ in losses)
+    assert losses and max(step for step, _ in losses) <= BUDGET
+
+
+def _budget_events(summary_dir: Path) -> tuple[list[float], list[tuple[int, float]]]:
+    import tensorflow as tf
+
+    seconds, losses = [], []
+    for path in sorted(summary_dir.glob("events.out.tfevents.*")):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                number = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
+                          else value.simple_value)
+                if value.tag == "budget/seconds":
+                    seconds.append(number)
+                elif value.tag == "budget/train_loss":
+                    losses.append((event.step, number))
+    return seconds, losses

@@ -348,8 +348,9 @@ class _Trainer:
         if self.budget is not None:
             self.budget.tail.measured[part] = time.monotonic() - begin
 
-    def save(self, position: _Position, state: Any) -> None:
-        if self.saved_step == position.step:
+    def save(self, position: _Position, state: Any, again: bool = False) -> None:
+        """Checkpoints `position` (`again`: even if it is already saved, for the clock)."""
+        if self.saved_step == position.step and not again:
             return
         self._check_weights_finite(position.step)
         self._record(position, state)
@@ -496,7 +497,7 @@ class _Trainer:
             self.summaries.budget(self.budget.spent(), seconds=self.budget_seconds)
             self.out_of_time = self._check_budget()
             if self.out_of_time and self.budget.left() > 0:
-                print(f"The --time_budget={hparams.time_budget} left no time to train: "
+                print(f"The --time_budget={hparams.time_budget} leaves no time to train: "
                       f"{self.budget.describe()}, and the final evaluation, checkpoint, sample and "
                       f"export take ~{format_duration(self.budget.tail.seconds())}", flush=True)
         progress = Progress(self.total, position.step, self.layout.tokens_per_window,
@@ -565,7 +566,9 @@ class _Trainer:
         if not stopping and last_eval_step != position.step and self.valid is not None:
             eval_loss = self.evaluate(position, state)
             progress.note_eval(eval_loss)
-        self.save(position, state)  # before the sample: nothing may cost the final checkpoint
+        # Before the sample: nothing may cost the final checkpoint. Under --time_budget it is
+        # written even at an already saved step, for the time spent up to here.
+        self.save(position, state, again=self.budget is not None)
         if self.chief and not stopping:
             self.sample(position.step)
         progress.close()
