@@ -342,10 +342,8 @@ def _budget_events(summary_dir: Path) -> tuple[list[float], list[tuple[int, floa
     for path in sorted(summary_dir.glob("events.out.tfevents.*")):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
             for value in event.summary.value:
-                number = (float(tf.make_ndarray(value.tensor)) if value.HasField("tensor")
-                          else value.simple_value)
                 if value.tag == "budget/seconds":
-                    seconds.append(number)
+                    seconds.append(float(tf.make_ndarray(value.tensor)))
                 elif value.tag == "budget/train_loss":
-                    losses.append((event.step, number))
+                    losses.append((event.step, float(tf.make_ndarray(value.tensor))))
     return seconds, losses
