@@ -216,7 +216,7 @@ def test_reading_out_of_time() -> None:
 
 def test_process_age_counts_from_the_process_start() -> None:
     age = budget.process_age()
-    assert 0 < age < time.monotonic() - budget._IMPORTED + 3600
+    assert age >= time.monotonic() - budget._IMPORTED  # pytest started before it imported budget
     assert budget.process_start() == pytest.approx(time.monotonic() - age, abs=1.0)
 
 
