@@ -28,7 +28,7 @@ def preprocess(corpus: str, data_prefix: str, tokenizer: str, preprocess_args: l
 
 def train(dataset: Input[Dataset], cell: str, layers: int, lstm_state_size: int,
           embedding_size: int, unroll_steps: int, batch_size: int, epochs: int, max_steps: int,
-          learning_rate: float, seed: int, hparams: dict, train_cpu_limit: str,
+          time_budget: str, learning_rate: float, seed: int, hparams: dict, train_cpu_limit: str,
           train_memory_limit: str, train_accelerator_type: str, train_accelerator_limit: int,
           accelerated: bool, model: Output[Model]):
     """Trains a model whose job dir is the `model` artifact (trainer.runner.train).
@@ -44,7 +44,8 @@ def train(dataset: Input[Dataset], cell: str, layers: int, lstm_state_size: int,
                             train_accelerator_limit, accelerated)
     values = dict(hparams, cell=cell, layers=layers, lstm_state_size=lstm_state_size,
                   embedding_size=embedding_size, unroll_steps=unroll_steps, batch_size=batch_size,
-                  epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, seed=seed)
+                  epochs=epochs, max_steps=max_steps, time_budget=time_budget,
+                  learning_rate=learning_rate, seed=seed)
     config = steps.build_hparams(steps.location(dataset.uri, dataset.path),
                                  dataset.metadata["data_prefix"],
                                  steps.location(model.uri, model.path), values)

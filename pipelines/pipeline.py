@@ -106,6 +106,7 @@ def create_pipeline(image: str = DEFAULT_IMAGE, resources: Resources = Resources
         batch_size: int = _DEFAULTS.batch_size,
         epochs: int = _DEFAULTS.epochs,
         max_steps: int = _DEFAULTS.max_steps,
+        time_budget: str = _DEFAULTS.time_budget,  # e.g. "1h": the train step's wall clock
         learning_rate: float = _DEFAULTS.learning_rate,
         hparams: dict = {},  # noqa: B006 - any other HParams field, e.g. {"dropout": 0.2}
         eval_split: str = "test",
@@ -131,7 +132,7 @@ def create_pipeline(image: str = DEFAULT_IMAGE, resources: Resources = Resources
             dataset=data.outputs["dataset"], cell=cell, layers=layers,
             lstm_state_size=lstm_state_size, embedding_size=embedding_size,
             unroll_steps=unroll_steps, batch_size=batch_size, epochs=epochs, max_steps=max_steps,
-            learning_rate=learning_rate, seed=seed, hparams=hparams, **machine,
+            time_budget=time_budget, learning_rate=learning_rate, seed=seed, hparams=hparams, **machine,
             accelerated=resources.accelerated), machine, resources.accelerated)
         model = training.outputs["model"]
         evaluation = components.evaluate(model=model, split=eval_split, best=eval_best)

@@ -105,7 +105,7 @@ def define_flags(fv: flags.FlagValues = RUN_FLAGS) -> None:
 # Typed pipeline parameters, visible one by one in the Vertex AI console; any other
 # hyperparameter the user sets travels in the `hparams` dict parameter.
 TYPED_HPARAMS = ("cell", "layers", "lstm_state_size", "embedding_size", "unroll_steps",
-                 "batch_size", "epochs", "max_steps", "learning_rate", "seed")
+                 "batch_size", "epochs", "max_steps", "time_budget", "learning_rate", "seed")
 # --data_prefix is a pipeline parameter of its own; the rest of these the pipeline decides.
 _PIPELINE_OWNED = tuple(set(steps.PIPELINE_OWNED_HPARAMS) - {"data_prefix"})
 _LABEL_KEY = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -139,7 +139,8 @@ def pipeline_arguments(flag_values: flags.FlagValues = RUN_FLAGS,
         hparams = trainer_flags.hparams_from_flags(flag_values)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    if flag_values["lr_decay"].present or flag_values["decay_rate"].present:
+    if (flag_values["lr_decay"].present or flag_values["decay_rate"].present
+            or hparams.time_budget):  # the schedule the flags resolved (a budget decays)
         given.add("lr_schedule")
     other = sorted(given - set(TYPED_HPARAMS) - {"data_prefix"})
     publish_uri = flag_values.publish_uri or f"{pipeline_root.rstrip('/')}/models"

@@ -162,10 +162,11 @@ def train(hparams: HParams) -> dict[str, Any]:
     A run stopped by SIGTERM (preemption) raises, so the step fails and is retried (resuming
     from the job dir) rather than handing a half-trained model to evaluation.
     """
-    from trainer import checkpoints, runner
+    from trainer import budget, checkpoints, runner
     from trainer.hparams import job_name
 
-    result = runner.train(hparams)
+    # --time_budget counts from the start of the step's process (KFP runs one per step).
+    result = runner.train(hparams, started=budget.process_start())
     print(runner.describe(result), flush=True)
     if result.stopped != "finished":
         raise RuntimeError(f"training {result.stopped} at step {result.step}; rerun to resume")

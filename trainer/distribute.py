@@ -211,6 +211,24 @@ def stop_agreement(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
     return agree
 
 
+def mean_agreement(strategy: tf.distribute.Strategy) -> Callable[[list[float]], list[float]]:
+    """`agree(values) -> means`: the workers' values averaged, the same on all (as
+    `stop_agreement`, every worker calls it at the same point). --time_budget's clock: each
+    worker reads its own, and they must take the same stop and learning-rate decisions."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return list
+
+    @tf.function
+    def mean(values: tf.Tensor) -> tf.Tensor:
+        return strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(lambda: tf.identity(values)),
+                               axis=None)
+
+    def agree(values: list[float]) -> list[float]:
+        return [float(v) for v in mean(tf.constant(values, tf.float64)).numpy()]
+
+    return agree
+
+
 def checkpoint_dir(job_dir: str, strategy: tf.distribute.Strategy) -> str:
     """Where this worker saves: the job dir on the chief, a scratch dir on the others."""
     if is_chief(strategy):

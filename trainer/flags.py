@@ -49,6 +49,10 @@ _HELP = {
                    "(as its seed), constant otherwise.",
     "warmup_steps": "Linear warm-up steps before the schedule.",
     "min_learning_rate": "Where --lr_schedule linear or cosine ends (0: at zero).",
+    "time_budget": "Wall clock for the whole run, e.g. 90s, 10m, 1h30m: training stops in time for the "
+                   "final evaluation, checkpoint, sample and export, and the learning rate decays "
+                   "(--lr_schedule, cosine unless given) to --min_learning_rate at that point. A "
+                   "resumed job keeps the time it had left. Replaces --epochs and --max_steps.",
     "adam_beta2": "Adam's second-moment decay (0.99 for short runs, as a small GPT's recipe).",
     "weight_decay": "Decoupled weight decay (AdamW) on weight matrices and embeddings, not on "
                     "biases or layer-norm scales (0: plain Adam).",
@@ -147,6 +151,15 @@ def hparams_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> HParams:
     decay = flag_values["decay_rate"].value
     if decay is not None and decay < 1.0:
         values["lr_schedule"] = "cosine"
+    if values["time_budget"]:
+        if flag_values["epochs"].present or flag_values["num_epochs"].present:
+            raise ValueError(f"--epochs={values['epochs']}: --time_budget={values['time_budget']} "
+                             "decides when training stops; drop one of them")
+        # Decay to the end is what a budgeted run wants; an explicit --lr_schedule still wins.
+        if values["lr_schedule"] == "constant" and not (
+                flag_values["lr_schedule"].present or flag_values["lr_decay"].present
+                or flag_values["decay_rate"].present):
+            values["lr_schedule"] = "cosine"
     # --precision=auto stays unresolved here: pipelines.run and trainer.submit build hparams on a
     # machine other than the one that trains; runner.prepare_job resolves it where training runs.
     return HParams(**values).validate()

@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from preprocessing import contract
+from trainer import budget
 
 JOB_PLACEHOLDER = "%JOB%"
 HPARAMS_FILE = "hparams.json"
@@ -95,6 +96,10 @@ class HParams:
     warmup_steps: int = 20
     # Where linear and cosine decay end (0: at zero); a small GPT's recipe ends at 0.1x its peak.
     min_learning_rate: float = 0.0
+    # Wall clock for the whole run (`90s`, `10m`, `1h30m`; "" for none), start-up and the final
+    # evaluation, checkpoint, sample and export included, across preemptions (trainer.budget).
+    # It replaces --epochs/--max_steps, and --lr_schedule's decay follows the time spent.
+    time_budget: str = ""
     # Adam's second-moment decay; 0.99 suits short runs (the small GPT's recipe).
     adam_beta2: float = 0.999
     # Decoupled weight decay (AdamW) on weight matrices and embeddings, never on biases or
@@ -178,6 +183,11 @@ class HParams:
             raise ValueError(f"--learning_rate={self.learning_rate}: must be positive")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ValueError(f"--min_learning_rate={self.min_learning_rate}: must be in [0, --learning_rate]")
+        if self.time_budget:
+            budget.parse_duration(self.time_budget)
+            if self.max_steps:
+                raise ValueError(f"--max_steps={self.max_steps}: --time_budget={self.time_budget} "
+                                 "decides when training stops; drop one of them")
         if not 0 < self.adam_beta2 < 1:
             raise ValueError(f"--adam_beta2={self.adam_beta2}: must be in (0, 1)")
         if self.weight_decay < 0 or (self.weight_decay and self.optimizer != "adam"):

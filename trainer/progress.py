@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from tqdm import tqdm
 
+from trainer.budget import Budget
 from trainer.model_fn import bits_per_token
 
 
@@ -21,18 +22,21 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts steps, measures tokens/s (excluding evaluation, checkpoints and samples) and shows it.
 
-    `step()` returns True at the end of each logging interval of `log_every` steps.
+    `step()` returns True at the end of each logging interval of `log_every` steps. With a
+    `budget` (--time_budget) there is no step total: the ETA is the time left of the budget,
+    shown with the deadline's time of day.
     """
 
     def __init__(self, total: int, start: int, tokens_per_step: int, log_every: int,
-                 bits_name: str = "bpc", stream: object = None) -> None:
+                 bits_name: str = "bpc", stream: object = None, budget: Budget | None = None) -> None:
         self.total, self.start, self.tokens_per_step = total, start, tokens_per_step
+        self.budget = budget
         self.log_every = max(log_every, 1)
         self.bits_name = bits_name
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.bar = (tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=self.stream)
-                    if self.tty else None)
+        self.bar = (tqdm(total=None if budget else total, initial=start, unit="step", dynamic_ncols=True,
+                         file=self.stream) if self.tty else None)
         self.current = start
         self.interval_loss: float | None = None
         self.tokens_per_second = 0.0
@@ -49,7 +53,9 @@ class Progress:
         self._rate_steps += 1
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"loss {loss:.3f} {self.tokens_per_second:,.0f} tok/s", refresh=False)
+            deadline = f" {self._eta()}" if self.budget is not None else ""
+            self.bar.set_postfix_str(f"loss {loss:.3f} {self.tokens_per_second:,.0f} tok/s{deadline}",
+                                     refresh=False)
         if self._timed_steps < 0:
             # The first step of a run traces and compiles: leave it out of tokens/s and the ETA.
             self._timed_steps = 0
@@ -80,6 +86,8 @@ class Progress:
             self._paused_total += spent
 
     def eta_seconds(self) -> float:
+        if self.budget is not None:
+            return self.budget.left()
         active = time.perf_counter() - self._rate_start - self._paused_total
         per_step = active / max(self._rate_steps, 1)
         return per_step * max(self.total - self.current, 0)
@@ -88,10 +96,19 @@ class Progress:
         if self.bar is not None or self.interval_loss is None:
             return
         loss = self.interval_loss
-        print(f"step {self.current}/{self.total} epoch {epoch} loss {loss:.4f} "
+        total = "" if self.budget is not None else f"/{self.total}"
+        print(f"step {self.current}{total} epoch {epoch} loss {loss:.4f} "
               f"{self.bits_name} {bits_per_token(loss):.3f} lr {learning_rate:.3g} |g| {grad_norm:.3g} "
-              f"{self.tokens_per_second:,.0f} tok/s ETA {_duration(self.eta_seconds())}",
+              f"{self.tokens_per_second:,.0f} tok/s {self._eta()}",
               file=self.stream, flush=True)
+
+    def _eta(self) -> str:
+        """`ETA 4m10s`, or under a time budget `ETA 4m10s (deadline 14:05:31)`: when the run
+        ends, final evaluation, checkpoint, sample and export included."""
+        eta = f"ETA {_duration(self.eta_seconds())}"
+        if self.budget is None:
+            return eta
+        return f"{eta} (deadline {time.strftime('%H:%M:%S', time.localtime(self.budget.deadline()))})"
 
     def note_eval(self, loss: float | None) -> None:
         if loss is None:

@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +40,7 @@ from trainer import (
     storage,
     xla,
 )
+from trainer.budget import Budget, Reading, TailEstimate, format_duration, parse_duration
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, HParams, resolve_precision, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
@@ -128,18 +130,27 @@ def strategy_from_environment() -> tf.distribute.Strategy:
 
 
 class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warm-up to the peak, then constant, or linear or cosine decay to `floor`."""
+    """Linear warm-up to the peak, then constant, or linear or cosine decay to `floor`.
+
+    The decay follows the steps towards `total_steps`, or with `time_progress` (--time_budget)
+    that variable: the fraction of the training time spent, which the runner sets before each
+    compiled call from the clock the checkpoint keeps (trainer.budget), so that the rate reaches
+    `floor` when the budget stops training, and a resumed run follows the same curve."""
 
     def __init__(self, peak: float, schedule: str, warmup_steps: int, total_steps: int,
-                 floor: float = 0.0) -> None:
+                 floor: float = 0.0, time_progress: tf.Variable | None = None) -> None:
         self.peak, self.schedule, self.floor = peak, schedule, floor
         self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
+        self.time_progress = time_progress
 
     def __call__(self, step: Any) -> tf.Tensor:
         step = tf.cast(step, tf.float32)
         warmup = tf.minimum(1.0, (step + 1.0) / max(self.warmup_steps, 1))
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
+        if self.time_progress is not None:
+            progress = tf.clip_by_value(tf.cast(self.time_progress, tf.float32), 0.0, 1.0)
+        else:
+            decay_steps = max(self.total_steps - self.warmup_steps, 1)
+            progress = tf.clip_by_value((step - self.warmup_steps) / decay_steps, 0.0, 1.0)
         if self.schedule == "linear":
             factor = 1.0 - progress
         elif self.schedule == "cosine":
@@ -153,9 +164,10 @@ class LearningRate(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": self.total_steps, "floor": self.floor}
 
 
-def make_optimizer(hparams: HParams, total_steps: int) -> keras.optimizers.Optimizer:
+def make_optimizer(hparams: HParams, total_steps: int,
+                   time_progress: tf.Variable | None = None) -> keras.optimizers.Optimizer:
     rate = LearningRate(hparams.learning_rate, hparams.lr_schedule, hparams.warmup_steps, total_steps,
-                        hparams.min_learning_rate)
+                        hparams.min_learning_rate, time_progress)
     if hparams.optimizer == "adam" and hparams.weight_decay:
         optimizer = keras.optimizers.AdamW(rate, weight_decay=hparams.weight_decay, beta_2=hparams.adam_beta2)
         # Keras and verne name vectors so: biases (also the transformer's distance and output
@@ -192,8 +204,13 @@ class _Trainer:
     """Holds the objects of one run; `run()` is the loop."""
 
     def __init__(self, hparams: HParams, metadata: contract.Metadata,
-                 strategy: tf.distribute.Strategy) -> None:
+                 strategy: tf.distribute.Strategy, started: float | None = None) -> None:
         self.hparams, self.metadata = hparams, metadata
+        # --time_budget: set up in restore(), which reads the time already spent.
+        self.budget_seconds = parse_duration(hparams.time_budget) if hparams.time_budget else 0.0
+        self.started = time.monotonic() if started is None else started
+        self.budget: Budget | None = None
+        self.out_of_time = False
         # With several workers each reads only its own train shards where they divide.
         self.reading = data.plan_reading(data.shard_files(hparams.data_dir, hparams.data_prefix, "train"),
                                          metadata.splits["train"], hparams.batch_size,
@@ -211,13 +228,18 @@ class _Trainer:
         keras.utils.set_random_seed(hparams.seed)
         with self.strategy.scope():
             self.model = build_model(hparams)
-            self.optimizer = make_optimizer(hparams, self.total)
+            # The learning rate's decay input under --time_budget (see LearningRate).
+            self.time_progress = (tf.Variable(0.0, dtype=tf.float32, trainable=False)
+                                  if self.budget_seconds else None)
+            self.optimizer = make_optimizer(hparams, self.total, self.time_progress)
             self.optimizer.build(self.model.trainable_variables)
             self.counters = {name: tf.Variable(0, dtype=tf.int64, trainable=False)
                              for name in ("step", "epoch", "position")}
             self.layout_var = tf.Variable([0, 0, 0], dtype=tf.int64, trainable=False)
             self.readers = tf.Variable(0, dtype=tf.int64, trainable=False)  # Reading.readers
             self.best_loss = tf.Variable(math.inf, dtype=tf.float64, trainable=False)
+            # The budget's clock (Budget.to_checkpoint): seconds spent and measured times.
+            self.clock = tf.Variable([0.0] * 6, dtype=tf.float64, trainable=False)
         self.params = Params(hparams, self.model)
         self.single_replica = self.strategy.num_replicas_in_sync == 1
         # The carried state is saved too (gathered from the replicas), so a resumed run
@@ -228,10 +250,13 @@ class _Trainer:
                           best_loss=self.best_loss, **checkpoints.model_trackables(self.model),
                           **self.counters)
         self.checkpoint = tf.train.Checkpoint(**self.items, carry=self.carry)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, self.save_dir,
+        # Saved with the clock, restored without it: checkpoints from before the clock existed
+        # must still restore (restore() reads the clock apart, when it is there).
+        saved = tf.train.Checkpoint(**self.items, carry=self.carry, budget_clock=self.clock)
+        self.manager = tf.train.CheckpointManager(saved, self.save_dir,
                                                   max_to_keep=hparams.keep_checkpoint_max)
         self.best_manager = tf.train.CheckpointManager(
-            self.checkpoint, checkpoints.join(self.save_dir, checkpoints.BEST_DIR), max_to_keep=1)
+            saved, checkpoints.join(self.save_dir, checkpoints.BEST_DIR), max_to_keep=1)
         with self.strategy.scope():
             # float16 gradients underflow without it; bfloat16 has float32's exponent range.
             self.loss_scale = (optimizers.DynamicLossScale() if hparams.precision == "float16"
@@ -249,6 +274,7 @@ class _Trainer:
         self.stop_signal = signal.SIGTERM
         self.agree_to_stop = distribute.stop_agreement(self.strategy)
         self.from_chief = _chief_decides(self.strategy)
+        self.agree_on_clock = distribute.mean_agreement(self.strategy)
         self.saved_step = -1
 
     def _valid_split(self) -> tuple[list[str], data.Layout] | None:
@@ -275,14 +301,18 @@ class _Trainer:
         if path is None:
             for line in finetune.warm_start(self.model, self.hparams, self.metadata):
                 print(line, flush=True)
+            clock = self._start_budget(None)
             print(f"Starting {self.hparams.job_dir} from scratch "
-                  f"({self.layout.windows_per_epoch} windows per epoch)", flush=True)
+                  f"({self.layout.windows_per_epoch} windows per epoch){clock}", flush=True)
             return _Position(), state
         stored = storage.retry("restoring a checkpoint", path, lambda: tf.train.load_checkpoint(path))
         saved_layout = stored.get_tensor("layout/.ATTRIBUTES/VARIABLE_VALUE")
         # A checkpoint from before the train shards could be divided between workers had one reader.
         has_readers = stored.has_tensor("readers/.ATTRIBUTES/VARIABLE_VALUE")
         saved_readers = int(stored.get_tensor("readers/.ATTRIBUTES/VARIABLE_VALUE")) if has_readers else 1
+        clock_name = "budget_clock/.ATTRIBUTES/VARIABLE_VALUE"
+        clock = self._start_budget(list(stored.get_tensor(clock_name))
+                                   if stored.has_tensor(clock_name) else None)
         current = [self.layout.batch_size, self.layout.unroll_steps, self.layout.windows_per_epoch]
         same_layout = list(saved_layout) == current and saved_readers == self.reading.readers
         # expect_partial: a changed layout skips the saved state, another --optimizer its slots.
@@ -306,8 +336,8 @@ class _Trainer:
             note = f" ({changed}: same point of the epoch, fresh state)"
         self.saved_step = position.step
         print(f"Resuming {self.hparams.job_dir} from {path}: step {position.step}, "
-              f"epoch {position.epoch}, window {position.window}/{self.layout.windows_per_epoch}{note}",
-              flush=True)
+              f"epoch {position.epoch}, window {position.window}/{self.layout.windows_per_epoch}{note}"
+              f"{clock}", flush=True)
         return position, state
 
     def _checkpoint_to_restore(self) -> str | None:
@@ -331,12 +361,52 @@ class _Trainer:
                              "checkpoint to restore; its log says why")
         return None if step == _NO_CHECKPOINT else checkpoints.join(self.hparams.job_dir, f"ckpt-{step}")
 
-    def save(self, position: _Position, state: Any) -> None:
-        if self.saved_step == position.step:
+    def _start_budget(self, saved_clock: list[float] | None) -> str:
+        """Starts --time_budget's clock from a checkpoint's (None: a fresh job, or one saved
+        without a budget); returns what the start or resume line says of it ("" without one)."""
+        if not self.budget_seconds:
+            return ""
+        eval_windows = 0
+        if self.valid is not None:
+            eval_windows = self.valid[1].windows_per_epoch
+            if self.hparams.eval_steps > 0:
+                eval_windows = min(eval_windows, self.hparams.eval_steps)
+        variables = [*self.model.variables, *self.optimizer.variables]
+        tail = TailEstimate(
+            eval_windows=eval_windows, sample_tokens=self.hparams.sample_length if self.chief else 0,
+            checkpoint_bytes=sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables))
+        resumed = saved_clock is not None and saved_clock[0] > 0
+        self.budget = (Budget.from_checkpoint(saved_clock, self.budget_seconds, tail, self.started)
+                       if resumed else Budget(self.budget_seconds, 0.0, tail, self.started))
+        end = self.budget.training_end()
+        return (f"; {self.budget.describe(before_this_run=resumed)}, training stops at "
+                f"{format_duration(end)} of it (the last {format_duration(self.budget_seconds - end)} "
+                "are kept for the final evaluation, checkpoint, sample and export)")
+
+    def _check_budget(self) -> bool:
+        """Sets the learning rate's time progress; returns whether training must stop now. With
+        several workers the clock is averaged first, so all of them decide alike."""
+        reading = self.budget.read()
+        reading = Reading(*self.agree_on_clock([reading.spent, reading.end, reading.step_seconds]))
+        self.time_progress.assign(self.budget.advance(reading))
+        return reading.out_of_time
+
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Measures one part of the budget's tail (an evaluation, a checkpoint, a sample)."""
+        begin = time.monotonic()
+        yield
+        if self.budget is not None:
+            self.budget.tail.measured[part] = time.monotonic() - begin
+
+    def save(self, position: _Position, state: Any, again: bool = False) -> None:
+        """Checkpoints `position` (`again`: even if it is already saved, for the clock)."""
+        if self.saved_step == position.step and not again:
             return
         self._check_weights_finite(position.step)
         self._record(position, state)
-        self._save_with(self.manager, position.step)
+        with self._timed("save"):
+            self._save_with(self.manager, position.step)
         self._drop_scratch()
         self.saved_step = position.step
 
@@ -366,6 +436,8 @@ class _Trainer:
             state = loops.gather_state(self.strategy, state)
         for variable, value in zip(self.carry, tf.nest.flatten(state), strict=True):
             variable.assign(value)
+        if self.budget is not None:
+            self.clock.assign(self.budget.to_checkpoint())
 
     def _fresh_state(self) -> Any:
         """Zero state for every stream (per replica under a multi-device strategy)."""
@@ -400,6 +472,10 @@ class _Trainer:
         """The validation loss at `position` (None with evaluation off); keeps best/ up to date."""
         if self.valid is None:
             return None
+        with self._timed("eval"):
+            return self._evaluate(position, state)
+
+    def _evaluate(self, position: _Position, state: Any) -> float:
         step = position.step
         files, layout = self.valid
         dataset = data.windows(files, layout)
@@ -425,12 +501,18 @@ class _Trainer:
                 self._record(position, state)  # else best/ would carry the last save's position
                 self._save_with(self.best_manager, step)
                 self._drop_scratch()
+        if self.budget is not None:
+            self.summaries.budget(self.budget.spent(), eval_loss=loss)
         if isinstance(self.optimizer, optimizers.NTASGD) and self.optimizer.observe_validation(loss):
             print(f"NT-ASGD: validation loss stalled at step {step}; averaging weights from now on",
                   flush=True)
         return loss
 
     def sample(self, step: int) -> None:
+        with self._timed("sample"):
+            self._sample(step)
+
+    def _sample(self, step: int) -> None:
         hparams = self.hparams
         ids = self.sampler.generate(sampling.default_prime(self.metadata), hparams.sample_length,
                                     SAMPLE_TEMPERATURE, seed=hparams.seed + step)
@@ -502,6 +584,8 @@ class _Trainer:
         return losses, norms, state, current[0]
 
     def finished(self, position: _Position) -> bool:
+        if self.budget is not None:  # --time_budget replaces --epochs and --max_steps
+            return self.out_of_time
         if self.hparams.max_steps > 0:
             return position.step >= self.hparams.max_steps
         return position.epoch >= self.hparams.epochs
@@ -510,8 +594,15 @@ class _Trainer:
         hparams = self.hparams
         position, state = self.restore()
         self.summaries.hparams(hparams)
+        if self.budget is not None:
+            self.summaries.budget(self.budget.spent(), seconds=self.budget_seconds)
+            self.out_of_time = self._check_budget()
+            if self.out_of_time and self.budget.left() > 0:
+                print(f"The --time_budget={hparams.time_budget} leaves no time to train: "
+                      f"{self.budget.describe()}, and the final evaluation, checkpoint, sample and "
+                      f"export take ~{format_duration(self.budget.tail.seconds())}", flush=True)
         progress = Progress(self.total, position.step, self.layout.tokens_per_window,
-                            hparams.log_every, bits_name=self.summaries.bits_name)
+                            hparams.log_every, bits_name=self.summaries.bits_name, budget=self.budget)
         eval_loss, last_eval_step, stopped = None, -1, "finished"
         # Decided together by all workers (see distribute.stop_agreement), never from the local
         # flag alone: every worker must run the same collectives in the same order.
@@ -519,7 +610,14 @@ class _Trainer:
         while not self.finished(position) and not stopping:
             windows = self._windows(position)
             while position.window < self.layout.windows_per_epoch:
+                if self.budget is not None:
+                    self.out_of_time = self._check_budget()
+                    if self.out_of_time:
+                        break
+                begin = time.monotonic()
                 losses, norms, state, windows = self._train_retrying(windows, state, position)
+                if self.budget is not None:
+                    self.budget.tail.note_steps(time.monotonic() - begin, len(losses))
                 for loss, norm in zip(losses, norms, strict=True):
                     if not (math.isfinite(loss) and math.isfinite(norm) or self._overflow_skipped(loss)):
                         progress.close()
@@ -531,6 +629,9 @@ class _Trainer:
                         rate = float(self.optimizer.learning_rate.numpy())
                         self.summaries.train(position.step, progress.interval_loss, rate, norm,
                                              progress.tokens_per_second)
+                        if self.budget is not None:
+                            self.summaries.budget(self.budget.spent(), train_loss=progress.interval_loss,
+                                                  learning_rate=rate, seconds_left=self.budget.left())
                         progress.log(position.epoch, rate, norm)
                 stopping = self.agree_to_stop(self.terminate)
                 with progress.paused():
@@ -553,12 +654,19 @@ class _Trainer:
         if stopping:
             interrupted = self.stop_signal == signal.SIGINT
             stopped = "interrupted" if interrupted else "terminated"
+            clock = f" ({self.budget.describe()})" if self.budget is not None else ""
             print(f"{signal.Signals(self.stop_signal).name}: saving a checkpoint at step "
-                  f"{position.step} and stopping", flush=True)
-        elif last_eval_step != position.step and self.valid is not None:
+                  f"{position.step} and stopping{clock}", flush=True)
+        elif self.budget is not None:
+            progress.close()
+            print(f"Training stopped for the time budget at step {position.step}: "
+                  f"{self.budget.describe()}", flush=True)
+        if not stopping and last_eval_step != position.step and self.valid is not None:
             eval_loss = self.evaluate(position, state)
             progress.note_eval(eval_loss)
-        self.save(position, state)  # before the sample: nothing may cost the final checkpoint
+        # Before the sample: nothing may cost the final checkpoint. Under --time_budget it is
+        # written even at an already saved step, for the time spent up to here.
+        self.save(position, state, again=self.budget is not None)
         if self.chief and not stopping:
             self.sample(position.step)
         progress.close()
@@ -631,8 +739,11 @@ def _vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
                          "command again to resume from the last checkpoint") from None
 
 
-def train(hparams: HParams) -> TrainResult:
-    """Trains (or resumes) the job described by `hparams`; see the module docstring."""
+def train(hparams: HParams, started: float | None = None) -> TrainResult:
+    """Trains (or resumes) the job described by `hparams`; see the module docstring.
+
+    `started` (a time.monotonic() value; default: now) is where --time_budget's clock starts:
+    entry points pass their process's start (budget.process_start()), so start-up counts too."""
     strategy = strategy_from_environment()
     hparams, metadata = prepare_job(hparams, strategy)
     resume = "; run the same command again to resume from the last checkpoint"
@@ -640,7 +751,7 @@ def train(hparams: HParams) -> TrainResult:
           data.reading_shards(hparams.data_dir, hparams.data_prefix),
           _vanished_shards_reported(hparams.data_dir, hparams.data_prefix),
           xla.fusion(hparams.xla == "fusion")):
-        trainer = _Trainer(hparams, metadata, strategy)
+        trainer = _Trainer(hparams, metadata, strategy, started)
         with _signals_set_flag(trainer):
             result = trainer.run()
         if result.stopped == "finished" and trainer.chief:

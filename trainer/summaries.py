@@ -63,6 +63,14 @@ class Summaries:
                                   step=step)
         self.flush()
 
+    def budget(self, spent: float, **values: float) -> None:
+        """--time_budget's scalars, their step the seconds of the budget spent: that axis goes on
+        across preemptions, so a resumed run's points continue an uninterrupted run's and the
+        deadline stays at the budget (`seconds`, written when each run starts)."""
+        with self.writer.as_default():
+            for name, value in values.items():
+                tf.summary.scalar(f"budget/{name}", value, step=int(spent))
+
     def sample(self, step: int, text: str) -> None:
         with self._writing():
             # Indented: TensorBoard renders text as Markdown, a code block keeps line breaks.

@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags
 
-from trainer import cloud_env, kernels, runner
+from trainer import budget, cloud_env, kernels, runner
 from trainer import flags as trainer_flags
 from trainer.errors import run_cli
 from trainer.flags import define_hparams_flags, hparams_from_command_line
@@ -27,7 +27,8 @@ def main(argv: list[str]) -> int:
     hparams = cloud_env.apply_environment(hparams, os.environ)
     print(kernels.describe_runtime(fused=hparams.cell in ("lstm", "gru") and not hparams.layer_norm),
           file=sys.stderr, flush=True)
-    result = runner.train(hparams)
+    # --time_budget counts from this process's start: interpreter and TensorFlow imports too.
+    result = runner.train(hparams, started=budget.process_start())
     print(runner.describe(result), flush=True)
     # 128 + the signal (143 SIGTERM, 130 SIGINT): a supervisor or shell sees that the job
     # stopped early (and may resume it).

@@ -1,0 +1,239 @@
+"""`--time_budget`: a wall-clock limit for a whole training run, preemptions included.
+
+The budget covers everything the process does: start-up, compilation, periodic evaluations,
+checkpoints and samples, and the final evaluation, checkpoint, sample and export. Training
+therefore stops early enough to leave time for that final work (the *tail*), whose length
+`Budget` estimates and refines as the run measures its own evaluations, saves and samples.
+
+Time is counted on one clock, *spent*: seconds of the budget used so far, from the start of the
+first process. The runner saves it with every checkpoint, so a preempted job that is started
+again continues with the budget it had left (only the seconds between its last checkpoint and
+its end are lost, and a SIGTERM checkpoints at the stop).
+
+Pure Python, no TensorFlow: hparams.validate parses budgets with it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+
+FLAG = "--time_budget"
+_PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+_UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
+
+# The tail before anything is measured, from a 1x32 LSTM on an 8 KB corpus (2-core Xeon,
+# 2026-12-06; quiet machine / four other jobs running): the first evaluation 0.5 / 2.2 s (it
+# compiles), a checkpoint 0.02 / 0.2 s, a 200-token sample 1.6 / 4.0 s (compiling the sampler),
+# the SavedModel export 3.6 / 6.8 s, and 1.3-3 s from the return of main to the process's exit
+# (TensorFlow's teardown). Compilation grows with the model and the machine's load, so each
+# compiling part is also at least a multiple of the process's first training call (which
+# compiles the training step: 1-2.6 s for that model): export ~2.2x it, sample ~0.7x.
+EVAL_COMPILE_SECONDS = 2.0  # added to the evaluation's windows times the measured step time
+SAVE_SECONDS = 1.0  # plus the checkpoint's bytes at SAVE_BYTES_PER_SECOND
+SAVE_BYTES_PER_SECOND = 50e6  # a conservative gs:// upload rate
+SAMPLE_COMPILE_SECONDS = 3.0
+SAMPLE_SECONDS_PER_TOKEN = 0.005  # batch-1 sampling runs at ~900 tokens/s here (FINDINGS.md)
+EXPORT_SECONDS = 7.0  # plus the weights' bytes at SAVE_BYTES_PER_SECOND; never measured early
+EXIT_SECONDS = 3.0
+# Parts of the tail in units of the first training call (see above), about 1.5x the measured.
+COMPILE_UNITS = {"eval": 1.0, "sample": 1.0, "export": 3.5}
+# Measured parts of the tail are counted this much longer, against noise.
+MARGIN = 1.25
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in a duration like `90s`, `10m`, `1h`, `8h`, `1h30m` or `2.5h`; ValueError naming
+    --time_budget otherwise (zero, negative, no unit, other units)."""
+    compact = text.strip().lower().replace(" ", "")
+    parts = _PART.findall(compact)
+    if not compact or "".join(n + u for n, u in parts) != compact or len({u for _, u in parts}) < len(parts):
+        raise ValueError(f"{FLAG}={text!r}: not a duration; write it like 90s, 10m, 1h or 1h30m")
+    seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in parts)
+    if not seconds > 0 or not math.isfinite(seconds):
+        raise ValueError(f"{FLAG}={text!r}: must be longer than zero, e.g. 90s, 10m, 1h")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """`1h05m`, `4m30s`, `45s`."""
+    seconds = int(round(max(seconds, 0.0)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+_IMPORTED = time.monotonic()
+
+
+def process_age() -> float:
+    """Seconds since this process started, interpreter start-up and imports included (Linux's
+    /proc; elsewhere, since this module was imported, which is within a second of it)."""
+    try:
+        with open("/proc/self/stat", encoding="ascii") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+        with open("/proc/uptime", encoding="ascii") as uptime:
+            now = float(uptime.read().split()[0])
+        # Field 22 of stat (the 20th after the command's closing parenthesis): start time in ticks.
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return max(now - started, time.monotonic() - _IMPORTED)
+    except (OSError, ValueError, IndexError):
+        return time.monotonic() - _IMPORTED
+
+
+@dataclasses.dataclass
+class TailEstimate:
+    """Seconds the work after the last training step takes. Each part is a guess from the run's
+    shape until the run measures it (the latest measured value wins: the first one includes a
+    compilation, so it errs long)."""
+
+    eval_windows: int  # windows in the final evaluation (0: evaluation is off)
+    sample_tokens: int  # tokens in the final sample (0: no sample, e.g. a non-chief worker)
+    checkpoint_bytes: int  # model + optimizer variables
+    step_seconds: float = 0.0  # measured time of one training step (0: not yet)
+    compile_seconds: float = 0.0  # this process's first training call (it compiles)
+    measured: dict[str, float] = dataclasses.field(default_factory=dict)  # eval, save, sample
+    calls: int = 0  # compiled training calls timed in this process
+
+    def part(self, name: str) -> float:
+        if name in self.measured:
+            return MARGIN * self.measured[name]
+        compiling = COMPILE_UNITS.get(name, 0.0) * self.compile_seconds
+        if name == "eval":
+            # A forward pass costs about a third of a training step; counting a whole one is the
+            # conservative side (an evaluation's windows are no larger than a training step's).
+            if not self.eval_windows:
+                return 0.0
+            return max(EVAL_COMPILE_SECONDS, compiling) + self.eval_windows * self.step_seconds
+        if name == "save":
+            return SAVE_SECONDS + self.checkpoint_bytes / SAVE_BYTES_PER_SECOND
+        if name == "sample":
+            if not self.sample_tokens:
+                return 0.0
+            return max(SAMPLE_COMPILE_SECONDS, compiling) + self.sample_tokens * SAMPLE_SECONDS_PER_TOKEN
+        if name == "export":
+            # The export writes the weights without the optimizer's slots (a third of the
+            # checkpoint for Adam): counting all of it errs long.
+            return max(EXPORT_SECONDS, compiling) + self.checkpoint_bytes / SAVE_BYTES_PER_SECOND
+        raise KeyError(name)
+
+    def note_steps(self, seconds: float, count: int) -> None:
+        """One compiled call trained `count` steps in `seconds`. The process's first call compiles:
+        it sizes the compiling parts of the tail, and the step time comes from the later ones
+        (the second call's, then averaged)."""
+        per_step = seconds / max(count, 1)
+        self.calls += 1
+        if self.calls == 1:
+            self.compile_seconds = seconds
+        else:
+            self.step_seconds = per_step if self.calls == 2 else 0.9 * self.step_seconds + 0.1 * per_step
+
+    def seconds(self) -> float:
+        return sum(self.part(name) for name in ("eval", "save", "sample", "export")) + EXIT_SECONDS
+
+
+@dataclasses.dataclass(frozen=True)
+class Reading:
+    """The clock at one point of the run; with several workers, the agreed (averaged) one, so
+    that every worker takes the same decisions from it."""
+
+    spent: float  # seconds of the budget spent
+    end: float  # the budget second at which training stops
+    step_seconds: float  # one training step
+
+    @property
+    def out_of_time(self) -> bool:
+        """Whether one more training step would end past `end`."""
+        return self.spent + self.step_seconds >= self.end
+
+
+def process_start(clock: Callable[[], float] = time.monotonic) -> float:
+    """When this process started, on `clock`."""
+    return clock() - process_age()
+
+
+class Budget:
+    """The clock of one process of a budgeted run.
+
+    `spent()` counts from the start of the job's first process: the seconds restored from the
+    checkpoint (`spent_before`) plus the time since `started` (this process's start, or when a
+    library caller began the run). Training stops once one more step would pass the budget minus
+    the tail (the reading's `end`).
+
+    `advance(reading)` moves the learning-rate schedule's input, `progress`, from 0 at the start
+    of the job to 1 at `end`, spreading what is left of it evenly over the time left: progress is
+    spent/end while the end stays put, and when a measurement moves the end it bends without a
+    jump or a step back. Being a state, it is saved with the checkpoint (with the spent seconds
+    and the tail's measurements), so a resumed run continues the curve an uninterrupted run draws.
+    """
+
+    def __init__(self, seconds: float, spent_before: float, tail: TailEstimate, started: float,
+                 clock: Callable[[], float] = time.monotonic, progress: float = 0.0) -> None:
+        self.seconds, self.spent_before, self.tail = seconds, spent_before, tail
+        self.started, self.clock = started, clock
+        self.progress, self.progress_spent = progress, spent_before
+
+    def spent(self) -> float:
+        return self.spent_before + self.clock() - self.started
+
+    def left(self) -> float:
+        return self.seconds - self.spent()
+
+    def training_end(self) -> float:
+        return self.seconds - self.tail.seconds()
+
+    def read(self) -> Reading:
+        return Reading(self.spent(), self.training_end(), self.tail.step_seconds)
+
+    def _progress_at(self, spent: float, end: float, step_seconds: float = 0.0) -> float:
+        if spent + step_seconds >= end:  # where training stops (Reading.out_of_time)
+            return 1.0
+        moved = max(spent - self.progress_spent, 0.0) / (end - self.progress_spent)
+        return min(self.progress + (1.0 - self.progress) * moved, 1.0)
+
+    def advance(self, reading: Reading) -> float:
+        """The schedule's progress at `reading` (and from now on)."""
+        self.progress = self._progress_at(reading.spent, reading.end, reading.step_seconds)
+        self.progress_spent = max(reading.spent, self.progress_spent)
+        return self.progress
+
+    # What a checkpoint keeps of the clock: spent seconds, the schedule's progress then, the
+    # measured tail parts and step time (-1: not measured).
+    CHECKPOINT_PARTS = ("eval", "save", "sample")
+
+    def to_checkpoint(self) -> list[float]:
+        spent = self.spent()
+        measured = [self.tail.measured.get(name, -1.0) for name in self.CHECKPOINT_PARTS]
+        # Progress carried to this moment without moving the run's own (which only agreed
+        # readings move, so that several workers keep the same).
+        return [spent, self._progress_at(spent, self.training_end()), *measured,
+                self.tail.step_seconds or -1.0]
+
+    @classmethod
+    def from_checkpoint(cls, values: list[float], seconds: float, tail: TailEstimate,
+                        started: float, clock: Callable[[], float] = time.monotonic) -> Budget:
+        spent, progress, *measured, step = values
+        tail.measured.update({name: value for name, value in zip(cls.CHECKPOINT_PARTS, measured,
+                                                                 strict=True) if value >= 0})
+        if step > 0:
+            tail.step_seconds = step
+        return cls(seconds, spent, tail, started, clock, progress)
+
+    def deadline(self) -> float:
+        """The wall-clock time (time.time()) at which the budget runs out."""
+        return time.time() + self.left()
+
+    def describe(self, before_this_run: bool = False) -> str:
+        """`time budget 1m30s: 1m02s spent, 28s left`; `before_this_run`: what the checkpoint
+        says (`1m00s spent before this run, 30s left`), for the resume line."""
+        if before_this_run:
+            return (f"time budget {format_duration(self.seconds)}: {format_duration(self.spent_before)} "
+                    f"spent before this run, {format_duration(self.seconds - self.spent_before)} left")
+        return (f"time budget {format_duration(self.seconds)}: {format_duration(self.spent())} spent, "
+                f"{format_duration(self.left())} left")
