@@ -2,7 +2,7 @@
 proxy (tests/gcs/proxy.py) in front of the emulator, while the shards are read, while a checkpoint
 is saved and while the job restores. Each is retried (trainer.storage) and the job ends exactly
 where an uninterrupted local run with the same flags ends: no step lost, none trained twice, the
-newest checkpoint restored (not taken for damaged).
+newest checkpoint restored (not taken for damaged). Summaries whose upload fails are retried too.
 
 TensorFlow's own per-request retries are off here (GCS_RETRY_CONFIG_MAX_RETRIES=0), so each
 injected fault reaches verne's retries; its idle timeout is 2 s, so a 3 s stall is a timeout.
@@ -121,3 +121,44 @@ def test_503s_and_timeouts_at_read_save_and_restore_lose_no_step(
     for key in expected:
         np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
+
+
+SUMMARIES = """
+import sys
+import tensorflow as tf
+from trainer.summaries import Summaries
+summaries = Summaries(sys.argv[1], "char")
+summaries.train(1, 2.0, 0.1, 1.0, 100.0)
+summaries.flush()
+print("FAULTS NOW", flush=True)
+sys.stdin.readline()
+summaries.eval(2, 1.5)  # flushes: the upload of the event file fails
+summaries.train(3, 1.0, 0.1, 1.0, 100.0)
+summaries.close()
+(events,) = tf.io.gfile.glob(sys.argv[1] + "/events*")
+print(sorted({(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(events) for v in e.summary.value
+              if v.tag.endswith("/loss")}))
+"""
+
+
+def test_summaries_survive_failed_uploads(gcs_server: GcsServer, gcs_bucket: str) -> None:
+    # The event file is uploaded whole at each flush, so a flush retried after 503s loses nothing.
+    env = gcs_server.subprocess_env()
+    env.update(GCS_RETRY_CONFIG_MAX_RETRIES="0", VERNE_GCS_RETRIES="4,0.1,0.2", TF_CPP_MIN_LOG_LEVEL="2")
+    process = subprocess.Popen([sys.executable, "-c", SUMMARIES, f"{gcs_bucket}/tb"], cwd=REPO, env=env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    assert gcs_server.proxy is not None
+    try:
+        for line in process.stdout:
+            if line.startswith("FAULTS NOW"):
+                break
+        gcs_server.proxy.faults([{"match": rf"(POST|PUT) www\.googleapis\.com .*{gcs_bucket[5:]}/o\?.*tb%2F",
+                                  "status": 503, "times": 2}])
+        output, _ = process.communicate("go\n", timeout=300)
+        fired = gcs_server.proxy.faults()
+    finally:
+        gcs_server.proxy.faults([])
+    assert process.returncode == 0, output[-3000:]
+    assert [rule["fired"] for rule in fired] == [2] and "writing summaries failed" in output, output[-3000:]
+    assert "[(1, 'train/loss'), (2, 'eval/loss'), (3, 'train/loss')]" in output, output[-3000:]
