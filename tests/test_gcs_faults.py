@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from gcs.server import GcsServer
+from test_multiworker import _finish
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -34,12 +35,6 @@ def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
     env.update(TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "trainer.task", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(process: subprocess.Popen[str]) -> str:
-    output, _ = process.communicate(timeout=600)
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def _faulty(gcs: GcsServer, args: list[str], rules: list[dict], retried: list[str]) -> str:
