@@ -135,7 +135,8 @@ def test_dataflow_job_is_built_with_verne_staged_from_setup_py(
     assert type(pipeline.runner).__name__ == "DataflowRunner"
     assert job.proto.type_.name == "JOB_TYPE_BATCH"
     transforms = {t.unique_name for t in job.proto_pipeline.components.transforms.values()}
-    assert {"Survey", "Encode", "Writetrain", "WriteStats"} <= {n.split("/")[0] for n in transforms}
+    steps = {n.split("/")[0] for n in transforms}
+    assert {"Survey", "Encode", "WritePartstrain", "JoinPartstrain", "WriteStats"} <= steps
     if tokenizer == "bpe":  # a bounded sample of the training split goes to one learning step
         assert {"SampleBlocks", "BoundedSample", "Learn"} <= {n.split("/")[0] for n in transforms}
 

@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from trainer import (
     distribute,
     errors,
     finetune,
+    kernels,
     loops,
     optimizers,
     sampling,
@@ -745,6 +747,10 @@ def train(hparams: HParams, started: float | None = None) -> TrainResult:
     `started` (a time.monotonic() value; default: now) is where --time_budget's clock starts:
     entry points pass their process's start (budget.process_start()), so start-up counts too."""
     strategy = strategy_from_environment()
+    # What runs the model here, first; after the strategy, which must set up TensorFlow itself
+    # (a multi-worker job's collectives are configured before any other TensorFlow call).
+    print(kernels.describe_runtime(fused=hparams.cell in ("lstm", "gru") and not hparams.layer_norm),
+          file=sys.stderr, flush=True)
     hparams, metadata = prepare_job(hparams, strategy)
     resume = "; run the same command again to resume from the last checkpoint"
     with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 from absl import app, flags
 
-from trainer import budget, cloud_env, kernels, runner
+from trainer import budget, cloud_env, runner
 from trainer import flags as trainer_flags
 from trainer.errors import run_cli
 from trainer.flags import define_hparams_flags, hparams_from_command_line
@@ -25,8 +24,6 @@ def main(argv: list[str]) -> int:
     hparams = hparams_from_command_line(argv)
     # On Vertex AI: AIP_* dirs fill what the flags left empty; tuning trials get their own dir.
     hparams = cloud_env.apply_environment(hparams, os.environ)
-    print(kernels.describe_runtime(fused=hparams.cell in ("lstm", "gru") and not hparams.layer_norm),
-          file=sys.stderr, flush=True)
     # --time_budget counts from this process's start: interpreter and TensorFlow imports too.
     result = runner.train(hparams, started=budget.process_start())
     print(runner.describe(result), flush=True)
