@@ -5,15 +5,19 @@ Design (so the runner drives it exactly like a recurrent model):
   window. The state carries, per layer, the keys and values of the last `max_context` tokens
   (a fixed-size buffer, right-aligned, with a validity mask), so in sampling one call per token
   costs one attention row, and its output equals the full forward pass over the same tokens
-  exactly (tests/test_zoo_layers.py checks it). Training and evaluation start every window from
-  an empty cache (`carries_state_between_windows`): carried across training windows, the cache
-  learned far slower per step, and carried into evaluation it holds context from beyond the
-  window, which training never showed. Fixed shapes keep one traced graph for every window.
+  exactly (tests/test_zoo_layers.py checks it). Training and evaluation windows stand on their
+  own (`window_state` is `()`) and attend within the window: carried across training windows,
+  the cache learned far slower per step, and carried into evaluation it holds context from
+  beyond the window, which training never showed. `max_context` is at most `unroll_steps`
+  (HParams.validate), so sampling attends no distance training windows did not show. Fixed
+  shapes keep one traced graph for every window.
+- Matmuls in --precision's compute dtype on float32 weights; everything between them in float32,
+  written as small functions XLA can fuse (--xla, trainer/xla.py).
 - Positional encoding: `rotary` by default (RoFormer: queries and keys rotated by their slot in
   [cache ; window], so attention sees distances only, exactly, however long a sampled stream
   runs); `learned`, a learned bias per head and relative distance 0..max_context-1 added to the
   attention logits; `sinusoidal` adds the sinusoid of each token's absolute position in its
-  stream (counted in the state, so it continues across windows); `none` leaves order to the
+  stream (counted in the sampling state); `none` leaves order to the
   causal mask alone. Absolute learned positions, GPT-2's, are not offered: a table of them runs
   out in a sampled stream longer than the window. Why rotary: docs/models.md.
 - Training windows are drawn at random offsets in the text (trainer.data, `random_starts`),
