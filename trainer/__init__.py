@@ -12,7 +12,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 # devices (any device query or eager op), so they are set here, before verne touches TensorFlow.
 # They change nothing until `--xla fusion` turns clustering on (trainer.xla.fusion): then the CPU
 # clusters only elementwise ops, and the matmuls stay on TensorFlow's oneDNN kernels.
+# The persistent compile cache (trainer/cache_dirs.py): a transformer's compiled step costs 5-8 s
+# to compile, a second run of the same model loads it in ~1 s instead.
+from trainer import cache_dirs  # noqa: E402  (pure Python: no TensorFlow yet)
+
 _GIVEN_XLA_FLAGS = os.environ.get("TF_XLA_FLAGS", "")
 os.environ["TF_XLA_FLAGS"] = " ".join([_GIVEN_XLA_FLAGS, *(
     flag for flag in ("--tf_xla_cpu_global_jit", "--tf_xla_ops_to_cluster=FUSIBLE")
-    if flag not in _GIVEN_XLA_FLAGS)]).strip()
+    if flag not in _GIVEN_XLA_FLAGS), cache_dirs.xla_cache_flag(_GIVEN_XLA_FLAGS)]).strip()

@@ -36,6 +36,7 @@ import tempfile
 
 import tensorflow as tf
 
+from trainer import cache_dirs
 from trainer.hparams import cpu_flags
 from trainer.kernels.lstm import cast, zeros_if_none
 
@@ -44,9 +45,7 @@ ENV_SWITCH = "VERNE_NATIVE_KERNELS"
 
 
 def cache_dir() -> pathlib.Path:
-    root = os.environ.get("VERNE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "verne")
-    return pathlib.Path(root) / "ops"
+    return cache_dirs.root() / "ops"
 
 
 def _compiler() -> str:

@@ -1,0 +1,74 @@
+"""Where verne keeps what it builds once per machine: the native ops and XLA's compiled steps.
+
+Pure Python, no TensorFlow: trainer/__init__ reads it before TensorFlow starts (TensorFlow reads
+its XLA flags, the compile cache's directory among them, once per process).
+
+    $VERNE_CACHE_DIR, else $XDG_CACHE_HOME/verne, else ~/.cache/verne
+        ops/   the native recurrences, keyed by source, compiler, TensorFlow and CPU (kernels/native)
+        xla/<key>/   compiled training steps (--xla step and fusion), keyed by TensorFlow and CPU
+
+`VERNE_XLA_CACHE=0` turns the XLA cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import tempfile
+from collections.abc import Mapping
+
+from trainer.hparams import cpu_flags
+
+XLA_CACHE_SWITCH = "VERNE_XLA_CACHE"
+# TensorFlow's own flag: compiled XLA executables are written there (each to a temporary name,
+# then renamed) and loaded instead of compiling again when a later process traces the same
+# computation (TensorFlow compares the whole HLO module before using an entry).
+PERSISTENT_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+_TENSORFLOW_DISTRIBUTIONS = ("tensorflow", "tensorflow-cpu", "tensorflow-tpu", "tf-nightly")
+
+
+def root(environ: Mapping[str, str] = os.environ) -> pathlib.Path:
+    base = environ.get("VERNE_CACHE_DIR") or os.path.join(
+        environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "verne")
+    return pathlib.Path(base)
+
+
+def _tensorflow_version() -> str:
+    for name in _TENSORFLOW_DISTRIBUTIONS:
+        try:
+            return f"{name}-{importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def xla_dir(environ: Mapping[str, str] = os.environ, flags: frozenset[str] | None = None,
+            tensorflow: str | None = None) -> pathlib.Path:
+    """The XLA cache of this TensorFlow on this CPU. XLA compiles for the CPU it runs on, so a
+    cache on a home directory shared by machines of different CPUs must not hand one machine's
+    code to another (an AVX-512 instruction on a CPU without it kills the process)."""
+    key = hashlib.sha256()
+    for part in (tensorflow or _tensorflow_version(), *sorted(cpu_flags() if flags is None else flags)):
+        key.update(part.encode() + b"\0")
+    return root(environ) / "xla" / key.hexdigest()[:16]
+
+
+def _writable(directory: pathlib.Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
+
+
+def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) -> str:
+    """The persistent-cache flag to add to TF_XLA_FLAGS, or "" for none: when the user set their
+    own, turned it off, or the directory cannot be written (TensorFlow would then fail the first
+    compiled step instead of compiling without a cache)."""
+    if PERSISTENT_CACHE_FLAG in given_flags or environ.get(XLA_CACHE_SWITCH, "1") == "0":
+        return ""
+    directory = xla_dir(environ)
+    return f"{PERSISTENT_CACHE_FLAG}={directory}" if _writable(directory) else ""
