@@ -12,13 +12,15 @@ from trainer import cache_dirs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_xla_dir_is_keyed_by_tensorflow_and_cpu(tmp_path: Path) -> None:
+def test_xla_dir_is_keyed_by_tensorflow_cpu_and_xla_flags(tmp_path: Path) -> None:
     env = {"VERNE_CACHE_DIR": str(tmp_path)}
     base = cache_dirs.xla_dir(env, frozenset({"avx2", "avx512f"}), "tensorflow-2.21.0")
     assert base.parent == tmp_path / "xla"
     assert cache_dirs.xla_dir(env, frozenset({"avx512f", "avx2"}), "tensorflow-2.21.0") == base
     assert cache_dirs.xla_dir(env, frozenset({"avx2"}), "tensorflow-2.21.0") != base
     assert cache_dirs.xla_dir(env, frozenset({"avx2", "avx512f"}), "tensorflow-2.20.0") != base
+    with_flags = {**env, "XLA_FLAGS": "--xla_cpu_use_onednn=true"}
+    assert cache_dirs.xla_dir(with_flags, frozenset({"avx2", "avx512f"}), "tensorflow-2.21.0") != base
 
 
 def test_root_follows_verne_then_xdg(tmp_path: Path) -> None:

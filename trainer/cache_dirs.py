@@ -5,7 +5,7 @@ its XLA flags, the compile cache's directory among them, once per process).
 
     $VERNE_CACHE_DIR, else $XDG_CACHE_HOME/verne, else ~/.cache/verne
         ops/   the native recurrences, keyed by source, compiler, TensorFlow and CPU (kernels/native)
-        xla/<key>/   compiled training steps (--xla step and fusion), keyed by TensorFlow and CPU
+        xla/<key>/   compiled training steps (--xla step and fusion), keyed by TensorFlow, CPU, XLA_FLAGS
 
 `VERNE_XLA_CACHE=0` turns the XLA cache off.
 """
@@ -46,11 +46,14 @@ def _tensorflow_version() -> str:
 
 def xla_dir(environ: Mapping[str, str] = os.environ, flags: frozenset[str] | None = None,
             tensorflow: str | None = None) -> pathlib.Path:
-    """The XLA cache of this TensorFlow on this CPU. XLA compiles for the CPU it runs on, so a
-    cache on a home directory shared by machines of different CPUs must not hand one machine's
-    code to another (an AVX-512 instruction on a CPU without it kills the process)."""
+    """The XLA cache of this TensorFlow on this CPU with these XLA_FLAGS. XLA compiles for the CPU
+    it runs on, so a cache on a home directory shared by machines of different CPUs must not hand
+    one machine's code to another (an AVX-512 instruction on a CPU without it kills the process);
+    and TensorFlow's key for an entry is the computation, not the compiler options, so an entry
+    compiled under other XLA_FLAGS (another dot library, say) would be loaded as if it were this."""
     key = hashlib.sha256()
-    for part in (tensorflow or _tensorflow_version(), *sorted(cpu_flags() if flags is None else flags)):
+    for part in (tensorflow or _tensorflow_version(), environ.get("XLA_FLAGS", ""),
+                 *sorted(cpu_flags() if flags is None else flags)):
         key.update(part.encode() + b"\0")
     return root(environ) / "xla" / key.hexdigest()[:16]
 
