@@ -42,6 +42,16 @@ def test_cache_flag_created_unless_given_off_or_unwritable(tmp_path: Path) -> No
     assert cache_dirs.xla_cache_flag("", {"VERNE_CACHE_DIR": str(blocker)}) == ""
 
 
+def test_prune_deletes_the_oldest_down_to_half(tmp_path: Path) -> None:
+    for age, name in enumerate(("newest", "middle", "oldest")):
+        path = tmp_path / name
+        path.write_bytes(b"x" * 100)
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+    assert cache_dirs.prune(tmp_path, max_bytes=300) == 0  # not over: nothing deleted
+    assert cache_dirs.prune(tmp_path, max_bytes=250) == 200  # down to <= 125 bytes
+    assert [p.name for p in tmp_path.iterdir()] == ["newest"]
+
+
 _COMPILE_A_STEP = """
 import os, tensorflow as tf
 import trainer

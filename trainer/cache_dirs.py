@@ -67,6 +67,36 @@ def _writable(directory: pathlib.Path) -> bool:
         return False
 
 
+# Compiled steps are 0.1-10 MB each and every new shape adds one: past this size the least
+# recently written entries are deleted at start-up, down to half of it.
+XLA_CACHE_BYTES = 2 * 2**30
+
+
+def prune(directory: pathlib.Path, max_bytes: int = XLA_CACHE_BYTES) -> int:
+    """Deletes the oldest files of `directory` while it holds more than `max_bytes`, down to half of
+    that; returns the bytes freed. A file another process removes meanwhile is skipped."""
+    entries = []
+    for path in directory.iterdir():
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        entries.append((stat.st_mtime, stat.st_size, path))
+    total = sum(size for _, size, _ in entries)
+    if total <= max_bytes:
+        return 0
+    freed = 0
+    for _, size, path in sorted(entries):
+        if total - freed <= max_bytes // 2:
+            break
+        try:
+            path.unlink()
+            freed += size
+        except OSError:
+            continue
+    return freed
+
+
 def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) -> str:
     """The persistent-cache flag to add to TF_XLA_FLAGS, or "" for none: when the user set their
     own, turned it off, or the directory cannot be written (TensorFlow would then fail the first
@@ -74,4 +104,7 @@ def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) ->
     if PERSISTENT_CACHE_FLAG in given_flags or environ.get(XLA_CACHE_SWITCH, "1") == "0":
         return ""
     directory = xla_dir(environ)
-    return f"{PERSISTENT_CACHE_FLAG}={directory}" if _writable(directory) else ""
+    if not _writable(directory):
+        return ""
+    prune(directory)
+    return f"{PERSISTENT_CACHE_FLAG}={directory}"
