@@ -315,9 +315,12 @@ def run_reference(python: Path, tokens_dir: Path, shape: str, minutes: float, la
 
 
 def model_summary(hparams: dict) -> str:
-    """`lstm 2x512, unroll 128, batch 32` from a job's hparams.json."""
-    width = hparams.get("d_model") if hparams.get("cell") == "transformer" else hparams.get("lstm_state_size")
-    text = (f"{hparams.get('cell')} {hparams.get('layers')}x{width}, unroll {hparams.get('unroll_steps')}, "
+    """`lstm 2x512, unroll 128, batch 32` (`transformer 4x4x128, …`) from a job's hparams.json."""
+    if hparams.get("cell") == "transformer":
+        shape = f"{hparams.get('layers')}x{hparams.get('heads')}x{hparams.get('d_model')}"
+    else:
+        shape = f"{hparams.get('layers')}x{hparams.get('lstm_state_size')}"
+    text = (f"{hparams.get('cell')} {shape}, unroll {hparams.get('unroll_steps')}, "
             f"batch {hparams.get('batch_size')}")
     return text + (f", dropout {hparams['dropout']:g}" if hparams.get("dropout") else "")
 
@@ -339,6 +342,8 @@ def run_verne(data_dir: Path, job_dir: Path, minutes: float, label: str) -> dict
     return {"model": model_summary(hparams), "valid_loss": round(loss, 4), "steps": step,
             "wall_seconds": round(wall, 1), "within_budget": wall <= OVER_BUDGET * minutes * 60,
             "valid_tokens_evaluated": tokens, "commit": git_commit(), "date": now(),
+            # trainer.choose's record of why it chose this model (absent before it existed)
+            "chosen": hparams.get("chosen"),
             "hparams": {k: hparams.get(k) for k in ("cell", "layers", "lstm_state_size", "d_model", "heads",
                                                     "embedding_size", "unroll_steps", "batch_size", "dropout",
                                                     "learning_rate", "lr_schedule", "precision")}}
@@ -459,8 +464,13 @@ def write_docs(python: Path, cpu: str, results: Path, docs: Path, corpora: dict[
 # ---------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.exit(f"error: {message} (see --help)")  # one line, no usage dump
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = _Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default="shelf,tinyshakespeare", help="shelf, tinyshakespeare or both")
     parser.add_argument("--minutes", default=None,
                         help="budgets to run, e.g. 1,10 (default: 1,10,30 on shelf, 1,10 on tinyshakespeare)")
@@ -480,6 +490,8 @@ def main() -> None:
     try:
         selected = parse_corpora(args.corpus, corpora)
         minutes = parse_minutes(args.minutes) if args.minutes is not None else None
+        for corpus in selected if not args.table_only else ():
+            source_description(corpus)  # a missing corpus is an error before anything runs
     except ValueError as err:
         sys.exit(f"error: {err}")
     from train import ensure_torch_venv  # bench/train.py keeps the torch venv
@@ -487,10 +499,7 @@ def main() -> None:
     cpu = cpu_name()
     python = ensure_torch_venv(args.torch_venv)
     if not args.table_only:
-        try:
-            prepared = {c.name: prepare(c, args.workdir)[2] for c in selected}
-        except ValueError as err:
-            sys.exit(f"error: {err}")
+        prepared = {c.name: prepare(c, args.workdir)[2] for c in selected}
         runs = plan(selected, minutes, args.only, cpu, read_json(args.results / REFERENCE_FILE), prepared,
                     args.rerun_reference)
         execute(runs, cpu, python, args.workdir, args.results)
