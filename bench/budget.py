@@ -302,6 +302,9 @@ def run_reference(python: Path, tokens_dir: Path, shape: str, minutes: float, la
             if entry.get("step") == iters:
                 print(f"[budget] {label}: training done at {entry['seconds']:.0f} s; evaluating the "
                       "whole validation split ...", flush=True)
+            elif "evaluated" in entry:
+                print(f"[budget] {label}: evaluated {entry['evaluated']:,} of {entry['of']:,} tokens "
+                      f"({clock(time.monotonic() - started)} since start)", flush=True)
             elif "loss" in entry and time.monotonic() - shown >= PROGRESS_SECONDS:
                 shown = time.monotonic()
                 print(f"[budget] {label}: step {entry['step']:,}/{iters or 0:,}, train loss "

@@ -100,8 +100,12 @@ def whole_split_loss(model: GPT, data: torch.Tensor, block: int, rows: int = 256
     count = targets // block
     x = data[:count * block].view(count, block)
     y = data[1:count * block + 1].view(count, block)
-    total = sum(model(x[i:i + rows], y[i:i + rows]).item() * x[i:i + rows].numel()
-                for i in range(0, count, rows))
+    total, shown = 0.0, time.monotonic()
+    for i in range(0, count, rows):
+        total += model(x[i:i + rows], y[i:i + rows]).item() * x[i:i + rows].numel()
+        if time.monotonic() - shown > 30:  # a large split takes minutes: say how far it is
+            shown = time.monotonic()
+            print(json.dumps({"evaluated": min(i + rows, count) * block, "of": targets}), flush=True)
     rest = targets - count * block
     if rest:
         tail = data[count * block:]
