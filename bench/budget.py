@@ -439,6 +439,10 @@ def table(cpu: str, rows: list[dict]) -> str:
             met = "**yes**" if gap <= -TARGET_MARGIN and ours["within_budget"] else "no"
         lines.append(f"| {row['corpus']} | {budget_flag(row['minutes'])} | {ref_text} | {ref_loss} | "
                      f"{ours_text} | {ours_loss} | {difference} | {target} | {met} |")
+    reasons = [f"- {row['corpus']}, {budget_flag(row['minutes'])}: {row['verne']['chosen']['reason']}"
+               for row in rows if row["verne"] and (row["verne"].get("chosen") or {}).get("reason")]
+    if reasons:
+        lines += ["", "Why verne chose each model (its hparams.json):", "", *reasons]
     commits = sorted({row["verne"]["commit"] for row in rows if row["verne"]})
     lines += ["", "verne's runs: commit " + ", ".join(commits) if commits else "verne: nothing run yet.", "",
               f"![loss against budget]({PLOT_FILE})", ""]
@@ -489,6 +493,7 @@ def main() -> None:
     parser.add_argument("--docs", type=Path, default=DOCS, help="where the table and plot go")
     parser.add_argument("--torch_venv", type=Path, default=ROOT / "bench" / ".venv-torch")
     args = parser.parse_args()
+    args.workdir = args.workdir.resolve()  # trainer.task runs in the repository's root
     corpora = default_corpora(args.shelf, args.tinyshakespeare)
     try:
         selected = parse_corpora(args.corpus, corpora)

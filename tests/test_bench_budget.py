@@ -81,7 +81,7 @@ def test_store_merges_and_the_table_judges_against_the_better_shape(tmp_path: Pa
     budget.store(references, "cpu", "tinyshakespeare", 1, _reference(1.90), "4x4x128")
     ours = {"model": "lstm 2x512", "steps": 100, "wall_seconds": 600.0, "within_budget": True,
             "commit": "abc"}
-    budget.store(verne, "cpu", "shelf", 10, {**ours, "valid_loss": 1.34})
+    budget.store(verne, "cpu", "shelf", 10, {**ours, "valid_loss": 1.34, "chosen": {"reason": "because"}})
     budget.store(verne, "cpu", "tinyshakespeare", 1, {**ours, "valid_loss": 1.70, "within_budget": False})
     rows = budget.rows_for("cpu", budget.read_json(references), budget.read_json(verne), corpora)
     row = next(r for r in rows if r["corpus"] == "shelf" and r["minutes"] == 10)
@@ -95,3 +95,4 @@ def test_store_merges_and_the_table_judges_against_the_better_shape(tmp_path: Pa
     assert "over budget" in over and over.endswith("| no |")
     assert "not run" in lines["| shelf | 30m"]
     assert "CPU: **cpu**" in text
+    assert "- shelf, 10m: because" in text
