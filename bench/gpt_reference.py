@@ -16,9 +16,10 @@ shards), so both models are scored on the same ids. An estimate of the validatio
 random blocks) every --eval_every iterations (250, as the recipe; 0: none) is part of the timed run.
 
 --seconds S replaces --iters: the iteration count that ends training S seconds after this
-process started (imports included). The step time is measured first on a copy of the model
-for a few seconds (then thrown away: training starts from the same initial weights and seed), and
-the iterations are the seconds left divided by it; the cosine schedule then ends at the last one.
+process started (imports included). The step time is measured on the first warm-up steps (whose
+learning rate does not depend on the count), the iterations are the seconds left divided by it,
+and the count is corrected every 50 steps from the step time measured since, until 90% of S is
+spent (see Calibration); the cosine schedule ends at the last iteration.
 
 Prints one JSON line per 50 iterations ({"step", "loss": mean training loss of those 50, "seconds":
 since process start}) and at the end {"final": iterations, "valid_loss": loss over every token of
@@ -32,6 +33,7 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 
 STARTED = time.monotonic()
 
@@ -150,17 +152,24 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, x: torch.Tensor, y:
 
 
 class Calibration:
-    """--seconds: the iteration count from the step time measured on the first training steps.
+    """--seconds: the iteration count from the step time measured while training.
 
     The warm-up's learning rate does not depend on the iteration count, so the first steps train
     as they would in any run while they are timed; the count is fixed before the warm-up ends,
     in time for the cosine decay to use it. The first `skip` steps (allocation, thread start-up)
-    are not counted."""
+    are not counted. A step's time drifts after those first seconds (by -14% to +11% in 1- and
+    10-minute runs here), so `replan` corrects the count from the mean step time since it was
+    fixed, until `until` of the budget is spent: the decay's progress moves by a few percent at
+    most, and training ends within a few steps of the budget."""
 
-    def __init__(self, seconds: float, measure: float, warmup: int, skip: int = 3) -> None:
-        self.seconds, self.measure, self.warmup, self.skip = seconds, measure, warmup, skip
+    def __init__(self, seconds: float, measure: float, warmup: int, skip: int = 3, until: float = 0.9,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds, self.measure, self.warmup, self.skip, self.until = seconds, measure, warmup, skip, until
+        self.clock = clock
         self.times: list[float] = []
         self.step_seconds: float | None = None
+        self.fixed: tuple[int, float] | None = None  # (steps done, clock) when the count was fixed
+        self.replans = 0
 
     def iters(self, step: int, took: float) -> int | None:
         """After step `step` (0-based) took `took` seconds: the iteration count, once known."""
@@ -170,8 +179,21 @@ class Calibration:
         if not enough and step + 2 < self.warmup:
             return None
         self.step_seconds = sum(counted or self.times) / len(counted or self.times)
-        left = self.seconds - (time.monotonic() - STARTED)
-        return step + 1 + max(0, int(left / self.step_seconds))
+        self.fixed = (step + 1, self.clock())
+        return step + 1 + max(0, int(self.left() / self.step_seconds))
+
+    def left(self) -> float:
+        return self.seconds - (self.clock() - STARTED)
+
+    def replan(self, done: int, iters: int) -> int:
+        """The count after `done` steps: `iters`, or what the step time since it was fixed says
+        fills the budget (never fewer than `done` + 1)."""
+        if self.fixed is None or done - self.fixed[0] < 20 or self.left() < (1 - self.until) * self.seconds:
+            return iters
+        self.step_seconds = (self.clock() - self.fixed[1]) / (done - self.fixed[0])
+        planned = max(done + 1, done + int(self.left() / self.step_seconds))
+        self.replans += planned != iters
+        return planned
 
 
 def main() -> None:
@@ -222,6 +244,13 @@ def main() -> None:
                 print(json.dumps({"iters": iters, "step_seconds": round(calibration.step_seconds, 5),
                                   "seconds": round(time.monotonic() - STARTED, 2)}), flush=True)
         step += 1
+        if args.seconds > 0 and step % 50 == 0 and iters is not None:
+            replanned = calibration.replan(step, iters)
+            if abs(replanned - iters) > 0.01 * iters:
+                print(json.dumps({"iters": replanned, "was": iters,
+                                  "step_seconds": round(calibration.step_seconds, 5),
+                                  "seconds": round(time.monotonic() - STARTED, 2)}), flush=True)
+            iters = replanned
         if step % 50 == 0:
             print(json.dumps({"step": step, "loss": round(sum(window) / len(window), 4),
                               "seconds": round(time.monotonic() - STARTED, 2)}), flush=True)
@@ -231,7 +260,7 @@ def main() -> None:
     print(json.dumps({"final": iters, "valid_loss": round(whole_split_loss(model, valid, block), 4),
                       "seconds": round(trained, 1), "valid_tokens": len(valid), "train_tokens": len(train),
                       "parameters": sum(p.numel() for p in model.parameters()),
-                      "step_seconds": calibration.step_seconds}), flush=True)
+                      "step_seconds": calibration.step_seconds, "replans": calibration.replans}), flush=True)
 
 
 if __name__ == "__main__":
