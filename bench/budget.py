@@ -17,8 +17,9 @@ Each budget runs
 - the GPT reference (bench/gpt_reference.py in bench's torch venv) on the same token ids verne
   trains on (written from verne's shards), its iteration count set so that training ends when the
   budget is spent, counted from its process start (imports, data loading and the step-time
-  calibration on its first warm-up steps included; the count is corrected as the step time drifts). Its final whole-validation evaluation is not
-  in the budget, as verne's `trainer.evaluate` below is not; the recipe's periodic 200-batch
+  calibration on its first warm-up steps included; the count is corrected as the step time
+  drifts). Its final whole-validation evaluation is not in the budget, as verne's
+  `trainer.evaluate` below is not; the recipe's periodic 200-batch
   estimates are left out (they would only take training time from the reference). At 10 minutes
   and more it runs twice, as the 4x4x128 baby (block 64, batch 12) and as 6 layers x 6 heads x 192
   (block 128, batch 32), and the better one counts;
