@@ -367,13 +367,15 @@ class Run:
 
 
 def plan(corpora: list[Corpus], minutes: tuple[float, ...] | None, only: str | None, cpu: str,
-         references: dict, prepared: dict[str, dict], rerun_reference: bool) -> list[Run]:
-    """The runs to do, in order: per corpus and budget, the references not stored yet, then verne."""
+         references: dict, prepared: dict[str, dict], rerun_reference: bool,
+         shapes: tuple[str, ...] = tuple(SHAPES)) -> list[Run]:
+    """The runs to do, in order: per corpus and budget, the references (of `shapes`) not stored
+    yet, then verne."""
     runs = []
     for corpus in corpora:
         for m in minutes or corpus.minutes:
             if only != "verne":
-                for shape in shapes_for(m):
+                for shape in (s for s in shapes_for(m) if s in shapes):
                     stored = references.get(cpu, {}).get(corpus.name, {}).get(key(m), {}).get(shape)
                     tokens = prepared[corpus.name]["tokens"]
                     same_data = stored and (stored["train_tokens"], stored["valid_tokens"]) == (
@@ -484,6 +486,8 @@ def main() -> None:
                         help="budgets to run, e.g. 1,10 (default: 1,10,30 on shelf, 1,10 on tinyshakespeare)")
     parser.add_argument("--only", choices=("reference", "verne"), default=None, help="run only one side")
     parser.add_argument("--rerun_reference", action="store_true", help="rerun stored references")
+    parser.add_argument("--shape", choices=tuple(SHAPES), action="append",
+                        help="run only this reference shape (repeatable; default: both where they apply)")
     parser.add_argument("--table_only", action="store_true", help="only rewrite the table and plot")
     parser.add_argument("--shelf", type=Path, default=SHARED / "shelf", help="the shelf's directory of books")
     parser.add_argument("--tinyshakespeare", type=Path, default=DEFAULT_CORPUS,
@@ -510,7 +514,7 @@ def main() -> None:
     if not args.table_only:
         prepared = {c.name: prepare(c, args.workdir)[2] for c in selected}
         runs = plan(selected, minutes, args.only, cpu, read_json(args.results / REFERENCE_FILE), prepared,
-                    args.rerun_reference)
+                    args.rerun_reference, tuple(args.shape or SHAPES))
         execute(runs, cpu, python, args.workdir, args.results)
     write_docs(python, cpu, args.results, args.docs, corpora)
 

@@ -71,6 +71,8 @@ def test_plan_reuses_stored_references_of_the_same_data_only(tmp_path: Path) -> 
     elsewhere = budget.plan([shelf], (10.0,), "reference", "other cpu", stored, prepared, False)
     assert [r.shape for r in elsewhere] == ["4x4x128", "6x6x192"]
     assert [r.kind for r in budget.plan([shelf], (10.0,), "verne", "cpu", {}, prepared, False)] == ["verne"]
+    one = budget.plan([shelf], (1.0, 10.0), "reference", "cpu", stored, prepared, True, ("6x6x192",))
+    assert [(r.minutes, r.shape) for r in one] == [(10.0, "6x6x192")]
 
 
 def test_store_merges_and_the_table_judges_against_the_better_shape(tmp_path: Path) -> None:
