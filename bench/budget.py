@@ -200,7 +200,8 @@ def prepare(corpus: Corpus, workdir: Path) -> tuple[Path, Path, dict[str, object
             return base / "data", base / "tokens", prepared
     print(f"[budget] preparing {corpus.name} from {corpus.path} ...", flush=True)
     started = time.monotonic()
-    shutil.rmtree(base, ignore_errors=True)
+    for stale in ("data", "tokens"):  # verne's job dirs and the logs stay
+        shutil.rmtree(base / stale, ignore_errors=True)
     if corpus.name == "tinyshakespeare":
         write_char_data(corpus.path.read_text(encoding="utf-8"), base / "data", VALID_FRACTION)
     else:
@@ -425,6 +426,8 @@ def table(cpu: str, rows: list[dict]) -> str:
         ref, ours = row["reference"], row["verne"]
         ref_text = "not run" if ref is None else (
             f"{ref['shape']}, {ref['iters']:,} in {clock(ref['train_seconds'])}"
+            + ("" if abs(ref["train_seconds"] / (row["minutes"] * 60) - 1) <= OVER_BUDGET - 1
+               else " **off budget by > 5%: rerun**")
             + ("" if row["complete"] else " (other shape not run)"))
         others = [f"{s} {r['valid_loss']:.4f}" for s, r in sorted(row["shapes"].items()) if r is not ref]
         ref_loss = "—" if ref is None else (
@@ -440,6 +443,7 @@ def table(cpu: str, rows: list[dict]) -> str:
             gap = ours["valid_loss"] - ref["valid_loss"]
             difference = f"{gap:+.4f}"
             met = "**yes**" if gap <= -TARGET_MARGIN and ours["within_budget"] else "no"
+            met += "" if row["complete"] else " (one shape only)"
         lines.append(f"| {row['corpus']} | {budget_flag(row['minutes'])} | {ref_text} | {ref_loss} | "
                      f"{ours_text} | {ours_loss} | {difference} | {target} | {met} |")
     reasons = [f"- {row['corpus']}, {budget_flag(row['minutes'])}: {row['verne']['chosen']['reason']}"

@@ -92,6 +92,8 @@ def test_store_merges_and_the_table_judges_against_the_better_shape(tmp_path: Pa
     lines = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in text.splitlines()
              if line.startswith("| shelf") or line.startswith("| tinyshakespeare")}
     assert "-0.1100" in lines["| shelf | 10m"] and "**yes**" in lines["| shelf | 10m"]
+    assert "off budget" in lines["| shelf | 10m"]  # its training took 60 s of 600
+    assert "off budget" not in lines["| tinyshakespeare | 1m"]
     # 0.20 ahead, but over its budget: not met.
     over = lines["| tinyshakespeare | 1m"]
     assert "over budget" in over and over.endswith("| no |")
