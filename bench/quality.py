@@ -104,11 +104,13 @@ def fresh_job_dir(job_dir: Path) -> Path:
     return job_dir
 
 
-def validation_loss(job_dir: Path) -> tuple[float, int, int]:
-    """(nats/char over the whole validation split, the checkpoint's step, tokens evaluated)."""
+def validation_loss(job_dir: Path, batch_size: int | None = None) -> tuple[float, int, int]:
+    """(nats/char over the whole validation split, the checkpoint's step, tokens evaluated), in
+    the job's batch of parallel streams or `batch_size` (fewer streams leave out fewer tokens:
+    under batch x unroll)."""
     from trainer.evaluate import evaluate
 
-    result = evaluate(str(job_dir), split="valid")
+    result = evaluate(str(job_dir), split="valid", batch_size=batch_size)
     return float(result["loss"]), int(result["step"]), int(result["tokens"])
 
 

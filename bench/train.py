@@ -51,6 +51,8 @@ from trainer.models import build_model
 
 BENCH_DIR = Path(__file__).resolve().parent
 TORCH_PIN = "torch==2.13.0"
+# What the torch venv holds: the references, and bench/budget.py's plot.
+TORCH_PACKAGES = (TORCH_PIN, "numpy", "matplotlib==3.11.2")
 
 flags.DEFINE_enum("shape", "char", ["char", "ptb-medium", "gpt-baby", "gpt-small"],
                   "char: the char model the flags below describe; ptb-medium: the word-level "
@@ -203,12 +205,13 @@ class VerneSteps:
 def ensure_torch_venv(venv: Path) -> Path:
     """The venv's python with torch importable; creates the venv and installs torch if needed."""
     python = venv / "bin" / "python"
-    check = [str(python), "-c", "import torch, numpy"]
+    check = [str(python), "-c", "import torch, numpy, matplotlib"]
     if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
         return python
-    print(f"installing {TORCH_PIN} into {venv} (once) ...", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", TORCH_PIN, "numpy"], check=True)
+    print(f"installing {' '.join(TORCH_PACKAGES)} into {venv} (once) ...", flush=True)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *TORCH_PACKAGES], check=True)
     return python
 
 
