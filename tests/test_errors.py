@@ -98,6 +98,26 @@ def _shard_vanishes_after_first_checkpoint(tmp: Path) -> None:
     threading.Thread(target=vanish, daemon=True).start()
 
 
+TRANSFORMER_STEP = ("--data_prefix", "tiny", "--cell", "transformer", "--layers", "1", "--d_model", "16",
+                    "--heads", "2", "--embedding_size", "16", "--max_context", "16", "--unroll_steps", "16",
+                    "--batch_size", "4", "--xla", "step", "--max_steps", "3", "--eval_every", "0",
+                    "--sample_every", "0")
+# Children of this test process would inherit its TF_XLA_FLAGS, cache directory included.
+OWN_XLA_CACHE = (("VERNE_CACHE_DIR", "{tmp}/cache"), ("TF_XLA_FLAGS", ""))
+
+
+def _damaged_xla_cache(tmp: Path) -> None:
+    """A first run fills {tmp}/cache with its compiled step; then every entry is cut short."""
+    env = {**os.environ, "VERNE_CACHE_DIR": str(tmp / "cache"), "TF_XLA_FLAGS": ""}
+    subprocess.run([sys.executable, "-m", "trainer.task", "--data_dir", str(tmp / "data"), "--job-dir",
+                    str(tmp / "first"), *TRANSFORMER_STEP], env=env, check=True, capture_output=True,
+                   timeout=300)
+    entries = list((tmp / "cache" / "xla").rglob("*.pb"))
+    assert entries, "the first run cached no compiled step"
+    for entry in entries:
+        _cut(entry)
+
+
 def _stand_in_compiler(body: str) -> Callable[[Path], None]:
     """Writes {tmp}/cxx: answers --version and option probes (-E), then runs `body`."""
     def write(tmp: Path) -> None:
@@ -183,6 +203,10 @@ CASES = [
          ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRAIN), "building the native CPU kernels", 0,
          prepare=_stand_in_compiler(_GCC11), native_build=True, env=(("CXX", "{tmp}/cxx"),),
          absent="as the build for this CPU failed"),
+    Case(TASK, "an entry of XLA's compile cache is damaged (cut short)",
+         "error naming the cache directory: delete it and run again, or `VERNE_XLA_CACHE=0`",
+         ("--data_dir", "{data}", "--job-dir", "{tmp}/j", *TRANSFORMER_STEP),
+         "XLA's compile cache {tmp}/cache/xla/", prepare=_damaged_xla_cache, env=OWN_XLA_CACHE),
     Case(EVAL, "`--job-dir` holds no trained job",
          "error: point `--job-dir` at a directory trainer.task wrote",
          ("--job-dir", "{tmp}/none"), "point --job-dir at a directory trainer.task wrote"),

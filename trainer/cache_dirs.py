@@ -108,3 +108,12 @@ def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) ->
         return ""
     prune(directory)
     return f"{PERSISTENT_CACHE_FLAG}={directory}"
+
+
+def flag_directory(tf_xla_flags: str) -> str | None:
+    """The persistent cache's directory in a TF_XLA_FLAGS value, None without one."""
+    for flag in tf_xla_flags.split():
+        name, _, value = flag.partition("=")
+        if name == PERSISTENT_CACHE_FLAG and value:
+            return value
+    return None

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import cache_pointer, checkpoints, data, errors, loops, runner
+from trainer import cache_pointer, checkpoints, data, errors, loops, runner, xla
 from trainer.errors import UsageError, run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, explicitly_set, hparams_from_command_line
 from trainer.hparams import HParams
@@ -54,7 +54,9 @@ def evaluate(job_dir: str, split: str = "valid", best: bool = False, eval_steps:
     params = Params(hparams, model)
     state = loops.initial_state(params, strategy, layout.batch_size)
     with data.reading_shards(hparams.data_dir, hparams.data_prefix):
-        nats, tokens, windows = loops.run_eval(loops.make_eval_step(params, strategy), dataset, state)
+        compiled = xla.resolve(hparams, strategy.num_replicas_in_sync).xla == "step"
+        eval_step = loops.make_eval_step(params, strategy, jit_compile=compiled)
+        nats, tokens, windows = loops.run_eval(eval_step, dataset, state)
     loss = nats / tokens
     step = int(path.rsplit("-", 1)[-1])
     result: dict[str, object] = {

@@ -176,14 +176,19 @@ def _scale(grad: Any, factor: float) -> Any:
     return grad * factor
 
 
-def make_eval_step(params: Params, strategy: tf.distribute.Strategy) -> EvalStep:
-    """(tokens, labels, state) -> (summed nats, token count, next state)."""
+def make_eval_step(params: Params, strategy: tf.distribute.Strategy, jit_compile: bool = False) -> EvalStep:
+    """(tokens, labels, state) -> (summed nats, token count, next state). `jit_compile`: compiled
+    by XLA, as --xla=step compiles the train step. A forward-only transformer graph is the case
+    that needs it: as a graph, gpt-baby's evaluation window took 330 ms where its whole training
+    step (forward, backward, optimizer) takes 30-39 ms as a graph, and its forward 12 ms under XLA
+    (AMD EPYC, TF 2.21). Grappler is what slows the forward-only graph: with it off, one block took
+    3.6 ms instead of 80 (bench/README.md)."""
 
     def replica_step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
         spec = model_fn({"tokens": tokens, "state": state}, labels, Mode.EVAL, params)
         return spec.eval_metrics["nats"], spec.eval_metrics["tokens"], spec.state
 
-    @tf.function
+    @tf.function(jit_compile=jit_compile or None)
     def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
         nats, count, state = strategy.run(replica_step, args=(tokens, labels, state))
         total = tf.distribute.ReduceOp.SUM

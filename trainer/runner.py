@@ -267,7 +267,7 @@ class _Trainer:
                                                 self.loss_scale, jit_compile=hparams.xla == "step")
         self.train_steps = loops.make_train_steps(self.params, self.optimizer, self.strategy,
                                                   self.loss_scale)
-        self.eval_step = loops.make_eval_step(self.params, self.strategy)
+        self.eval_step = loops.make_eval_step(self.params, self.strategy, jit_compile=hparams.xla == "step")
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
         self.terminate = False  # set by SIGTERM or SIGINT on this worker

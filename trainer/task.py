@@ -7,7 +7,7 @@ import signal
 
 from absl import app, flags
 
-from trainer import budget, cloud_env, runner
+from trainer import budget, cloud_env, runner, xla
 from trainer import flags as trainer_flags
 from trainer.errors import run_cli
 from trainer.flags import define_hparams_flags, hparams_from_command_line
@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     # On Vertex AI: AIP_* dirs fill what the flags left empty; tuning trials get their own dir.
     hparams = cloud_env.apply_environment(hparams, os.environ)
     # --time_budget counts from this process's start: interpreter and TensorFlow imports too.
-    result = runner.train(hparams, started=budget.process_start())
+    with xla.cache_damage_reported():
+        result = runner.train(hparams, started=budget.process_start())
     print(runner.describe(result), flush=True)
     # 128 + the signal (143 SIGTERM, 130 SIGINT): a supervisor or shell sees that the job
     # stopped early (and may resume it).

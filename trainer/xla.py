@@ -20,10 +20,13 @@ everything is XLA already).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import tensorflow as tf
 
+from trainer import cache_dirs
+from trainer.errors import UsageError
 from trainer.hparams import HParams
 
 # Between gpt-baby's 3.6 GFLOP a step (per-op cost dominates) and gpt-small's 520 (arithmetic
@@ -70,3 +73,25 @@ def fusion(enabled: bool) -> Iterator[None]:
         yield
     finally:
         tf.config.optimizer.set_jit(before)
+
+
+# What TensorFlow says when an entry of the persistent compile cache (trainer/cache_dirs.py) reads
+# wrong: cut short (a failing disk, a full one while something else wrote it), or not the entry its
+# name says. TensorFlow writes entries whole (a temporary name, then a rename), so this is damage
+# from outside, and it stays until the entry is deleted.
+_CACHE_DAMAGE = ("Read less bytes than requested", "Serialized cache key does not match",
+                 "Serialized HLO does not match", "No binary found in serialized entry")
+
+
+@contextlib.contextmanager
+def cache_damage_reported() -> Iterator[None]:
+    """A damaged compile-cache entry as one line naming the directory and the fix."""
+    try:
+        yield
+    except tf.errors.OpError as err:
+        directory = cache_dirs.flag_directory(os.environ.get("TF_XLA_FLAGS", ""))
+        damage = next((words for words in _CACHE_DAMAGE if words in (err.message or "")), None)
+        if directory is None or damage is None:
+            raise
+        raise UsageError(f"XLA's compile cache {directory} holds a damaged entry ({damage}): delete that "
+                         f"directory and run again, or set {cache_dirs.XLA_CACHE_SWITCH}=0") from None
