@@ -58,7 +58,8 @@ def test_big_corpus_and_long_budget_choose_a_larger_shape() -> None:
     assert choose.choose(corpus, 560.0, RATES, _options()).name == DEFAULT  # 10 minutes: too few tokens
     hour = choose.choose(corpus, 3500.0, RATES, _options(), budget_seconds=3600)
     assert hour.name == BIG_LSTM and hour.overrides["layers"] == 3 and hour.overrides["dropout"] == 0.0
-    assert "the largest shape that sees >= 2 tokens per parameter" in hour.reason
+    assert "the largest shape that sees enough tokens per parameter (>= 2 for it): it trains 1.3 epochs" \
+        in hour.reason
     # Where the transformer runs far faster (a GPU) and the LSTM is not measured, it is the one.
     fast = choose.choose(corpus, 3500.0, {DEFAULT: 29_000, BIG_GPT: 60_000}, _options())
     assert fast.name == BIG_GPT and fast.overrides["unroll_steps"] == 256

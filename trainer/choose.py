@@ -241,12 +241,12 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
     dropout = f" with dropout {overrides['dropout']:g}" if overrides.get("dropout") else ""
     bar = chosen.candidate.min_tokens_per_param
     why = (("the largest shape that qualifies" if not bar else
-            f"the largest shape that sees >= {bar:g} tokens per parameter") if qualified
+            f"the largest shape that sees enough tokens per parameter (>= {bar:g} for it)") if qualified
            else "no shape sees enough tokens per parameter, so the first")
     left = format_duration(seconds[chosen.name])
-    reason = (f"{head}{dropout} ({_tokens(chosen.parameters)} parameters) — it trains {epochs:.2g} "
-              f"epochs ({per_param:.2g} tokens per parameter) in the ~{left} left for training at "
-              f"{_tokens(rate)} tokens/s, {why}{why_not}")
+    reason = (f"{head}{dropout} ({_tokens(chosen.parameters)} parameters), {why}: it trains "
+              f"{epochs:.2g} epochs ({per_param:.2g} tokens per parameter) in the ~{left} left for "
+              f"training at {_tokens(rate)} tokens/s{why_not}")
     return Choice(chosen.name, overrides, reason, rate, epochs)
 
 
