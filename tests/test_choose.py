@@ -188,6 +188,22 @@ def test_a_fixed_cell_with_its_shape_given_is_not_chosen() -> None:
     assert decide(gru, ("cell",), 22_000_000, VOCAB, 3600.0, Clock(), None)[0] == gru
 
 
+def test_submit_leaves_job_to_a_trainer_that_chooses_the_shape() -> None:
+    from trainer import submit
+
+    def no_metadata(data_dir: str, prefix: str) -> None:
+        raise AssertionError("--language_model is given")
+
+    args = ["--data_dir=gs://b/data", "--data_prefix=p", "--job-dir=gs://b/job/%JOB%",
+            "--language_model=char", "--time_budget=1h"]
+    final, _ = submit.plan(args, [], tune=False, read_metadata=no_metadata)
+    assert "--job-dir=gs://b/job/%JOB%" in final  # the trainer names it once it has chosen
+    fixed = [*args, "--cell=lstm", "--num_layers=3", "--rnn_size=64", "--embedding_size=32"]
+    final, hparams = submit.plan(fixed, [], tune=False, read_metadata=no_metadata)
+    assert hparams.job_dir == "gs://b/job/p-64-states-3-layers-char-emb32"
+    assert f"--job-dir={hparams.job_dir}" in final
+
+
 # --------------------------------------------------------------------------- the job dir
 
 

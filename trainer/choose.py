@@ -360,6 +360,16 @@ def _describe_given(hparams: HParams, given: Iterable[str]) -> str:
     return ", ".join(f"--{name}={getattr(hparams, name)}" for name in kept)
 
 
+def chooses_shape(hparams: HParams, given: Iterable[str]) -> bool:
+    """Whether the choice may set the checkpoint's shape (and so %JOB%'s name): with
+    --time_budget, unless --cell and all of its shape flags are given (or a cell without
+    candidates)."""
+    given = set(given)
+    shape_flags = SHAPE_FLAGS.get(hparams.cell)
+    fixed = "cell" in given and (shape_flags is None or set(shape_flags) <= given)
+    return bool(hparams.time_budget) and not fixed
+
+
 def decide(hparams: HParams, given: Iterable[str], corpus_tokens: int, vocab_size: int,
            budget_seconds: float, spent: Callable[[], float], measure: Measure | None,
            ) -> tuple[HParams, dict[str, Any]]:
@@ -371,9 +381,8 @@ def decide(hparams: HParams, given: Iterable[str], corpus_tokens: int, vocab_siz
     kept = _describe_given(hparams, given)
     record: dict[str, Any] = {"given": sorted(given & set(CHOSEN_FIELDS)), "corpus_tokens": corpus_tokens,
                               "budget_seconds": budget_seconds}
-    shape_flags = SHAPE_FLAGS.get(hparams.cell)
-    if "cell" in given and (shape_flags is None or set(shape_flags) <= given):
-        why = (f"--cell={hparams.cell} and its shape flags given" if shape_flags
+    if not chooses_shape(hparams, given):
+        why = (f"--cell={hparams.cell} and its shape flags given" if hparams.cell in SHAPE_FLAGS
                else f"--cell={hparams.cell} given, and only lstm and transformer shapes are chosen")
         reason = (f"time budget {format_duration(budget_seconds)}: nothing chosen ({why}); flags and "
                   "defaults used as given")
