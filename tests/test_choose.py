@@ -256,6 +256,29 @@ def test_calibration_runs_the_trainers_step_a_bounded_number_of_times(tmp_path: 
     assert measured.tokens_per_second > 0 and measured.seconds >= measured.compile_seconds
 
 
+def test_a_longer_budget_measures_the_candidates_on_the_real_data(tmp_path: Path, make_data_dir,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow as tf
+
+    data_dir, prefix, metadata = make_data_dir(tmp_path)
+    small = {**choose.CANDIDATES[0].overrides, "layers": 1, "lstm_state_size": 16, "embedding_size": 8,
+             "batch_size": 4, "unroll_steps": 8}
+    # Two tiny shapes whose bars both are met: the larger is chosen once both are measured.
+    monkeypatch.setattr(choose, "CANDIDATES", (
+        choose.Candidate("small", small, 0.0, 0.0, 1_000.0, 1.0),
+        choose.Candidate("larger", {**small, "lstm_state_size": 32}, 0.0, 0.0, 1_000.0, 1.0)))
+    hparams = HParams(data_dir=data_dir, data_prefix=prefix, job_dir=str(tmp_path / "job"), time_budget="10m")
+    chosen, record = choose.ForBudget(())(hparams, tf.distribute.get_strategy(), None)
+    assert chosen.lstm_state_size == 32 and record["shape"] == "LSTM 1x32"
+    measured = record["candidates"]
+    assert set(measured) == {"LSTM 1x16", "LSTM 1x32"}
+    for shape in measured.values():
+        assert 1 <= shape["steps"] <= choose.MAX_MEASURE_STEPS and shape["tokens_per_second"] > 0
+    tokens = choose._tokens(metadata.splits["train"].tokens)
+    assert record["reason"].startswith(f"time budget 10m00s on {tokens} tokens: LSTM 1x32 (")
+    assert "(measured 2 of 2 shapes in " in record["reason"]
+
+
 # --------------------------------------------------------------------------- a whole run
 
 

@@ -169,12 +169,12 @@ def parameters(hparams: HParams) -> int:
 
 
 def make_options(hparams: HParams, given: Iterable[str],
-                 candidates: Sequence[Candidate] = CANDIDATES) -> tuple[list[Option], list[str]]:
+                 candidates: Sequence[Candidate] | None = None) -> tuple[list[Option], list[str]]:
     """The candidates with the given flags kept (their cell only, when --cell is given; a shape
     the flags make invalid is dropped), one per shape (the first); and a note per invalid one."""
     given = set(given)
     options, notes = [], []
-    for candidate in candidates:
+    for candidate in CANDIDATES if candidates is None else candidates:
         if "cell" in given and candidate.overrides["cell"] != hparams.cell:
             continue
         merged = {k: v for k, v in candidate.overrides.items() if k not in given}
