@@ -101,18 +101,22 @@ CANDIDATES: tuple[Candidate, ...] = (
               min_tokens_per_param=0.3, min_corpus_per_param=0.0, reference_rate=29_000,
               compile_seconds=2.0),
     # Ahead of the default LSTM only before the crossing (0.3 tokens per parameter for the LSTM).
+    # Rate: 2,000 steps of 768 tokens in ~57 s of --compare; its XLA compilation took ~6 s.
     Candidate("transformer 4x4x128", {**_GPT, "layers": 4, "d_model": 128, "heads": 4, "max_context": 64,
                                       "embedding_size": 128, "unroll_steps": 64, "batch_size": 12},
               min_tokens_per_param=0.0, min_corpus_per_param=0.0, reference_rate=27_000,
               compile_seconds=8.0),
     # Not measured for quality: chosen when it sees >= 2 tokens per parameter (~7x what the
-    # default saw when it overtook the transformer, and 2 hours here at its FLOP-scaled rate)
-    # on a corpus with no more parameters per token than the default had on tinyshakespeare
-    # (3.45 M on 1 M: 0.29 tokens per parameter, where dropout 0.25 was needed and enough).
+    # default saw when it overtook the transformer; ~50 minutes here at its rate) on a corpus
+    # with no more parameters per token than the default had on tinyshakespeare (3.45 M on 1 M:
+    # 0.29 tokens per parameter, where dropout 0.25 was needed and enough). Its rate: the
+    # default's scaled by their parameters (12.3 M / 3.45 M), as FLOPs scale; its learning rate
+    # below the default's, as wider models want: neither measured.
     Candidate("LSTM 3x768", {**_LSTM, "layers": 3, "lstm_state_size": 768, "learning_rate": 3e-3},
               min_tokens_per_param=2.0, min_corpus_per_param=0.25, reference_rate=8_200,
               compile_seconds=3.0),
-    # Not measured for quality; the same placeholders. Speed: bench/train.py --shape gpt-small.
+    # Not measured for quality; the same placeholders. Rate: bench/train.py --shape gpt-small
+    # (bfloat16, --xla fusion); its compilation time is a guess.
     Candidate("transformer 6x6x384", {**_GPT, "layers": 6, "d_model": 384, "heads": 6, "max_context": 256,
                                       "embedding_size": 384, "unroll_steps": 256, "batch_size": 32},
               min_tokens_per_param=2.0, min_corpus_per_param=0.25, reference_rate=6_400,
