@@ -756,7 +756,7 @@ def train(hparams: HParams, started: float | None = None, choose: Chooser | None
     chosen = None
     if choose is not None:
         hparams, chosen = choose(hparams, strategy, started)
-    # What runs the model here, first; after the strategy, which must set up TensorFlow itself
+    # What runs the model here, before training; after the strategy, which must set up TensorFlow itself
     # (a multi-worker job's collectives are configured before any other TensorFlow call).
     print(kernels.describe_runtime(fused=hparams.cell in ("lstm", "gru") and not hparams.layer_norm),
           file=sys.stderr, flush=True)
