@@ -15,6 +15,7 @@ evaluate, babble, serve and export call `load_job(job_dir)` and need nothing els
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 
@@ -25,6 +26,7 @@ from trainer import data, optimizers, storage
 from trainer.errors import UsageError, warn
 from trainer.hparams import (
     ANY_VOCAB_SIZE,
+    CHOSEN_KEY,
     HPARAMS_FILE,
     JOB_PLACEHOLDER,
     LANGUAGE_MODELS,
@@ -73,6 +75,12 @@ def saved_hparams(job_dir: str) -> HParams | None:
     path = join(job_dir, HPARAMS_FILE)
     text = _read(path)
     return None if text is None else HParams.from_json(text, source=path)
+
+
+def saved_chosen(job_dir: str) -> dict | None:
+    """hparams.json's record of the model chosen for --time_budget (trainer.choose), if any."""
+    text = _read(join(job_dir, HPARAMS_FILE))
+    return None if text is None else json.loads(text).get(CHOSEN_KEY)
 
 
 def saved_metadata(job_dir: str) -> contract.Metadata | None:

@@ -52,7 +52,9 @@ _HELP = {
     "time_budget": "Wall clock for the whole run, e.g. 90s, 10m, 1h30m: training stops in time for the "
                    "final evaluation, checkpoint, sample and export, and the learning rate decays "
                    "(--lr_schedule, cosine unless given) to --min_learning_rate at that point. A "
-                   "resumed job keeps the time it had left. Replaces --epochs and --max_steps.",
+                   "resumed job keeps the time it had left. Replaces --epochs and --max_steps. The "
+                   "model's shape is chosen for the corpus and the machine (trainer/choose.py); "
+                   "shape flags given beside it are kept.",
     "adam_beta2": "Adam's second-moment decay (0.99 for short runs, as a small GPT's recipe).",
     "weight_decay": "Decoupled weight decay (AdamW) on weight matrices and embeddings, not on "
                     "biases or layer-norm scales (0: plain Adam).",

@@ -22,6 +22,7 @@ from trainer import budget
 
 JOB_PLACEHOLDER = "%JOB%"
 HPARAMS_FILE = "hparams.json"
+CHOSEN_KEY = "chosen"  # hparams.json's record of the model chosen for --time_budget (trainer.choose)
 
 CELLS = ("lstm", "gru", "rnn", "mlstm", "mogrifier", "qrnn", "transformer")
 LANGUAGE_MODELS = contract.TOKENIZERS
@@ -208,12 +209,18 @@ class HParams:
                              "which must be even: change --d_model or --heads")
         return self
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=1, sort_keys=True) + "\n"
+    def to_json(self, chosen: dict[str, Any] | None = None) -> str:
+        """hparams.json; `chosen`: how trainer.choose chose the model (--time_budget), kept
+        beside the values as a record, never read back as hyperparameters."""
+        body = dataclasses.asdict(self)
+        if chosen is not None:
+            body[CHOSEN_KEY] = chosen
+        return json.dumps(body, indent=1, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str, source: str = HPARAMS_FILE) -> HParams:
         body = json.loads(text)
+        body.pop(CHOSEN_KEY, None)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(body) - known)
         if unknown:

@@ -75,9 +75,10 @@ class TrainResult:
 
 
 def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None,
-                ) -> tuple[HParams, contract.Metadata]:
+                chosen: dict[str, Any] | None = None) -> tuple[HParams, contract.Metadata]:
     """Resolves hparams against the data and the job dir, checks every user error, then writes
-    hparams.json and metadata.json into the job dir. Nothing is written if a check fails.
+    hparams.json (with `chosen`, the record of trainer.choose, if any) and metadata.json into the
+    job dir. Nothing is written if a check fails.
 
     `strategy` (None: one device) must be able to split --batch_size between its replicas."""
     metadata = data.read_metadata(hparams.data_dir, hparams.data_prefix)
@@ -98,7 +99,7 @@ def prepare_job(hparams: HParams, strategy: tf.distribute.Strategy | None = None
     _check_existing_job(hparams, metadata)
     finetune.check(hparams, metadata)
     with errors.writing(f"--job-dir={hparams.job_dir}"):
-        checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json())
+        checkpoints.write_atomic(checkpoints.join(hparams.job_dir, HPARAMS_FILE), hparams.to_json(chosen))
         checkpoints.save_metadata(hparams.job_dir, metadata)
     return hparams, metadata
 
@@ -741,17 +742,25 @@ def _vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
                          "command again to resume from the last checkpoint") from None
 
 
-def train(hparams: HParams, started: float | None = None) -> TrainResult:
+Chooser = Callable[[HParams, tf.distribute.Strategy, float | None], tuple[HParams, dict[str, Any]]]
+
+
+def train(hparams: HParams, started: float | None = None, choose: Chooser | None = None) -> TrainResult:
     """Trains (or resumes) the job described by `hparams`; see the module docstring.
 
     `started` (a time.monotonic() value; default: now) is where --time_budget's clock starts:
-    entry points pass their process's start (budget.process_start()), so start-up counts too."""
+    entry points pass their process's start (budget.process_start()), so start-up counts too.
+    `choose` (trainer.choose.ForBudget) fills the model's shape for --time_budget once the
+    strategy exists; its record goes into hparams.json."""
     strategy = strategy_from_environment()
-    # What runs the model here, first; after the strategy, which must set up TensorFlow itself
+    chosen = None
+    if choose is not None:
+        hparams, chosen = choose(hparams, strategy, started)
+    # What runs the model here, before training; after the strategy, which must set up TensorFlow itself
     # (a multi-worker job's collectives are configured before any other TensorFlow call).
     print(kernels.describe_runtime(fused=hparams.cell in ("lstm", "gru") and not hparams.layer_norm),
           file=sys.stderr, flush=True)
-    hparams, metadata = prepare_job(hparams, strategy)
+    hparams, metadata = prepare_job(hparams, strategy, chosen)
     resume = "; run the same command again to resume from the last checkpoint"
     with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),
           data.reading_shards(hparams.data_dir, hparams.data_prefix),

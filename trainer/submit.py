@@ -10,7 +10,9 @@
 Everything after `--` goes to trainer.task unchanged, except that `%JOB%` in --job-dir and
 --summary_dir is resolved here exactly as the trainer resolves it (the flags through
 trainer.flags, the data's metadata through trainer.checkpoints.resolve_hparams), so the printed
-job dir is the one training will write. Without trainer flags, the `args` of config.yaml are used.
+job dir is the one training will write; where the trainer itself decides the model's shape (a
+tuning trial; --time_budget without the shape flags, trainer.choose) %JOB% is left for it to
+resolve. Without trainer flags, the `args` of config.yaml are used.
 
 Each worker pool runs a `containerSpec`: the image built from ./Dockerfile, which has verne
 installed, with `python3 -m trainer.task ARGS`. Vertex's `pythonPackageSpec` must name one of
@@ -140,6 +142,17 @@ def trainer_hparams(args: Sequence[str]) -> HParams:
         return hparams_from_flags(values)
     except (flags.Error, ValueError) as err:
         raise UsageError(f"trainer flags after --: {err}") from None
+
+
+def chosen_there(args: Sequence[str], hparams: HParams) -> bool:
+    """Whether the trainer will choose the model's shape for --time_budget (trainer.choose)."""
+    from trainer.choose import chooses_shape
+    from trainer.flags import define_hparams_flags, explicitly_set
+
+    values = flags.FlagValues()
+    define_hparams_flags(values)
+    values(["trainer.task", *args])
+    return chooses_shape(hparams, explicitly_set(values))
 
 
 def resolve_trainer_hparams(hparams: HParams, read_metadata: Callable[[str, str], Any]) -> HParams:
@@ -461,7 +474,9 @@ def plan(trainer_args: Sequence[str], config_args: Sequence[str], tune: bool,
             raise ValueError("tuning needs a study id")
         args = map_job_dirs(args, lambda value: f"{value.rstrip('/')}/{study}")
     hparams = trainer_hparams(args)
-    if tune or JOB_PLACEHOLDER not in hparams.job_dir + hparams.summary_dir:
+    # --time_budget without the shape: the trainer chooses it on its machine (trainer.choose), so
+    # it names %JOB% too, as a tuning trial does.
+    if tune or JOB_PLACEHOLDER not in hparams.job_dir + hparams.summary_dir or chosen_there(args, hparams):
         return args, hparams
     resolved = resolve_trainer_hparams(hparams, read_metadata)
     return substitute_job_dirs(args, job_name(resolved)), resolved

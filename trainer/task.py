@@ -7,10 +7,10 @@ import signal
 
 from absl import app, flags
 
-from trainer import budget, cloud_env, runner, xla
+from trainer import budget, choose, cloud_env, runner, xla
 from trainer import flags as trainer_flags
 from trainer.errors import run_cli
-from trainer.flags import define_hparams_flags, hparams_from_command_line
+from trainer.flags import define_hparams_flags, explicitly_set, hparams_from_command_line
 
 define_hparams_flags()
 # absl's --help lists only the flags of the module it runs; the trainer's are defined in trainer.flags.
@@ -25,8 +25,11 @@ def main(argv: list[str]) -> int:
     # On Vertex AI: AIP_* dirs fill what the flags left empty; tuning trials get their own dir.
     hparams = cloud_env.apply_environment(hparams, os.environ)
     # --time_budget counts from this process's start: interpreter and TensorFlow imports too.
+    # --time_budget: the model is chosen for the corpus and this machine where the run starts,
+    # keeping every flag given here (trainer.choose).
+    chooser = choose.ForBudget(explicitly_set()) if hparams.time_budget else None
     with xla.cache_damage_reported():
-        result = runner.train(hparams, started=budget.process_start())
+        result = runner.train(hparams, started=budget.process_start(), choose=chooser)
     print(runner.describe(result), flush=True)
     # 128 + the signal (143 SIGTERM, 130 SIGINT): a supervisor or shell sees that the job
     # stopped early (and may resume it).
