@@ -766,9 +766,8 @@ def train(hparams: HParams, started: float | None = None) -> TrainResult:
             from trainer import export  # deferred: export imports babble, which imports this package
 
             export_dir = cloud_env.model_export_dir(hparams, os.environ)
-            with optimizers.averaged_weights(trainer.optimizer):
-                storage.retry("exporting the model", export_dir,
-                              lambda: export.export_model(trainer.model, metadata, export_dir))
+            with optimizers.averaged_weights(trainer.optimizer):  # Cloud Storage faults: retried inside
+                export.export_model(trainer.model, metadata, export_dir)
     return result
 
 
