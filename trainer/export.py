@@ -291,7 +291,7 @@ def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: 
             tf.saved_model.save(module, staging, signatures=signatures)
 
     def drop_staging() -> None:  # a half-written export is never left behind
-        _remove(staging)
+        storage.remove_tree(staging)
 
     try:
         storage.retry(EXPORTING, export_dir, save, before_retry=drop_staging)
@@ -321,7 +321,7 @@ def _replace_dir(staging: str, final: str) -> None:
         raise
     if old is not None:
         try:
-            storage.retry(EXPORTING, old, lambda: _remove(old))
+            storage.retry(EXPORTING, old, lambda: storage.remove_tree(old))
         except storage.StorageError as err:  # the new export is complete: only a leftover remains
             errors.warn(f"{final} is written, but the older export moved aside could not be removed "
                         f"({err}); delete {old} by hand")
@@ -336,17 +336,6 @@ def _move(source: str, target: str) -> None:
         tf.io.gfile.rename(source, target, overwrite=True)
 
     storage.retry(EXPORTING, target, move)
-
-
-def _remove(path: str) -> None:
-    """Deletes a directory tree file by file, then its directories: TensorFlow's rmtree reports
-    any delete that failed as PermissionDenied, which would hide a Cloud Storage fault."""
-    if not tf.io.gfile.exists(path):
-        return
-    for directory, _, files in tf.io.gfile.walk(path):
-        for name in files:
-            tf.io.gfile.remove(checkpoints.join(directory, name))
-    tf.io.gfile.rmtree(path)
 
 
 def export_job(job_dir: str, best: bool = False, export_dir: str | None = None) -> str:

@@ -417,7 +417,7 @@ class _Trainer:
         def drop_partial() -> None:
             # TensorFlow leaves the parts of a checkpoint it could not finish in ckpt-N_temp/.
             for partial in tf.io.gfile.glob(checkpoints.join(manager.directory, "ckpt-*_temp")):
-                tf.io.gfile.rmtree(partial)
+                storage.remove_tree(partial)
 
         try:
             storage.retry("saving a checkpoint", manager.directory,

@@ -157,3 +157,15 @@ def retry(doing: str, path: str, action: Callable[[], T], *, backoff: Backoff | 
             if before_retry is not None:
                 before_retry()
     raise AssertionError("unreachable")
+
+
+def remove_tree(path: str) -> None:
+    """Deletes a directory tree if it is there, file by file, then its directories: TensorFlow's
+    rmtree reports any delete that failed as PermissionDenied, which would hide a Cloud Storage
+    fault from `kind` (and `retry`)."""
+    if not tf.io.gfile.exists(path):
+        return
+    for directory, _, files in tf.io.gfile.walk(path):
+        for name in files:
+            tf.io.gfile.remove(f"{directory.rstrip('/')}/{name}")
+    tf.io.gfile.rmtree(path)
