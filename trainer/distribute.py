@@ -138,7 +138,7 @@ def lost_workers_reported(strategy: tf.distribute.Strategy) -> Iterator[None]:
     try:
         yield
     except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
-            tf.errors.CancelledError, tf.errors.InternalError) as err:
+            tf.errors.CancelledError) as err:
         if storage.kind(err) is not None:
             raise
         raise UsageError(f"another worker of this job stopped or stopped answering ({storage.message(err)}); "
