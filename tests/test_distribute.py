@@ -72,6 +72,18 @@ def _strategy(cluster: dict, task_type: str, task_id: int, replicas: int = 2) ->
     return SimpleNamespace(cluster_resolver=resolver, num_replicas_in_sync=replicas)
 
 
+def test_a_worker_waits_for_the_others_a_bounded_time() -> None:
+    # Longer than one worker retrying Cloud Storage for its whole budget, so that never times out.
+    assert distribute.collective_timeout({}) == distribute.DEFAULT_COLLECTIVE_TIMEOUT
+    patient = {"VERNE_GCS_RETRIES": "20,10,100"}  # waits 10 + 20 + 40 + 80 + 15 * 100 s in all
+    assert distribute.collective_timeout(patient) == 2 * 1650
+    assert distribute.collective_timeout({distribute.COLLECTIVE_TIMEOUT_ENV: "90"}) == 90.0
+    assert distribute.collective_timeout({distribute.COLLECTIVE_TIMEOUT_ENV: "0"}) == 0.0  # for ever
+    for bad in ("-1", "soon", "nan"):
+        with pytest.raises(UsageError, match=f"{distribute.COLLECTIVE_TIMEOUT_ENV}={bad}: give the seconds"):
+            distribute.collective_timeout({distribute.COLLECTIVE_TIMEOUT_ENV: bad})
+
+
 def test_chief_and_where_each_worker_saves() -> None:
     workers_only = {"worker": ["a:1", "b:2"]}
     with_chief = {"chief": ["c:0"], "worker": ["a:1", "b:2"]}

@@ -157,3 +157,62 @@ def test_summaries_survive_failed_uploads(gcs_server: GcsServer, gcs_bucket: str
     assert process.returncode == 0, output[-3000:]
     assert [rule["fired"] for rule in fired] == [2] and "writing summaries failed" in output, output[-3000:]
     assert "[(1, 'train/loss'), (2, 'eval/loss'), (3, 'train/loss')]" in output, output[-3000:]
+
+
+EXPORTS = """
+import sys
+import numpy as np
+import tensorflow as tf
+from trainer import data, export
+from trainer.hparams import HParams
+from trainer.models import build_model
+metadata = data.read_metadata(sys.argv[2], sys.argv[3])
+model = build_model(HParams(language_model="char", vocab_size=metadata.vocab_size, layers=1,
+                            lstm_state_size=8, embedding_size=4))
+export.export_model(model, metadata, sys.argv[1])
+for variable in model.trainable_variables:  # the second export must replace the first one whole
+    variable.assign_add(tf.ones_like(variable))
+export.export_model(model, metadata, sys.argv[1])
+loaded = tf.saved_model.load(sys.argv[1])
+assert len(loaded.weights) == len(model.variables)
+for saved, variable in zip(loaded.weights, model.variables):
+    np.testing.assert_array_equal(saved.numpy(), variable.numpy())
+print("EXPORTS MATCH", flush=True)
+"""
+
+
+def test_exports_survive_503s_and_timeouts(gcs_server: GcsServer, gcs_bucket: str, tmp_path: Path,
+                                           make_data_dir) -> None:
+    # Every step of an export on gs:// fails a few times: the write under its temporary name, the
+    # move into place (stopped after some of its objects were moved), the move of the older export
+    # aside and its removal. Each is retried on its own; the export that remains is the second one,
+    # whole, and no temporary or older copy is left.
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    name = gcs_bucket.removeprefix("gs://")
+    api = rf"www\.googleapis\.com /storage/v1/b/{name}/o/"
+    rules = [*_fail(rf"POST www\.googleapis\.com /upload/storage/v1/b/{name}/o\?.*name=out%2Fexport\.tmp-"
+                    r"[0-9a-f]+%2Fsaved_model\.pb"),
+             *_fail(rf"POST {api}out%2Fexport\.tmp-\w+%2Fvariables%2Fvariables\.index/rewriteTo/", times=1),
+             *_fail(rf"POST {api}out%2Fexport%2Fsaved_model\.pb/rewriteTo/b/{name}/o/out%2Fexport\.old-",
+                    times=1),
+             *_fail(rf"DELETE {api}out%2Fexport\.old-\w+%2Fsaved_model\.pb", times=1)]
+    assert gcs_server.proxy is not None
+    gcs_server.proxy.faults(rules)
+    try:
+        env = gcs_server.subprocess_env()
+        env.update(GCS_RETRY_CONFIG_MAX_RETRIES="0", GCS_REQUEST_IDLE_TIMEOUT_SECS="2",
+                   VERNE_GCS_RETRIES="5,0.2,1", TF_CPP_MIN_LOG_LEVEL="2")
+        done = subprocess.run([sys.executable, "-c", EXPORTS, f"{gcs_bucket}/out/export", data_dir, prefix],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        fired = gcs_server.proxy.faults()
+    finally:
+        gcs_server.proxy.faults([])
+    output = done.stdout + done.stderr
+    assert done.returncode == 0 and "EXPORTS MATCH" in output and "by hand" not in output, output[-3000:]
+    assert [rule["fired"] for rule in fired] == [rule["times"] for rule in rules], (fired, output[-3000:])
+    for fault in ("HTTP response code 503", "libcurl code 42"):
+        said = re.search(rf": exporting the model failed \(.*{fault}.*\); retrying in", output)
+        assert said, (fault, output[-3000:])
+    names = [blob.name for blob in gcs_server.storage_client().list_blobs(name, prefix="out/")]
+    assert "out/export/saved_model.pb" in names, names
+    assert not [n for n in names if ".tmp-" in n or ".old-" in n], names

@@ -22,6 +22,9 @@ TIMED_OUT = ("All 2 retry attempts failed. The last failure: Error executing an 
 FORBIDDEN = ("Error executing an HTTP request: HTTP response code 403 with body "
              "'{\"error\": {\"code\": 403}}' \t when reading gs://b/job/ckpt-20.index")
 
+GRAPH_HEADER = ("Graph execution error:\n\nDetected at node IteratorGetNext defined at (most recent call "
+                "last):\n<stack traces unavailable>\n")
+
 
 def _error(code: int, text: str) -> tf.errors.OpError:
     return tf.errors.OpError(None, None, text, code)
@@ -35,6 +38,9 @@ def _error(code: int, text: str) -> tf.errors.OpError:
     (tf.errors.UnavailableError(None, None, "Error executing an HTTP request: libcurl code 7 meaning "
                                 "'Couldn't connect to server' when reading gs://b/x"), "transient"),
     (tf.errors.DeadlineExceededError(None, None, "deadline exceeded reading gs://b/x"), "transient"),
+    # Out of a compiled call (--steps_per_execution > 1), the storage's words come after a header.
+    (tf.errors.AbortedError(None, None, GRAPH_HEADER + EXHAUSTED + "\n\t [[{{node IteratorGetNext}}]]"),
+     "transient"),
     (tf.errors.ResourceExhaustedError(None, None, "HTTP response code 429"), "transient"),
     # The same codes from elsewhere are no storage fault: a lost worker, a device out of memory.
     (tf.errors.AbortedError(None, None, "Collective ops is aborted by: worker 1 is gone"), None),
@@ -65,6 +71,11 @@ class Flaky:
 
 
 BACKOFF = storage.Backoff(attempts=4, first_delay=1.0, longest_delay=3.0)
+
+
+def test_the_line_shown_is_the_error_not_tensorflows_header() -> None:
+    err = tf.errors.AbortedError(None, None, GRAPH_HEADER + EXHAUSTED + " [Op:__inference_steps_1]")
+    assert storage.message(err) == EXHAUSTED
 
 
 def test_transient_faults_on_gs_are_retried_with_growing_delays(capsys: pytest.CaptureFixture) -> None:

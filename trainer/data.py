@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 import tensorflow as tf
 
 from preprocessing import contract, failures
+from trainer import storage
 from trainer.errors import UsageError
 
 # 2M tokens: 8 MB as int32 once reshaped; large enough that chunk seams are rare.
@@ -103,6 +104,24 @@ def reading_shards(data_dir: str, prefix: str) -> Iterator[None]:
                          "(a training job then resumes from its last checkpoint)") from None
 
 
+@contextlib.contextmanager
+def vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
+    """A shard deleted or moved while training runs is "missing: PATH", not a failed write (a
+    --job-dir wrapper around it, `errors.writing`, would take "No such file or directory" for one)."""
+    patterns = [contract.shard_glob(data_dir, prefix, split) for split in contract.SPLITS]
+    shards = storage.retry("listing the shards", data_dir,
+                           lambda: [name for pattern in patterns for name in tf.io.gfile.glob(pattern)])
+    try:
+        yield
+    except tf.errors.NotFoundError:
+        missing = [name for name in shards if not tf.io.gfile.exists(name)]
+        if not missing:
+            raise
+        raise UsageError(f"missing: {', '.join(missing)} (deleted or moved while training ran); put it "
+                         "back or run preprocessing.run again to rewrite the data, then run the same "
+                         "command again to resume from the last checkpoint") from None
+
+
 def damaged_shards(data_dir: str, prefix: str) -> list[str]:
     """The shards of every split that cannot be read to the end (reads them all)."""
     damaged = []
@@ -142,10 +161,17 @@ class Layout:
         return self.batch_size * self.unroll_steps
 
 
+def windows_to_chunk_end(layout: Layout, window: int) -> int:
+    """Windows from `window` (of the epoch) to the end of its chunk. `windows` reads a chunk's
+    records whole before the chunk's first window, so a read that fails fails that window."""
+    return layout.windows_per_chunk - window % layout.windows_per_chunk
+
+
 def layout_for(split_tokens: int, batch_size: int, unroll_steps: int, split: str = "train",
-               max_chunk_tokens: int = MAX_CHUNK_TOKENS) -> Layout:
-    """The layout for a split of `split_tokens` tokens; UsageError if not one window fits."""
-    pieces = max(1, -(-split_tokens // max_chunk_tokens))
+               max_chunk_tokens: int | None = None) -> Layout:
+    """The layout for a split of `split_tokens` tokens (in chunks of at most `max_chunk_tokens`,
+    default MAX_CHUNK_TOKENS); UsageError if not one window fits."""
+    pieces = max(1, -(-split_tokens // (max_chunk_tokens or MAX_CHUNK_TOKENS)))
     row = split_tokens // (pieces * batch_size)
     per_chunk = (row - 1) // unroll_steps if row > 1 else 0
     if per_chunk <= 0:

@@ -17,20 +17,24 @@ The carried state is gathered from the replicas into the checkpoint and split ag
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import tensorflow as tf
 
+from trainer import storage
 from trainer.errors import UsageError
 
 # Vertex worker pools, in order, and the TF_CONFIG task type each one plays.
 VERTEX_POOL_ROLES = {"workerpool0": "chief", "workerpool1": "worker", "workerpool2": "ps",
                      "workerpool3": "evaluator"}
 DEFAULT, MIRRORED, MULTI_WORKER, TPU = "default", "mirrored", "multi_worker", "tpu"
+COLLECTIVE_TIMEOUT_ENV = "VERNE_COLLECTIVE_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT = 600.0
 
 
 def tf_config_from_cluster_spec(cluster_spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,10 +100,50 @@ def strategy_from_environment(env: Mapping[str, str] | None = None) -> tf.distri
         tf.tpu.experimental.initialize_tpu_system(resolver)
         return tf.distribute.TPUStrategy(resolver)
     if kind == MULTI_WORKER:
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        timeout = collective_timeout(env)
+        options = tf.distribute.experimental.CommunicationOptions(timeout_seconds=timeout or None)
+        return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
     if kind == MIRRORED:
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
+
+
+def collective_timeout(env: Mapping[str, str]) -> float:
+    """Seconds a worker waits in one collective before it gives up (0: for ever), so that a worker
+    that stopped (an error, a lost VM) does not leave the others waiting for ever.
+    `VERNE_COLLECTIVE_TIMEOUT`; the default outlasts every wait a healthy job has: one worker
+    retrying Cloud Storage for its whole budget (trainer.storage), the chief alone choosing the
+    checkpoint to restore, writing a sample or a checkpoint."""
+    text = env.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return max(DEFAULT_COLLECTIVE_TIMEOUT, 2 * storage.Backoff.from_env(env).longest_wait())
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise UsageError(f"{COLLECTIVE_TIMEOUT_ENV}={text}: give the seconds a worker may wait for the "
+                         "others (0: for ever), e.g. 600")
+    return seconds
+
+
+@contextlib.contextmanager
+def lost_workers_reported(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """With several workers, a collective that fails because another worker stopped (its error,
+    a lost VM) or did not answer within `collective_timeout` is one line, not a traceback: every
+    worker then ends in bounded time, and the failed one's log says why."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        yield
+        return
+    try:
+        yield
+    except (tf.errors.DeadlineExceededError, tf.errors.UnavailableError, tf.errors.AbortedError,
+            tf.errors.CancelledError) as err:
+        if storage.kind(err) is not None:
+            raise
+        raise UsageError(f"another worker of this job stopped or stopped answering ({storage.message(err)}); "
+                         "its log says why; run the same command again on every worker to resume from the "
+                         "last checkpoint") from None
 
 
 def is_tpu(strategy: tf.distribute.Strategy | None) -> bool:
@@ -209,6 +253,27 @@ def stop_agreement(strategy: tf.distribute.Strategy) -> Callable[[bool], bool]:
         return float(workers_stopping(tf.constant(1.0 if stop_here else 0.0))) > 0.0
 
     return agree
+
+
+def chief_decides(strategy: tf.distribute.Strategy, lowest: int = 0) -> Callable[[int], int] | None:
+    """With several workers, `from_chief(value) -> the chief's value` on every worker, for integers
+    >= `lowest` (an all-reduce in which only the chief's replicas count); None with one process,
+    which decides alone. As `stop_agreement`, every worker must call it at the same point."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    local = len(strategy.extended.worker_devices)
+
+    @tf.function
+    def broadcast(value: tf.Tensor) -> tf.Tensor:
+        share = strategy.run(lambda: tf.identity(value))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, share, axis=None)
+
+    def from_chief(value: int) -> int:
+        # Shifted so that every value the chief sends is positive; the others send 0.
+        mine = (value - lowest + 1) / local if is_chief(strategy) else 0.0
+        return round(float(broadcast(tf.constant(mine, tf.float64)))) + lowest - 1
+
+    return from_chief
 
 
 def mean_agreement(strategy: tf.distribute.Strategy) -> Callable[[list[float]], list[float]]:

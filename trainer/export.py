@@ -54,6 +54,7 @@ Training writes one to JOB_DIR/export at its end (see trainer.runner).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 
@@ -61,7 +62,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract, subword
-from trainer import checkpoints, errors, kernels
+from trainer import checkpoints, errors, kernels, storage
 from trainer.errors import run_cli
 from trainer.flags import define_best_flag, define_hparams_flags, hparams_from_command_line
 from trainer.graph_nfc import GraphNFC
@@ -70,6 +71,7 @@ from trainer.models.base import LanguageModel
 from trainer.sampling import banned_logits, boundary_mask, default_prime, generation_loop, prime_model
 
 EXPORT_DIR = "export"
+EXPORTING = "exporting the model"  # what the retries' log lines say (trainer.storage)
 BEST_EXPORT_DIR = "export-best"
 # serving_default's inputs, in order: each [None], one value per instance.
 ROW_INPUTS = (("prime", tf.string), ("length", tf.int32), ("temperature", tf.float32),
@@ -274,30 +276,66 @@ def _lookup_entries(metadata: contract.Metadata) -> tuple[list[str], list[int]]:
 
 
 def export_model(model: LanguageModel, metadata: contract.Metadata, export_dir: str) -> str:
-    """Writes the SavedModel to `export_dir`, replacing an older export only once complete."""
+    """Writes the SavedModel to `export_dir`, replacing an older export only once complete.
+
+    On gs:// each step (the write under a temporary name, each rename, the removal of the older
+    export) is retried on its own through Cloud Storage faults (trainer.storage): a step that
+    failed halfway is taken up where it stopped, so nothing is written twice or half-written."""
     module = GenerationModule(model, metadata)
     signatures = {"serving_default": module.generate_rows, "generate": module.generate,
                   "next_token_log_probs": module.next_token_log_probs}
     staging = f"{export_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+
+    def save() -> None:
         with kernels.portable():  # verne's C++ ops would tie the SavedModel to this machine and verne
             tf.saved_model.save(module, staging, signatures=signatures)
+
+    def drop_staging() -> None:  # a half-written export is never left behind
+        storage.remove_tree(staging)
+
+    try:
+        storage.retry(EXPORTING, export_dir, save, before_retry=drop_staging)
     except BaseException:
-        if tf.io.gfile.exists(staging):  # a half-written export is never left behind
-            tf.io.gfile.rmtree(staging)
+        with contextlib.suppress(tf.errors.OpError):  # the store may still be down: keep the first error
+            drop_staging()
         raise
     _replace_dir(staging, export_dir)
     return export_dir
 
 
 def _replace_dir(staging: str, final: str) -> None:
+    """`staging` becomes `final`; an older `final` is moved aside first, and put back if the move
+    fails for good before any of it was made (a directory on gs:// is moved object by object, so
+    not atomically)."""
     old = None
-    if tf.io.gfile.exists(final):
+    if storage.retry(EXPORTING, final, lambda: tf.io.gfile.exists(final)):
         old = f"{final.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-        tf.io.gfile.rename(final, old)
-    tf.io.gfile.rename(staging, final)
+        _move(final, old)
+    try:
+        _move(staging, final)
+    except BaseException:
+        if old is not None:
+            with contextlib.suppress(tf.errors.OpError, storage.StorageError):
+                if not tf.io.gfile.exists(final):
+                    _move(old, final)
+        raise
     if old is not None:
-        tf.io.gfile.rmtree(old)
+        try:
+            storage.retry(EXPORTING, old, lambda: storage.remove_tree(old))
+        except storage.StorageError as err:  # the new export is complete: only a leftover remains
+            errors.warn(f"{final} is written, but the older export moved aside could not be removed "
+                        f"({err}); delete {old} by hand")
+
+
+def _move(source: str, target: str) -> None:
+    """Renames a directory, retried; a retry takes up a move that stopped halfway (what is left of
+    `source` goes on into `target`) or that finished though its answer was lost."""
+    def move() -> None:
+        if not tf.io.gfile.exists(source) and tf.io.gfile.exists(target):
+            return
+        tf.io.gfile.rename(source, target, overwrite=True)
+
+    storage.retry(EXPORTING, target, move)
 
 
 def export_job(job_dir: str, best: bool = False, export_dir: str | None = None) -> str:

@@ -276,7 +276,7 @@ class _Trainer:
         # (preemption) stops this one too, hence the default.
         self.stop_signal = signal.SIGTERM
         self.agree_to_stop = distribute.stop_agreement(self.strategy)
-        self.from_chief = _chief_decides(self.strategy)
+        self.from_chief = distribute.chief_decides(self.strategy, lowest=_CHIEF_FAILED)
         self.agree_on_clock = distribute.mean_agreement(self.strategy)
         self.saved_step = -1
 
@@ -418,7 +418,7 @@ class _Trainer:
         def drop_partial() -> None:
             # TensorFlow leaves the parts of a checkpoint it could not finish in ckpt-N_temp/.
             for partial in tf.io.gfile.glob(checkpoints.join(manager.directory, "ckpt-*_temp")):
-                tf.io.gfile.rmtree(partial)
+                storage.remove_tree(partial)
 
         try:
             storage.retry("saving a checkpoint", manager.directory,
@@ -531,9 +531,13 @@ class _Trainer:
 
     def _execution_size(self, position: _Position) -> int:
         """How many windows the next compiled call trains: up to --steps_per_execution, never
-        past the epoch's end, --max_steps, or a step that evaluates, saves or samples."""
+        past the epoch's end, --max_steps, a step that evaluates, saves or samples, or the end of
+        the reader's chunk: the reader reads the shards a chunk at a time (trainer.data), so a
+        Cloud Storage fault can only fail the first window of a call, before any of its steps,
+        and the call is retried exactly (`_train_retrying`)."""
         hparams = self.hparams
-        size = min(hparams.steps_per_execution, self.layout.windows_per_epoch - position.window)
+        size = min(hparams.steps_per_execution, self.layout.windows_per_epoch - position.window,
+                   data.windows_to_chunk_end(self.layout, position.window))
         if hparams.max_steps > 0:
             size = min(size, hparams.max_steps - position.step)
         for every in (hparams.eval_every, hparams.save_checkpoints_steps, hparams.sample_every):
@@ -562,7 +566,7 @@ class _Trainer:
                         ) -> tuple[list[float], list[float], Any, Iterator[Any]]:
         """`_train` on the next windows; a Cloud Storage fault while reading the shards is retried
         from the same window with a new reader, which is exact as long as the failed call applied
-        no step (always so with --steps_per_execution=1: the window is read before the step)."""
+        no step (so with --steps_per_execution=1, and above it as a call never spans two chunks)."""
         count = self._execution_size(position)
         current = [windows]
 
@@ -684,27 +688,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _NO_CHECKPOINT, _CHIEF_FAILED = -1, -2
 
 
-def _chief_decides(strategy: tf.distribute.Strategy) -> Any:
-    """With several workers, `from_chief(value) -> the chief's value` on every worker (an
-    all-reduce in which only the chief's replicas count); None with one process, which decides
-    alone. Every worker must call it at the same point."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return None
-    local = len(strategy.extended.worker_devices)
-
-    @tf.function
-    def broadcast(value: tf.Tensor) -> tf.Tensor:
-        share = strategy.run(lambda: tf.identity(value))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, share, axis=None)
-
-    def from_chief(value: int) -> int:
-        # Shifted so that every value the chief sends is positive; the others send 0.
-        mine = (value - _CHIEF_FAILED + 1) / local if distribute.is_chief(strategy) else 0.0
-        return round(float(broadcast(tf.constant(mine, tf.float64)))) + _CHIEF_FAILED - 1
-
-    return from_chief
-
-
 @contextmanager
 def _signals_set_flag(trainer: _Trainer) -> Iterator[None]:
     """SIGTERM (preemption) and SIGINT (Ctrl-C) ask the loop to checkpoint and stop after the
@@ -722,24 +705,6 @@ def _signals_set_flag(trainer: _Trainer) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-
-
-@contextmanager
-def _vanished_shards_reported(data_dir: str, prefix: str) -> Iterator[None]:
-    """A shard deleted or moved while training runs is "missing: PATH", not a failed write (the
-    --job-dir wrapper around it would take the "No such file or directory" for one)."""
-    patterns = [contract.shard_glob(data_dir, prefix, split) for split in contract.SPLITS]
-    shards = storage.retry("listing the shards", data_dir,
-                           lambda: [name for pattern in patterns for name in tf.io.gfile.glob(pattern)])
-    try:
-        yield
-    except tf.errors.NotFoundError:
-        missing = [name for name in shards if not tf.io.gfile.exists(name)]
-        if not missing:
-            raise
-        raise UsageError(f"missing: {', '.join(missing)} (deleted or moved while training ran); put it "
-                         "back or run preprocessing.run again to rewrite the data, then run the same "
-                         "command again to resume from the last checkpoint") from None
 
 
 Chooser = Callable[[HParams, tf.distribute.Strategy, float | None], tuple[HParams, dict[str, Any]]]
@@ -764,7 +729,8 @@ def train(hparams: HParams, started: float | None = None, choose: Chooser | None
     resume = "; run the same command again to resume from the last checkpoint"
     with (errors.writing(f"--job-dir={hparams.job_dir}", then=resume),
           data.reading_shards(hparams.data_dir, hparams.data_prefix),
-          _vanished_shards_reported(hparams.data_dir, hparams.data_prefix),
+          data.vanished_shards_reported(hparams.data_dir, hparams.data_prefix),
+          distribute.lost_workers_reported(strategy),
           xla.fusion(hparams.xla == "fusion")):
         trainer = _Trainer(hparams, metadata, strategy, started)
         with _signals_set_flag(trainer):
@@ -775,9 +741,8 @@ def train(hparams: HParams, started: float | None = None, choose: Chooser | None
             from trainer import export  # deferred: export imports babble, which imports this package
 
             export_dir = cloud_env.model_export_dir(hparams, os.environ)
-            with optimizers.averaged_weights(trainer.optimizer):
-                storage.retry("exporting the model", export_dir,
-                              lambda: export.export_model(trainer.model, metadata, export_dir))
+            with optimizers.averaged_weights(trainer.optimizer):  # Cloud Storage faults: retried inside
+                export.export_model(trainer.model, metadata, export_dir)
     return result
 
 

@@ -66,6 +66,10 @@ class Backoff:
         """Seconds to wait after failed attempt number `attempt` (1-based)."""
         return min(self.first_delay * 2 ** (attempt - 1), self.longest_delay)
 
+    def longest_wait(self) -> float:
+        """Seconds slept before a fault that never passes is given up on."""
+        return sum(self.delay(attempt) for attempt in range(1, self.attempts))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Backoff:
         text = env.get(ENV_BUDGET, "").strip()
@@ -92,7 +96,7 @@ def kind(err: BaseException) -> str | None:
     (anything else, damage included)."""
     if not isinstance(err, tf.errors.OpError):
         return None
-    text = message(err)
+    text = _plain(err)  # whole: an error inside a compiled call puts the storage's words on later lines
     if err.error_code in _DENIED_CODES or _DENIED_TEXT.search(text):
         return "denied"
     if _TRANSIENT_TEXT.search(text) or (err.error_code in _TRANSIENT_CODES and _FROM_STORAGE.search(text)):
@@ -101,11 +105,19 @@ def kind(err: BaseException) -> str | None:
 
 
 def message(err: BaseException) -> str:
-    """The first line of a TensorFlow error without its graph decorations."""
-    text = str(getattr(err, "message", None) or err)
-    text = re.sub(r"\{\{.*?\}\}", "", text).split("[Op:")[0].strip()
-    line = (text.splitlines() or ["no message"])[0].strip()
+    """The first line of a TensorFlow error that says something, without its graph decorations."""
+    lines = [line.strip() for line in _plain(err).splitlines()]
+    line = next((line for line in lines if line and not _BOILERPLATE.match(line)), "no message")
     return line if len(line) <= 240 else line[:237] + "..."
+
+
+# What TensorFlow puts before the error itself when it comes out of a tf.function.
+_BOILERPLATE = re.compile(r"Graph execution error:|Detected at node|<stack traces unavailable>|\[\[")
+
+
+def _plain(err: BaseException) -> str:
+    text = str(getattr(err, "message", None) or err)
+    return re.sub(r"\{\{.*?\}\}", "", text).split("[Op:")[0].strip()
 
 
 def denied(path: str, doing: str, err: BaseException) -> StorageDenied:
@@ -145,3 +157,15 @@ def retry(doing: str, path: str, action: Callable[[], T], *, backoff: Backoff | 
             if before_retry is not None:
                 before_retry()
     raise AssertionError("unreachable")
+
+
+def remove_tree(path: str) -> None:
+    """Deletes a directory tree if it is there, file by file, then its directories: TensorFlow's
+    rmtree reports any delete that failed as PermissionDenied, which would hide a Cloud Storage
+    fault from `kind` (and `retry`)."""
+    if not tf.io.gfile.exists(path):
+        return
+    for directory, _, files in tf.io.gfile.walk(path):
+        for name in files:
+            tf.io.gfile.remove(f"{directory.rstrip('/')}/{name}")
+    tf.io.gfile.rmtree(path)
