@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import data, runner, storage
+from trainer import runner
 from trainer.hparams import HParams
 
 
@@ -81,47 +81,3 @@ def test_steps_per_execution_under_two_replicas(tmp_path, make_data_dir) -> None
     assert many[1:] == pytest.approx(one[1:], abs=1e-5)
 
 
-def _faulty_stream(fail_at: int, armed: tf.Variable) -> object:
-    """data.token_stream whose record `fail_at` fails once, while `armed`, as Cloud Storage does."""
-    stream = data.token_stream
-
-    def token_stream(files: list[str], shuffle_seed: int | None = None) -> tf.data.Dataset:
-        def checked(index: tf.Tensor, record: tf.Tensor) -> tf.Tensor:
-            def fail() -> tf.Tensor:
-                with tf.control_dependencies([armed.assign(False)]):
-                    return tf.debugging.Assert(False, ["Error executing an HTTP request: HTTP response code "
-                                                       "503 when reading gs://b/data/tiny.train-00000"])
-
-            fault = tf.cond(armed & tf.equal(index, fail_at), fail, tf.no_op)
-            with tf.control_dependencies([fault]):
-                return tf.identity(record)
-
-        return stream(files, shuffle_seed).enumerate().map(checked)
-
-    return token_stream
-
-
-def test_a_shard_fault_inside_a_call_loses_no_step(tmp_path, make_data_dir, monkeypatch, capsys) -> None:
-    # Chunks of 3 windows (the default chunk is 2M tokens): the reader reads shards again at every
-    # third window, which calls of 4 windows would straddle. The fault in record 4 (the chunk of
-    # windows 3-5) surfaces at window 3.
-    data_dir, _, _ = make_data_dir(tmp_path)
-    monkeypatch.setattr(data, "MAX_CHUNK_TOKENS", 250)
-    monkeypatch.setattr(storage, "is_remote", lambda path: True)  # retried as if on gs://
-    monkeypatch.setenv(storage.ENV_BUDGET, "3,0,0")
-    hparams = HParams(data_dir=data_dir, data_prefix="tiny", job_dir=str(tmp_path / "whole"), layers=1,
-                      lstm_state_size=8, embedding_size=4, batch_size=4, unroll_steps=16, eval_every=0,
-                      save_checkpoints_steps=8, sample_every=0, log_every=4, max_steps=16,
-                      steps_per_execution=4)
-    whole = runner.train(hparams)
-    armed = tf.Variable(True)
-    monkeypatch.setattr(data, "token_stream", _faulty_stream(4, armed))
-    faulty = runner.train(hparams.replace(job_dir=str(tmp_path / "faulty")))
-    assert not armed.numpy() and (whole.step, faulty.step) == (16, 16)
-    err = capsys.readouterr().err
-    assert "reading the shards failed" in err and "HTTP response code 503" in err, err
-    expected, got = (tf.train.load_checkpoint(str(tmp_path / name)) for name in ("whole", "faulty"))
-    assert got.get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == 16
-    for key in expected.get_variable_to_shape_map():
-        if key.startswith(("model", "carry", "optimizer")):
-            np.testing.assert_array_equal(got.get_tensor(key), expected.get_tensor(key), err_msg=key)

@@ -161,12 +161,6 @@ class Layout:
         return self.batch_size * self.unroll_steps
 
 
-def windows_to_chunk_end(layout: Layout, window: int) -> int:
-    """Windows from `window` (of the epoch) to the end of its chunk. `windows` reads a chunk's
-    records whole before the chunk's first window, so a read that fails fails that window."""
-    return layout.windows_per_chunk - window % layout.windows_per_chunk
-
-
 def layout_for(split_tokens: int, batch_size: int, unroll_steps: int, split: str = "train",
                max_chunk_tokens: int | None = None) -> Layout:
     """The layout for a split of `split_tokens` tokens (in chunks of at most `max_chunk_tokens`,

@@ -531,13 +531,9 @@ class _Trainer:
 
     def _execution_size(self, position: _Position) -> int:
         """How many windows the next compiled call trains: up to --steps_per_execution, never
-        past the epoch's end, --max_steps, a step that evaluates, saves or samples, or the end of
-        the reader's chunk: the reader reads the shards a chunk at a time (trainer.data), so a
-        Cloud Storage fault can only fail the first window of a call, before any of its steps,
-        and the call is retried exactly (`_train_retrying`)."""
+        past the epoch's end, --max_steps, or a step that evaluates, saves or samples."""
         hparams = self.hparams
-        size = min(hparams.steps_per_execution, self.layout.windows_per_epoch - position.window,
-                   data.windows_to_chunk_end(self.layout, position.window))
+        size = min(hparams.steps_per_execution, self.layout.windows_per_epoch - position.window)
         if hparams.max_steps > 0:
             size = min(size, hparams.max_steps - position.step)
         for every in (hparams.eval_every, hparams.save_checkpoints_steps, hparams.sample_every):
@@ -566,7 +562,9 @@ class _Trainer:
                         ) -> tuple[list[float], list[float], Any, Iterator[Any]]:
         """`_train` on the next windows; a Cloud Storage fault while reading the shards is retried
         from the same window with a new reader, which is exact as long as the failed call applied
-        no step (so with --steps_per_execution=1, and above it as a call never spans two chunks)."""
+        no step: always with --steps_per_execution=1. Above it, a fault that surfaces inside a
+        call after some of its steps (the input pipeline reads ahead) ends the run with one line,
+        and the next run resumes from the last checkpoint: those steps are trained again."""
         count = self._execution_size(position)
         current = [windows]
 
