@@ -130,6 +130,21 @@ def _tail() -> TailEstimate:
     return TailEstimate(eval_windows=10, sample_tokens=200, checkpoint_bytes=0)
 
 
+def test_a_budgeted_evaluation_covers_what_fits_its_share() -> None:
+    # 635 windows (shelf's validation split at the default shape) and a 1-minute budget.
+    tail = TailEstimate(eval_windows=635, sample_tokens=0, checkpoint_bytes=0, budget_seconds=60.0)
+    assert tail.evaluated_windows() == 635  # no step time yet: nothing to size it with
+    tail.note_steps(3.0, 1)
+    tail.note_steps(0.08, 1)  # 80 ms a step: 5% of 60 s holds 37 windows
+    assert tail.evaluated_windows() == int(budget.EVAL_SHARE * 60.0 / 0.08) == 37
+    assert tail.part("eval") == pytest.approx(budget.EVAL_COMPILE_SECONDS + 37 * 0.08)
+    tail.step_seconds = 100.0  # slower than the share: still one window
+    assert tail.evaluated_windows() == 1
+    unbudgeted = TailEstimate(eval_windows=635, sample_tokens=0, checkpoint_bytes=0)
+    unbudgeted.step_seconds = 0.08
+    assert unbudgeted.evaluated_windows() == 635
+
+
 def test_the_tail_is_guessed_then_measured() -> None:
     tail = _tail()
     guessed = tail.seconds()

@@ -44,6 +44,12 @@ EXIT_SECONDS = 3.0
 COMPILE_UNITS = {"eval": 1.0, "sample": 1.0, "export": 3.5}
 # Measured parts of the tail are counted this much longer, against noise.
 MARGIN = 1.25
+# One evaluation takes at most this share of the budget: a budgeted run evaluates the first
+# windows of the validation split that fit (at the measured training step time a window, which
+# errs short: a forward pass is about a third of a step). Evaluating the whole split would not
+# fit short budgets on large corpora: shelf's 2.6 M validation tokens took ~45 s of a 1-minute
+# budget, and training stopped at step 2 (bench/README.md, bench/budget.py).
+EVAL_SHARE = 0.05
 
 
 def parse_duration(text: str) -> float:
@@ -100,6 +106,14 @@ class TailEstimate:
     compile_seconds: float = 0.0  # this process's first training call (it compiles)
     measured: dict[str, float] = dataclasses.field(default_factory=dict)  # eval, save, sample
     calls: int = 0  # compiled training calls timed in this process
+    budget_seconds: float = 0.0  # the whole budget: caps an evaluation's windows (0: no cap)
+
+    def evaluated_windows(self) -> int:
+        """Windows an evaluation covers: all of them, or under a budget the first ones that fit
+        in EVAL_SHARE of it once the step time is measured (at least one)."""
+        if not self.budget_seconds or self.step_seconds <= 0:
+            return self.eval_windows
+        return max(1, min(self.eval_windows, int(EVAL_SHARE * self.budget_seconds / self.step_seconds)))
 
     def part(self, name: str) -> float:
         if name in self.measured:
@@ -110,7 +124,7 @@ class TailEstimate:
             # conservative side (an evaluation's windows are no larger than a training step's).
             if not self.eval_windows:
                 return 0.0
-            return max(EVAL_COMPILE_SECONDS, compiling) + self.eval_windows * self.step_seconds
+            return max(EVAL_COMPILE_SECONDS, compiling) + self.evaluated_windows() * self.step_seconds
         if name == "save":
             return SAVE_SECONDS + self.checkpoint_bytes / SAVE_BYTES_PER_SECOND
         if name == "sample":

@@ -42,7 +42,7 @@ from trainer import (
     storage,
     xla,
 )
-from trainer.budget import Budget, Reading, TailEstimate, format_duration, parse_duration
+from trainer.budget import EVAL_SHARE, Budget, Reading, TailEstimate, format_duration, parse_duration
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, HParams, resolve_precision, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
@@ -272,6 +272,7 @@ class _Trainer:
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
         self.terminate = False  # set by SIGTERM or SIGINT on this worker
+        self.said_eval_share = False  # the line on --time_budget's evaluation windows, once
         # What stopped the run, for its last line and exit status; another worker's SIGTERM
         # (preemption) stops this one too, hence the default.
         self.stop_signal = signal.SIGTERM
@@ -377,7 +378,8 @@ class _Trainer:
         variables = [*self.model.variables, *self.optimizer.variables]
         tail = TailEstimate(
             eval_windows=eval_windows, sample_tokens=self.hparams.sample_length if self.chief else 0,
-            checkpoint_bytes=sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables))
+            checkpoint_bytes=sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables),
+            budget_seconds=self.budget_seconds)
         resumed = saved_clock is not None and saved_clock[0] > 0
         self.budget = (Budget.from_checkpoint(saved_clock, self.budget_seconds, tail, self.started)
                        if resumed else Budget(self.budget_seconds, 0.0, tail, self.started))
@@ -482,7 +484,16 @@ class _Trainer:
         step = position.step
         files, layout = self.valid
         dataset = data.windows(files, layout)
-        if self.hparams.eval_steps > 0:
+        if self.budget is not None:  # the windows that fit its share of the budget (or --eval_steps)
+            windows = self.budget.tail.evaluated_windows()
+            if windows < self.budget.tail.eval_windows and not self.said_eval_share:
+                print(f"Evaluations under --time_budget cover the first {windows:,} of "
+                      f"{self.budget.tail.eval_windows:,} validation windows (what fits in "
+                      f"{EVAL_SHARE:.0%} of the budget); trainer.evaluate scores all of them",
+                      flush=True)
+                self.said_eval_share = True
+            dataset = dataset.take(windows)
+        elif self.hparams.eval_steps > 0:
             dataset = dataset.take(self.hparams.eval_steps)
         eval_state = loops.initial_state(self.params, self.strategy, layout.batch_size)
         # A shard read that fails is read again from the start: evaluation changes nothing until it
