@@ -146,6 +146,17 @@ def test_a_budgeted_evaluation_covers_what_fits_its_share() -> None:
     assert unbudgeted.evaluated_windows() == 635
 
 
+def test_evaluations_during_training_keep_to_their_share_of_the_time_spent() -> None:
+    share = budget.PERIODIC_SHARE
+    # A 2.5 s evaluation 18 s into a 1-minute run (step 500 of the transformer on shelf): skipped.
+    assert not budget.affords_periodic(2.5, 0.0, 18.0)
+    # The same evaluation 20 minutes into a long run: it runs, and the next one waits until the
+    # time spent makes room for both.
+    assert budget.affords_periodic(2.5, 0.0, 1200.0)
+    assert budget.affords_periodic(2.5, 2.5, 5.0 / share)
+    assert not budget.affords_periodic(2.5, 2.5, 5.0 / share - 1.0)
+
+
 def test_the_tail_is_guessed_then_measured() -> None:
     tail = _tail()
     guessed = tail.seconds()

@@ -148,8 +148,30 @@ def test_short_budgets_measure_nothing_and_say_so() -> None:
     hparams = HParams(time_budget="90s")
     chosen, record = decide(hparams, (), 1_000_000, VOCAB, 90.0, clock, _fake_measure(clock, RATES, log))
     assert log == [] and chosen == hparams  # the default shape
-    assert "under 3m00s no other shape can win, so none was measured" in record["reason"]
+    assert "under 3m00s nothing is measured" in record["reason"]
     assert record["shape"] == DEFAULT and set(record["candidates"]) == {DEFAULT, BABY, BIG_LSTM, BIG_GPT}
+
+
+def test_short_budgets_train_the_shape_of_the_cpus_matrix_unit() -> None:
+    assert choose.short_budget_shape({"avx512f", "amx_bf16", "amx_tile"}, has_gpu=False) == DEFAULT
+    assert choose.short_budget_shape({"avx512f", "avx512_bf16"}, has_gpu=False) == BABY
+    assert choose.short_budget_shape(set(), has_gpu=False) == BABY
+    assert choose.short_budget_shape({"avx512_bf16"}, has_gpu=True) is None
+    clock, log = Clock(), []
+    hparams = HParams(time_budget="1m")
+    chosen, record = decide(hparams, (), 1_000_000, VOCAB, 60.0, clock, _fake_measure(clock, RATES, log),
+                            short_shape=BABY)
+    assert log == [] and record["shape"] == BABY
+    assert (chosen.cell, chosen.layers, chosen.d_model, chosen.unroll_steps) == ("transformer", 4, 128, 64)
+    assert "on a CPU without AMX, transformer 4x4x128 learns most in a short budget" in record["reason"]
+    # --cell limits it as ever: an LSTM asked for is an LSTM trained.
+    lstm, record = decide(hparams.replace(cell="lstm"), ("cell",), 1_000_000, VOCAB, 60.0, clock, None,
+                          short_shape=BABY)
+    assert lstm.cell == "lstm" and record["shape"] == DEFAULT
+    # Longer budgets measure, whatever the CPU.
+    _, record = decide(HParams(time_budget="10m"), (), 1_000_000, VOCAB, 600.0, clock,
+                       _fake_measure(clock, RATES, log), short_shape=BABY)
+    assert log and record["shape"] == DEFAULT
 
 
 # --------------------------------------------------------------------------- flags

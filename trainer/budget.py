@@ -50,6 +50,11 @@ MARGIN = 1.25
 # fit short budgets on large corpora: shelf's 2.6 M validation tokens took ~45 s of a 1-minute
 # budget, and training stopped at step 2 (bench/README.md, bench/budget.py).
 EVAL_SHARE = 0.05
+# Evaluations and samples during training (--eval_every, --sample_every) together take at most
+# this share of the time spent so far: the one due is skipped otherwise (the final evaluation and
+# sample always run). At one minute each took 2.5-2.8 s of the ~18 s spent by step 500, time the
+# run would have trained (AMD EPYC, bench logs); at an hour they run as given.
+PERIODIC_SHARE = 0.05
 
 
 def parse_duration(text: str) -> float:
@@ -150,6 +155,12 @@ class TailEstimate:
 
     def seconds(self) -> float:
         return sum(self.part(name) for name in ("eval", "save", "sample", "export")) + EXIT_SECONDS
+
+
+def affords_periodic(cost: float, periodic_seconds: float, spent: float) -> bool:
+    """Whether an evaluation or sample during training, expected to take `cost` seconds, fits
+    PERIODIC_SHARE of the `spent` seconds with the `periodic_seconds` such work took before."""
+    return periodic_seconds + cost <= PERIODIC_SHARE * spent
 
 
 @dataclasses.dataclass(frozen=True)

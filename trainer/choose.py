@@ -23,7 +23,7 @@ from typing import Any
 
 from trainer.budget import format_duration, parse_duration
 from trainer.errors import UsageError
-from trainer.hparams import HParams
+from trainer.hparams import HParams, cpu_flags
 
 # --------------------------------------------------------------------------- the rule's data
 #
@@ -57,10 +57,22 @@ from trainer.hparams import HParams
 # "not measured").
 
 CALIBRATION_SHARE = 0.05  # of the budget, at most, for measuring candidates (issue #23)
-# Below this budget nothing is measured and the default LSTM is used: it is ahead of the smaller
-# transformer from ~40 s on (the crossing above), and a larger shape cannot see enough tokens in
-# under 3 minutes on the measured machine (12 M params x 2 tok/param at ~8 k tokens/s: 50 min).
+# Below this budget nothing is measured: measuring the two small shapes costs ~10 s (a compiling
+# call and 3 s each), a sixth of a minute, and a larger shape cannot see enough tokens in under 3
+# minutes on the measured machine (12 M params x 2 tok/param at ~8 k tokens/s: 50 min).
 SHORT_BUDGET_SECONDS = 180.0
+# What a short budget trains instead, by the CPU's matrix unit, which decides the LSTM's speed
+# (its native op runs the bfloat16 recurrence on AMX tiles, 4.6x its float32 rate) far more than
+# the transformer's. 1-minute runs, each the whole validation split (bench/budget.py's corpora):
+# - AMD EPYC Zen 5, AVX512-BF16, no AMX (2026-12-06, --time_budget 1m): transformer 4x4x128 1.911
+#   on tinyshakespeare, 2.120 on shelf; LSTM 2x512 1.968 and 2.400 (two runs) on
+#   tinyshakespeare, 2.494 on shelf.
+# - Intel Xeon with AMX (issue #23's machine, 60 s of training in bench/quality.py): the LSTM
+#   0.24-0.36 ahead of the GPT reference, verne's transformer 0.03-0.05 behind it (issue #22,
+#   before that issue's speed-ups).
+# A GPU was not measured: it keeps the default.
+SHORT_BUDGET_SHAPE_WITH_AMX = "LSTM 2x512"
+SHORT_BUDGET_SHAPE_WITHOUT_AMX = "transformer 4x4x128"
 MEASURE_SECONDS = 3.0  # timed training after each candidate's first (compiling) call
 MAX_MEASURE_STEPS = 20
 # Guess of the work after training (final evaluation, checkpoint, sample, export) before the
@@ -369,6 +381,20 @@ def calibrate(options: Sequence[Option], corpus_tokens: int, budget_seconds: flo
 # --------------------------------------------------------------------------- the run's choice
 
 
+def short_budget_shape(cpu_flags: Iterable[str], has_gpu: bool) -> str | None:
+    """The candidate a budget under SHORT_BUDGET_SECONDS trains on this machine (None: the
+    default), from the CPU's /proc/cpuinfo flags."""
+    if has_gpu:
+        return None
+    return SHORT_BUDGET_SHAPE_WITH_AMX if "amx_bf16" in set(cpu_flags) else SHORT_BUDGET_SHAPE_WITHOUT_AMX
+
+
+def _first(options: Sequence[Option], name: str | None) -> list[Option]:
+    """`options` with the candidate called `name` first (the rule's fallback), if it is there."""
+    ahead = [o for o in options if o.candidate.name == name]
+    return [*ahead, *(o for o in options if o not in ahead)]
+
+
 def _describe_given(hparams: HParams, given: Iterable[str]) -> str:
     kept = sorted(set(given) & set(CHOSEN_FIELDS))
     return ", ".join(f"--{name}={getattr(hparams, name)}" for name in kept)
@@ -386,10 +412,11 @@ def chooses_shape(hparams: HParams, given: Iterable[str]) -> bool:
 
 def decide(hparams: HParams, given: Iterable[str], corpus_tokens: int, vocab_size: int,
            budget_seconds: float, spent: Callable[[], float], measure: Measure | None,
-           ) -> tuple[HParams, dict[str, Any]]:
+           short_shape: str | None = None) -> tuple[HParams, dict[str, Any]]:
     """The choice for a fresh job: hparams with the chosen fields (the given ones kept), and the
     record for hparams.json. `measure` None: nothing is measured (several workers, which must
-    all choose alike)."""
+    all choose alike). `short_shape`: the candidate a budget under SHORT_BUDGET_SECONDS trains
+    (short_budget_shape; None: the default)."""
     given = set(given)
     sized = hparams.replace(vocab_size=vocab_size)
     kept = _describe_given(hparams, given)
@@ -409,8 +436,11 @@ def decide(hparams: HParams, given: Iterable[str], corpus_tokens: int, vocab_siz
     startup_spent = spent()
     unmeasured = ""
     if budget_seconds < SHORT_BUDGET_SECONDS:
-        unmeasured = (f"under {format_duration(SHORT_BUDGET_SECONDS)} no other shape can win, so none "
-                      "was measured")
+        options = _first(options, short_shape)
+        unmeasured = (f"under {format_duration(SHORT_BUDGET_SECONDS)} nothing is measured: "
+                      + ("on a CPU with AMX" if short_shape == SHORT_BUDGET_SHAPE_WITH_AMX else
+                         "on a CPU without AMX" if short_shape else "without a measured alternative")
+                      + f", {options[0].name} learns most in a short budget")
     elif measure is None:
         unmeasured = "not measured on several workers, which must all choose alike, nor on a TPU"
     if unmeasured:
@@ -486,9 +516,11 @@ class ForBudget:
         several = (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
                    or distribute.is_tpu(strategy))
         measure = None if several else _measurer(sized, strategy, metadata)
+        short_shape = short_budget_shape(cpu_flags(), bool(tf.config.list_physical_devices("GPU"))
+                                         or distribute.is_tpu(strategy))
         chosen, record = decide(hparams, self.given, metadata.splits["train"].tokens, metadata.vocab_size,
                                 parse_duration(hparams.time_budget), lambda: time.monotonic() - started,
-                                measure)
+                                measure, short_shape)
         print(f"Model for the time budget: {record['reason']}", flush=True)
         return chosen, record
 

@@ -42,7 +42,15 @@ from trainer import (
     storage,
     xla,
 )
-from trainer.budget import EVAL_SHARE, Budget, Reading, TailEstimate, format_duration, parse_duration
+from trainer.budget import (
+    EVAL_SHARE,
+    Budget,
+    Reading,
+    TailEstimate,
+    affords_periodic,
+    format_duration,
+    parse_duration,
+)
 from trainer.errors import UsageError
 from trainer.hparams import HPARAMS_FILE, HParams, resolve_precision, shape_mismatches
 from trainer.model_fn import Params, bits_per_token, perplexity
@@ -272,6 +280,7 @@ class _Trainer:
         self.sampler = sampling.Sampler(self.model)
         self.summaries = Summaries(hparams.summary_dir, metadata.tokenizer, write=self.chief)
         self.terminate = False  # set by SIGTERM or SIGINT on this worker
+        self.periodic_seconds = 0.0  # evaluations and samples during training, this process
         self.said_eval_share = False  # the line on --time_budget's evaluation windows, once
         # What stopped the run, for its last line and exit status; another worker's SIGTERM
         # (preemption) stops this one too, hence the default.
@@ -395,6 +404,24 @@ class _Trainer:
         reading = Reading(*self.agree_on_clock([reading.spent, reading.end, reading.step_seconds]))
         self.time_progress.assign(self.budget.advance(reading))
         return reading.out_of_time
+
+    def _affords(self, part: str, agreed: bool = False) -> bool:
+        """Whether the evaluation or sample due during training runs: always without a budget;
+        under one, while such work fits its share of the time spent (budget.affords_periodic).
+        `agreed`: decided on the workers' averaged figures, as an evaluation's collectives need
+        every worker to take it alike (only the chief samples)."""
+        if self.budget is None:
+            return True
+        figures = [self.budget.spent(), self.periodic_seconds, self.budget.tail.part(part)]
+        spent, periodic, cost = self.agree_on_clock(figures) if agreed else figures
+        return affords_periodic(cost, periodic, spent)
+
+    @contextmanager
+    def _periodic(self) -> Iterator[None]:
+        """Counts the time of an evaluation or sample during training (see _affords)."""
+        begin = time.monotonic()
+        yield
+        self.periodic_seconds += time.monotonic() - begin
 
     @contextmanager
     def _timed(self, part: str) -> Iterator[None]:
@@ -651,15 +678,18 @@ class _Trainer:
                         progress.log(position.epoch, rate, norm)
                 stopping = self.agree_to_stop(self.terminate)
                 with progress.paused():
-                    if hparams.eval_every > 0 and position.step % hparams.eval_every == 0:
-                        eval_loss, last_eval_step = self.evaluate(position, state), position.step
+                    if (hparams.eval_every > 0 and position.step % hparams.eval_every == 0
+                            and self._affords("eval", agreed=True)):
+                        with self._periodic():
+                            eval_loss, last_eval_step = self.evaluate(position, state), position.step
                         progress.note_eval(eval_loss)
                     if (hparams.save_checkpoints_steps > 0
                             and position.step % hparams.save_checkpoints_steps == 0):
                         self.save(position, state)
                     if (self.chief and hparams.sample_every > 0
-                            and position.step % hparams.sample_every == 0):
-                        self.sample(position.step)
+                            and position.step % hparams.sample_every == 0 and self._affords("sample")):
+                        with self._periodic():
+                            self.sample(position.step)
                 if self.finished(position) or stopping:
                     break
             else:
