@@ -9,6 +9,7 @@ the clock's own noise.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -138,7 +139,7 @@ def test_a_budgeted_evaluation_covers_what_fits_its_share() -> None:
     tail.note_steps(0.08, 1)  # 80 ms a step: 5% of 60 s holds 37 windows
     assert tail.evaluated_windows() == int(budget.EVAL_SHARE * 60.0 / 0.08) == 37
     compiling = max(budget.EVAL_COMPILE_SECONDS, budget.COMPILE_UNITS["eval"] * 3.0)  # the first call
-    assert tail.part("eval") == pytest.approx(compiling + 37 * 0.08)
+    assert tail.part("eval") == pytest.approx(compiling + 37 * budget.EVAL_WINDOW_STEPS * 0.08)
     tail.step_seconds = 100.0  # slower than the share: still one window
     assert tail.evaluated_windows() == 1
     unbudgeted = TailEstimate(eval_windows=635, sample_tokens=0, checkpoint_bytes=0)
@@ -168,9 +169,14 @@ def test_the_tail_is_guessed_then_measured() -> None:
     tail.note_steps(0.1, 1)
     assert tail.step_seconds == 0.1 and tail.compile_seconds == 4.0
     assert tail.part("export") == budget.COMPILE_UNITS["export"] * 4.0
-    assert tail.part("eval") == 4.0 + 10 * 0.1
+    assert tail.part("eval") == pytest.approx(4.0 + 10 * budget.EVAL_WINDOW_STEPS * 0.1)
     tail.measured.update(eval=0.5, save=0.1, sample=1.0)
     assert tail.part("eval") == budget.MARGIN * 0.5
+    # An XLA-compiled step's first call is mostly XLA's compilation, which the export does not pay.
+    compiled = dataclasses.replace(_tail(), xla_step=True)
+    compiled.note_steps(4.0, 1)
+    assert compiled.part("export") == max(budget.EXPORT_SECONDS, budget.XLA_COMPILE_UNITS["export"] * 4.0)
+    assert compiled.part("export") < tail.part("export")
 
 
 def _lr_at(progress: float, schedule: str, floor: float = 1e-4) -> float:

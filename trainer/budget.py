@@ -42,6 +42,15 @@ EXPORT_SECONDS = 7.0  # plus the weights' bytes at SAVE_BYTES_PER_SECOND; never 
 EXIT_SECONDS = 3.0
 # Parts of the tail in units of the first training call (see above), about 1.5x the measured.
 COMPILE_UNITS = {"eval": 1.0, "sample": 1.0, "export": 3.5}
+# The same when XLA compiles the training step (--xla step, the transformer's default on a CPU):
+# its first call is mostly XLA's compilation, which the sample and export (plain graphs) do not
+# pay. 1-minute and 10-minute runs (AMD EPYC, transformer 4x4x128, first call 3-4 s): checkpoint,
+# sample and export together 5.8-5.9 s, where these units had guessed 17-21 s and stopped training
+# 7-27 s before it needed to.
+XLA_COMPILE_UNITS = {"eval": 1.0, "sample": 0.5, "export": 1.0}
+# An evaluation window against a training step (forward only: about a third of it; measured 0.29
+# on the transformer above, 1,335 windows in 10.5 s at 27 ms a step), with room to spare.
+EVAL_WINDOW_STEPS = 0.5
 # Measured parts of the tail are counted this much longer, against noise.
 MARGIN = 1.25
 # One evaluation takes at most this share of the budget: a budgeted run evaluates the first
@@ -112,6 +121,7 @@ class TailEstimate:
     measured: dict[str, float] = dataclasses.field(default_factory=dict)  # eval, save, sample
     calls: int = 0  # compiled training calls timed in this process
     budget_seconds: float = 0.0  # the whole budget: caps an evaluation's windows (0: no cap)
+    xla_step: bool = False  # XLA compiles the training step (XLA_COMPILE_UNITS)
 
     def evaluated_windows(self) -> int:
         """Windows an evaluation covers: all of them, or under a budget the first ones that fit
@@ -123,13 +133,13 @@ class TailEstimate:
     def part(self, name: str) -> float:
         if name in self.measured:
             return MARGIN * self.measured[name]
-        compiling = COMPILE_UNITS.get(name, 0.0) * self.compile_seconds
+        units = XLA_COMPILE_UNITS if self.xla_step else COMPILE_UNITS
+        compiling = units.get(name, 0.0) * self.compile_seconds
         if name == "eval":
-            # A forward pass costs about a third of a training step; counting a whole one is the
-            # conservative side (an evaluation's windows are no larger than a training step's).
             if not self.eval_windows:
                 return 0.0
-            return max(EVAL_COMPILE_SECONDS, compiling) + self.evaluated_windows() * self.step_seconds
+            return (max(EVAL_COMPILE_SECONDS, compiling)
+                    + self.evaluated_windows() * EVAL_WINDOW_STEPS * self.step_seconds)
         if name == "save":
             return SAVE_SECONDS + self.checkpoint_bytes / SAVE_BYTES_PER_SECOND
         if name == "sample":

@@ -388,7 +388,7 @@ class _Trainer:
         tail = TailEstimate(
             eval_windows=eval_windows, sample_tokens=self.hparams.sample_length if self.chief else 0,
             checkpoint_bytes=sum(math.prod(v.shape) * tf.as_dtype(v.dtype).size for v in variables),
-            budget_seconds=self.budget_seconds)
+            budget_seconds=self.budget_seconds, xla_step=self.hparams.xla == "step")
         resumed = saved_clock is not None and saved_clock[0] > 0
         self.budget = (Budget.from_checkpoint(saved_clock, self.budget_seconds, tail, self.started)
                        if resumed else Budget(self.budget_seconds, 0.0, tail, self.started))
