@@ -26,7 +26,8 @@ Each budget runs
 - verne: `python -m trainer.task --time_budget=<N>m` with only the data and job-dir flags, so
   everything else (the model, its schedule, and its own final evaluation, checkpoint, sample and
   export) is verne's choice and inside the budget; its process's wall clock is recorded (the
-  budget allows 5% over). Then `trainer.evaluate` scores the validation split in 4 streams (all
+  budget allows 5% over). XLA's persistent compile cache is off for it, as on a user's first
+  run. Then `trainer.evaluate` scores the validation split in 4 streams (all
   but < 4 x unroll tokens of it).
 
 References do not change when verne does: each result is kept in bench/results/budget_reference.json
@@ -330,13 +331,25 @@ def model_summary(hparams: dict) -> str:
     return text + (f", dropout {hparams['dropout']:g}" if hparams.get("dropout") else "")
 
 
+def first_run_environment(environ: dict[str, str]) -> dict[str, str]:
+    """`environ` for a user's first run on this machine: XLA's persistent compile cache off (a
+    second run of the same model would load its compiled steps instead of compiling them, 3-8 s
+    of a transformer's minute), and none inherited through TF_XLA_FLAGS."""
+    from trainer import cache_dirs
+
+    flags = [f for f in environ.get("TF_XLA_FLAGS", "").split()
+             if f.partition("=")[0] != cache_dirs.PERSISTENT_CACHE_FLAG]
+    return {**environ, "TF_XLA_FLAGS": " ".join(flags), cache_dirs.XLA_CACHE_SWITCH: "0"}
+
+
 def run_verne(data_dir: Path, job_dir: Path, minutes: float, label: str) -> dict:
-    """trainer.task --time_budget with only data and job flags, then the whole validation split."""
+    """trainer.task --time_budget with only data and job flags, compiling everything as a first
+    run does, then the whole validation split."""
     command = [sys.executable, "-m", "trainer.task", f"--data_dir={data_dir}", f"--data_prefix={PREFIX}",
                f"--job-dir={job_dir}", f"--time_budget={budget_flag(minutes)}"]
-    print(f"[budget] {label}: {' '.join(command[1:])}", flush=True)
+    print(f"[budget] {label}: {' '.join(command[1:])} (XLA's compile cache off)", flush=True)
     started = time.monotonic()
-    status = subprocess.run(command, cwd=ROOT).returncode
+    status = subprocess.run(command, cwd=ROOT, env=first_run_environment(dict(os.environ))).returncode
     wall = time.monotonic() - started
     if status:
         sys.exit(f"error: trainer.task ({label}) exited with status {status}")
