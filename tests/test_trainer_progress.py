@@ -35,3 +35,12 @@ def test_bar_on_a_terminal() -> None:
     progress.close()
     out = stream.getvalue()
     assert "5/10" in out and "loss 1.000" in out and "step " not in out.replace("step/s", "")
+
+
+def test_a_run_shorter_than_its_log_interval_still_has_a_rate() -> None:
+    # A resumed --time_budget run trained 34 steps with --log_every 50 and said "0 tokens/s".
+    progress = Progress(total=100, start=10, tokens_per_step=100, log_every=50, stream=io.StringIO())
+    assert progress.final_tokens_per_second() == 0.0  # nothing timed yet
+    for step in range(11, 15):  # the first one compiles and is not timed
+        assert progress.step(step, 2.0) is False
+    assert progress.tokens_per_second == 0.0 and progress.final_tokens_per_second() > 0

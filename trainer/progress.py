@@ -85,6 +85,14 @@ class Progress:
             self._paused += spent
             self._paused_total += spent
 
+    def final_tokens_per_second(self) -> float:
+        """tokens/s for the run's last line: the last logged interval's, or, when none was logged
+        (a resumed run that trained fewer than --log_every steps), the rate of the steps timed."""
+        if self.tokens_per_second or self._rate_steps <= 0:
+            return self.tokens_per_second
+        active = time.perf_counter() - self._rate_start - self._paused_total
+        return self._rate_steps * self.tokens_per_step / max(active, 1e-9)
+
     def eta_seconds(self) -> float:
         if self.budget is not None:
             return self.budget.left()

@@ -720,7 +720,8 @@ class _Trainer:
         best = float(self.best_loss.numpy())
         return TrainResult(hparams.job_dir, str(hparams.language_model), position.step, position.epoch,
                            position.window, progress.interval_loss, eval_loss,
-                           best if math.isfinite(best) else None, progress.tokens_per_second, stopped)
+                           best if math.isfinite(best) else None, progress.final_tokens_per_second(),
+                           stopped)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
