@@ -164,7 +164,8 @@ def test_short_budgets_train_the_shape_of_the_cpus_matrix_unit() -> None:
     assert log == [] and record["shape"] == BABY
     assert (chosen.cell, chosen.layers, chosen.d_model, chosen.unroll_steps) == ("transformer", 4, 128, 64)
     assert "on a CPU without AMX, transformer 4x4x128 learns most in a short budget" in record["reason"]
-    assert chosen.learning_rate == 4e-3 and "with learning_rate 0.004 for a short budget" in record["reason"]
+    assert (chosen.learning_rate, chosen.batch_size) == (4e-3, 24)
+    assert "with learning_rate 0.004, batch_size 24 for a short budget" in record["reason"]
     given_rate, _ = decide(hparams.replace(learning_rate=2e-3), ("learning_rate",), 1_000_000, VOCAB, 60.0,
                            clock, None, short_shape=BABY)
     assert given_rate.learning_rate == 2e-3 and given_rate.cell == "transformer"
