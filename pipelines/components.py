@@ -49,7 +49,7 @@ def train(dataset: Input[Dataset], cell: str, layers: int, lstm_state_size: int,
     config = steps.build_hparams(steps.location(dataset.uri, dataset.path),
                                  dataset.metadata["data_prefix"],
                                  steps.location(model.uri, model.path), values)
-    model.metadata.update(steps.train(config))
+    model.metadata.update(steps.train(config, steps.given_fields(hparams, values)))
 
 
 def evaluate(model: Input[Model], split: str, best: bool, metrics: Output[Metrics]) -> NamedTuple(

@@ -156,17 +156,31 @@ def build_hparams(data_dir: str, data_prefix: str, job_dir: str, values: dict[st
         raise UsageError(str(err)) from None
 
 
-def train(hparams: HParams) -> dict[str, Any]:
+def given_fields(hparams: dict[str, Any], values: dict[str, Any]) -> frozenset[str]:
+    """The HParams fields a run sets itself, as trainer.flags.explicitly_set says of the command
+    line: every name in its `hparams` dict, and each pipeline parameter in `values` that differs
+    from HParams' default. (The pipeline's parameters always carry a value, so one left at its
+    default cannot be told from one given as the default; it counts as not given, which lets
+    --time_budget choose the model.)"""
+    defaults = HParams()
+    return frozenset(hparams) | {name for name, value in values.items()
+                                 if hasattr(defaults, name) and value != getattr(defaults, name)}
+
+
+def train(hparams: HParams, given: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Trains into hparams.job_dir with the trainer's own runner; returns artifact metadata.
+    With --time_budget the model is chosen as trainer.task chooses it, `given` (given_fields)
+    kept as set.
 
     A run stopped by SIGTERM (preemption) raises, so the step fails and is retried (resuming
     from the job dir) rather than handing a half-trained model to evaluation.
     """
-    from trainer import budget, checkpoints, runner
+    from trainer import budget, checkpoints, choose, runner
     from trainer.hparams import job_name
 
+    chooser = choose.ForBudget(given) if hparams.time_budget else None
     # --time_budget counts from the start of the step's process (KFP runs one per step).
-    result = runner.train(hparams, started=budget.process_start())
+    result = runner.train(hparams, started=budget.process_start(), choose=chooser)
     print(runner.describe(result), flush=True)
     if result.stopped != "finished":
         raise RuntimeError(f"training {result.stopped} at step {result.step}; rerun to resume")

@@ -116,6 +116,28 @@ def test_the_pipeline_carries_the_budget_and_its_schedule() -> None:
     assert (built.time_budget, built.lr_schedule) == ("30m", "cosine")
 
 
+def test_the_pipelines_train_step_chooses_the_model_for_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines import steps
+    from trainer import runner
+
+    # Parameters left at their defaults are not given; the hparams dict always is.
+    values = {"cell": "lstm", "layers": 3, "batch_size": HParams().batch_size, "time_budget": "30m",
+              "dropout": 0.1}
+    assert steps.given_fields({"dropout": 0.1}, values) == {"layers", "time_budget", "dropout"}
+    calls = []
+
+    def fake_train(hparams: HParams, started: float, choose: object) -> None:
+        calls.append(choose)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(runner, "train", fake_train)
+    for budget_flag in ("30m", ""):
+        with pytest.raises(RuntimeError, match="stop here"):
+            steps.train(HParams(time_budget=budget_flag), frozenset({"layers"}))
+    chooser, none = calls
+    assert chooser.given == {"layers"} and none is None
+
+
 # --------------------------------------------------------------------------- clock and schedule
 
 
