@@ -137,14 +137,15 @@ class GenerationModule(tf.Module):
         tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int32, name="top_k"),
         tf.TensorSpec([], tf.float32, name="top_p"), tf.TensorSpec([], tf.int64, name="seed"),
         tf.TensorSpec([], tf.int32, name="sample_mode"), tf.TensorSpec([], tf.int32, name="num_samples"),
-        tf.TensorSpec([], tf.bool, name="no_unk")])
+        tf.TensorSpec([], tf.bool, name="no_unk")], autograph=False)
     def generate(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
                  top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor, num_samples: tf.Tensor,
                  no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
         return self._generate(prime, length, temperature, top_k, top_p, seed, sample_mode,
                               num_samples, no_unk)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in ROW_INPUTS])
+    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in ROW_INPUTS],
+                 autograph=False)
     def generate_rows(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
                       top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor,
                       no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -162,8 +163,10 @@ class GenerationModule(tf.Module):
             width = tf.reduce_max(length)
 
         def row(i, texts, tokens):
-            out = self._generate(prime[i], length[i], temperature[i], top_k[i], top_p[i], seed[i],
-                                 sample_mode[i], tf.constant(1), no_unk[i])
+            # A call of `generate`'s traced graph: tracing the model's steps again would cost the
+            # export seconds.
+            out = self.generate(prime[i], length[i], temperature[i], top_k[i], top_p[i], seed[i],
+                                sample_mode[i], tf.constant(1), no_unk[i])
             padded = tf.pad(out["tokens"][0], [[0, width - length[i]]], constant_values=-1)
             return i + 1, texts.write(i, out["text"][0]), tokens.write(i, padded)
 
@@ -187,7 +190,7 @@ class GenerationModule(tf.Module):
                                           params, self.boundary, banned)
         return {"text": prime + self.detokenize(tokens, ids[-1]), "tokens": tokens}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prime")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prime")], autograph=False)
     def next_token_log_probs(self, prime: tf.Tensor) -> dict[str, tf.Tensor]:
         """Per row: `log_probs` [V] of the token after that row's prime and the `vocab` [V] (repeated
         per row, because TF Serving's row format splits every output by instance)."""
