@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from generation_job import MODEL, trained_job
+from generation_job import MODEL, autograph_conversions, trained_job
 
 from preprocessing import contract
 from preprocessing.tokenizers import byte_vocab
@@ -153,3 +153,10 @@ def test_the_largest_valid_seed_and_top_k_become_tensors() -> None:
     options = SamplingOptions(seed=sampling.MAX_SEED, top_k=sampling.MAX_TOP_K).validate()
     params = sampling.options_as_tensors(options)
     assert int(params["seed"]) == 2**63 - 1 and int(params["top_k"]) == 2**31 - 1
+
+
+def test_generation_traces_without_autograph(char_model: tuple) -> None:
+    metadata, model = char_model
+    with autograph_conversions() as converted:
+        Generator(model).generate([3, 4], 5, SamplingOptions(seed=2))
+    assert converted == []

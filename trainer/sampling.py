@@ -215,13 +215,15 @@ def generation_loop(model: LanguageModel, logits: tf.Tensor, state: State, prev:
 
 def _portable_function(fn: Callable) -> Callable:
     """tf.function tracing `fn` with TensorFlow's own kernels: the exported SavedModel can only use
-    those, and babble, serve and the SavedModel give the same text for the same seed."""
+    those, and babble, serve and the SavedModel give the same text for the same seed. Without
+    AutoGraph: the loops are tf.while_loop already, and converting the model's Python only costs
+    tracing time (trainer.export's signatures are traced the same way)."""
 
     def traced(*args: object) -> object:
         with kernels.portable():
             return fn(*args)
 
-    return tf.function(traced, reduce_retracing=True)
+    return tf.function(traced, reduce_retracing=True, autograph=False)
 
 
 class Generator:
