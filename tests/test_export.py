@@ -169,15 +169,15 @@ def test_training_exports_a_word_model_that_generates_the_generators_tokens(root
 
 def test_the_export_traces_the_model_steps_once_without_autograph(root: Path, tmp_path: Path) -> None:
     """Tracing is most of an export's time, which a --time_budget run keeps free at its end:
-    serving_default calls generate's graph rather than tracing the model steps again."""
+    serving_default calls generate's graph, and generate and next_token_log_probs one graph of the
+    primed model, rather than tracing the model steps again."""
     _, metadata, model = checkpoints.load_job(trained_job(root, "char"))
     traces, call = [], model.call
     model.call = lambda *args, **kwargs: traces.append(args) or call(*args, **kwargs)
     with autograph_conversions() as converted:
         export.export_model(model, metadata, str(tmp_path / "export"))
-    # generate: the prime's first step, its loop and the generation loop; next_token_log_probs:
-    # the prime's two (serving_default: none of its own).
-    assert len(traces) == 5
+    # The prime's first step, its loop and the generation loop, once for all three signatures.
+    assert len(traces) == 3
     assert converted == []
 
 
