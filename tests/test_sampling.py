@@ -160,3 +160,19 @@ def test_generation_traces_without_autograph(char_model: tuple) -> None:
     with autograph_conversions() as converted:
         Generator(model).generate([3, 4], 5, SamplingOptions(seed=2))
     assert converted == []
+
+
+def test_a_one_token_prime_traces_no_priming_loop(char_model: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's samples start from one token: tracing is most of their first call's time."""
+    metadata, model = char_model
+    options = SamplingOptions(seed=2)
+    # A generator whose priming graph was traced for a longer prime runs a one-token prime through
+    # the priming loop (its length is no longer static): zero iterations, the same tokens.
+    looping = Generator(model)
+    looping.generate([3, 4, 5], 2, options)
+    through_loop = looping.generate([3], 30, options)
+    traces, call = [], model.call
+    monkeypatch.setattr(model, "call", lambda *args, **kwargs: traces.append(args) or call(*args, **kwargs))
+    tokens = Generator(model).generate([3], 30, options)
+    assert len(traces) == 2  # the prime's one step and the generation loop's
+    np.testing.assert_array_equal(tokens, through_loop)

@@ -190,6 +190,8 @@ def prime_model(model: LanguageModel, prime_ids: tf.Tensor, batch_size: tf.Tenso
 
     state = model.initial_state(batch_size)
     logits, state = model(column(0), state, training=False)
+    if tokens.shape[1] == 1:  # a one-token prime (the trainer's samples): no loop to trace
+        return logits[:, -1], state, tokens[:, -1]
     _, logits, state = tf.while_loop(lambda i, *_: i < tf.shape(tokens)[1], step,
                                      (tf.constant(1), logits[:, -1], state))
     return logits, state, tokens[:, -1]
