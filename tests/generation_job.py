@@ -7,6 +7,8 @@ per test session and language model.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from conftest import SHAKESPEARE_LIKE, write_data_dir
@@ -70,3 +72,24 @@ def shared_server(job_dir: str) -> Server:
     if job_dir not in _SERVERS or _SERVERS[job_dir].process.poll() is not None:
         _SERVERS[job_dir] = Server(job_dir)
     return _SERVERS[job_dir]
+
+
+@contextlib.contextmanager
+def autograph_conversions() -> Iterator[list[object]]:
+    """verne's functions that AutoGraph converts while inside (generation's graphs use
+    tf.while_loop and tf.cond themselves, so converting them only costs tracing time: seconds of an
+    export). TensorFlow's own wrappers (SavedModel signatures, custom gradients) do not count."""
+    from tensorflow.python.autograph.impl import api
+
+    converted, original = [], api.converted_call
+
+    def counting(f: object, *args: object, **kwargs: object) -> object:
+        if getattr(f, "__module__", "").split(".")[0] in ("trainer", "preprocessing"):
+            converted.append(f)
+        return original(f, *args, **kwargs)
+
+    api.converted_call = counting
+    try:
+        yield converted
+    finally:
+        api.converted_call = original

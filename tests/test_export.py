@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from generation_job import MODEL, python_env, trained_job
+from generation_job import MODEL, autograph_conversions, python_env, trained_job
 
 from preprocessing.tokenizers import word_pieces
 from trainer import checkpoints, export, kernels
@@ -165,6 +165,20 @@ def test_training_exports_a_word_model_that_generates_the_generators_tokens(root
     assert all(text.startswith(prime) for text in texts)
     # Spacing in TF follows the tokenizer's decoder (straight quotes aside; this vocab has none).
     assert texts == text_generator.generate(prime, 30, SamplingOptions(1.2, seed=3), 3)
+
+
+def test_the_export_traces_the_model_steps_once_without_autograph(root: Path, tmp_path: Path) -> None:
+    """Tracing is most of an export's time, which a --time_budget run keeps free at its end:
+    serving_default calls generate's graph, and generate and next_token_log_probs one graph of the
+    primed model, rather than tracing the model steps again."""
+    _, metadata, model = checkpoints.load_job(trained_job(root, "char"))
+    traces, call = [], model.call
+    model.call = lambda *args, **kwargs: traces.append(args) or call(*args, **kwargs)
+    with autograph_conversions() as converted:
+        export.export_model(model, metadata, str(tmp_path / "export"))
+    # The prime's first step, its loop and the generation loop, once for all three signatures.
+    assert len(traces) == 3
+    assert converted == []
 
 
 def test_word_pieces_in_tensorflow_match_the_tokenizer() -> None:

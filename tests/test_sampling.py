@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
-from generation_job import MODEL, trained_job
+from generation_job import MODEL, autograph_conversions, trained_job
 
 from preprocessing import contract
 from preprocessing.tokenizers import byte_vocab
@@ -153,3 +153,26 @@ def test_the_largest_valid_seed_and_top_k_become_tensors() -> None:
     options = SamplingOptions(seed=sampling.MAX_SEED, top_k=sampling.MAX_TOP_K).validate()
     params = sampling.options_as_tensors(options)
     assert int(params["seed"]) == 2**63 - 1 and int(params["top_k"]) == 2**31 - 1
+
+
+def test_generation_traces_without_autograph(char_model: tuple) -> None:
+    metadata, model = char_model
+    with autograph_conversions() as converted:
+        Generator(model).generate([3, 4], 5, SamplingOptions(seed=2))
+    assert converted == []
+
+
+def test_a_one_token_prime_traces_no_priming_loop(char_model: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's samples start from one token: tracing is most of their first call's time."""
+    metadata, model = char_model
+    options = SamplingOptions(seed=2)
+    # A generator whose priming graph was traced for a longer prime runs a one-token prime through
+    # the priming loop (its length is no longer static): zero iterations, the same tokens.
+    looping = Generator(model)
+    looping.generate([3, 4, 5], 2, options)
+    through_loop = looping.generate([3], 30, options)
+    traces, call = [], model.call
+    monkeypatch.setattr(model, "call", lambda *args, **kwargs: traces.append(args) or call(*args, **kwargs))
+    tokens = Generator(model).generate([3], 30, options)
+    assert len(traces) == 2  # the prime's one step and the generation loop's
+    np.testing.assert_array_equal(tokens, through_loop)

@@ -57,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import uuid
+from collections.abc import Callable
 
 import tensorflow as tf
 from absl import app, flags
@@ -114,7 +115,11 @@ class GenerationModule(tf.Module):
         # The weights are tracked (so they are saved); the Keras model itself is not, because
         # Keras would add its own serving function, which our (tokens, state) call cannot have.
         self.weights = list(model.variables)
-        self._untracked = _Untracked(model)
+        # The prime's ids and the model primed with them, one graph that generate and
+        # next_token_log_probs both call: each trace of the model's steps costs the export time.
+        primed = tf.function(self._primed, autograph=False, input_signature=[
+            tf.TensorSpec([], tf.string), tf.TensorSpec([], tf.int32)])
+        self._untracked = _Untracked(model, primed)
         self.kind, self.lowercase = metadata.tokenizer, metadata.lowercase
         self.word_split = metadata.word_split
         self.vocab = tf.constant(vocab)
@@ -137,14 +142,15 @@ class GenerationModule(tf.Module):
         tf.TensorSpec([], tf.float32, name="temperature"), tf.TensorSpec([], tf.int32, name="top_k"),
         tf.TensorSpec([], tf.float32, name="top_p"), tf.TensorSpec([], tf.int64, name="seed"),
         tf.TensorSpec([], tf.int32, name="sample_mode"), tf.TensorSpec([], tf.int32, name="num_samples"),
-        tf.TensorSpec([], tf.bool, name="no_unk")])
+        tf.TensorSpec([], tf.bool, name="no_unk")], autograph=False)
     def generate(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor, top_k: tf.Tensor,
                  top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor, num_samples: tf.Tensor,
                  no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
         return self._generate(prime, length, temperature, top_k, top_p, seed, sample_mode,
                               num_samples, no_unk)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in ROW_INPUTS])
+    @tf.function(input_signature=[tf.TensorSpec([None], dtype, name=name) for name, dtype in ROW_INPUTS],
+                 autograph=False)
     def generate_rows(self, prime: tf.Tensor, length: tf.Tensor, temperature: tf.Tensor,
                       top_k: tf.Tensor, top_p: tf.Tensor, seed: tf.Tensor, sample_mode: tf.Tensor,
                       no_unk: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -162,8 +168,10 @@ class GenerationModule(tf.Module):
             width = tf.reduce_max(length)
 
         def row(i, texts, tokens):
-            out = self._generate(prime[i], length[i], temperature[i], top_k[i], top_p[i], seed[i],
-                                 sample_mode[i], tf.constant(1), no_unk[i])
+            # A call of `generate`'s traced graph: tracing the model's steps again would cost the
+            # export seconds.
+            out = self.generate(prime[i], length[i], temperature[i], top_k[i], top_p[i], seed[i],
+                                sample_mode[i], tf.constant(1), no_unk[i])
             padded = tf.pad(out["tokens"][0], [[0, width - length[i]]], constant_values=-1)
             return i + 1, texts.write(i, out["text"][0]), tokens.write(i, padded)
 
@@ -178,8 +186,7 @@ class GenerationModule(tf.Module):
         checks = [tf.debugging.assert_positive(length, message="length must be at least 1"),
                   tf.debugging.assert_positive(num_samples, message="num_samples must be at least 1")]
         with tf.control_dependencies(checks):
-            ids = self.prime_ids(prime)
-        logits, state, prev = prime_model(self._untracked.model, ids, num_samples)
+            ids, logits, state, prev = self._untracked.primed(prime, num_samples)
         params = {"temperature": temperature, "sample_mode": sample_mode, "top_k": top_k,
                   "top_p": top_p, "seed": seed}
         banned = tf.where(no_unk, self.unk_banned, tf.zeros_like(self.unk_banned))
@@ -187,18 +194,23 @@ class GenerationModule(tf.Module):
                                           params, self.boundary, banned)
         return {"text": prime + self.detokenize(tokens, ids[-1]), "tokens": tokens}
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prime")])
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="prime")], autograph=False)
     def next_token_log_probs(self, prime: tf.Tensor) -> dict[str, tf.Tensor]:
         """Per row: `log_probs` [V] of the token after that row's prime and the `vocab` [V] (repeated
         per row, because TF Serving's row format splits every output by instance)."""
         def row(i, out):
-            logits, _, _ = prime_model(self._untracked.model, self.prime_ids(prime[i]), tf.constant(1))
+            _, logits, _, _ = self._untracked.primed(prime[i], tf.constant(1))
             return i + 1, out.write(i, tf.nn.log_softmax(logits[0]))
 
         rows = tf.shape(prime)[0]
         out = tf.TensorArray(tf.float32, size=rows, element_shape=[self.vocab_size])
         _, out = tf.while_loop(lambda i, _: i < rows, row, (tf.constant(0), out))
         return {"log_probs": out.stack(), "vocab": tf.tile(self.vocab[None], [rows, 1])}
+
+    def _primed(self, prime: tf.Tensor, batch_size: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """(ids [P], logits [B, V], state, last token [B]): `prime_model` on the prime's ids."""
+        ids = self.prime_ids(prime)
+        return (ids, *prime_model(self._untracked.model, ids, batch_size))
 
     def prime_ids(self, prime: tf.Tensor) -> tf.Tensor:
         """int32 [P]: the prime's token ids (unknown pieces -> <unk>); a line break if empty.
@@ -250,6 +262,7 @@ class GenerationModule(tf.Module):
 @dataclasses.dataclass(frozen=True)
 class _Untracked:
     model: LanguageModel
+    primed: Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, ...]]
 
 
 def word_pieces(text: tf.Tensor, pattern: str = WORD_PATTERN_RE2) -> tf.Tensor:

@@ -190,6 +190,8 @@ def prime_model(model: LanguageModel, prime_ids: tf.Tensor, batch_size: tf.Tenso
 
     state = model.initial_state(batch_size)
     logits, state = model(column(0), state, training=False)
+    if tokens.shape[1] == 1:  # a one-token prime (the trainer's samples): no loop to trace
+        return logits[:, -1], state, tokens[:, -1]
     _, logits, state = tf.while_loop(lambda i, *_: i < tf.shape(tokens)[1], step,
                                      (tf.constant(1), logits[:, -1], state))
     return logits, state, tokens[:, -1]
@@ -215,13 +217,15 @@ def generation_loop(model: LanguageModel, logits: tf.Tensor, state: State, prev:
 
 def _portable_function(fn: Callable) -> Callable:
     """tf.function tracing `fn` with TensorFlow's own kernels: the exported SavedModel can only use
-    those, and babble, serve and the SavedModel give the same text for the same seed."""
+    those, and babble, serve and the SavedModel give the same text for the same seed. Without
+    AutoGraph: the loops are tf.while_loop already, and converting the model's Python only costs
+    tracing time (trainer.export's signatures are traced the same way)."""
 
     def traced(*args: object) -> object:
         with kernels.portable():
             return fn(*args)
 
-    return tf.function(traced, reduce_retracing=True)
+    return tf.function(traced, reduce_retracing=True, autograph=False)
 
 
 class Generator:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 import signal
 
@@ -36,5 +38,15 @@ def main(argv: list[str]) -> int:
     return EXIT_STATUS.get(result.stopped, 0)
 
 
+def leave_garbage_to_exit() -> None:
+    """At exit, freezes what is alive so the interpreter's final garbage collection passes over it:
+    that collection walks everything TensorFlow traced (graphs, functions) and took 1.3-1.6 s
+    after a 1-minute --time_budget run (2-core AMD EPYC), time its budget counts; 0.16 s frozen.
+    The operating system frees the memory anyway; files, checkpoints and summaries are closed
+    before main returns, and the other exit handlers (absl's logging) still run."""
+    atexit.register(gc.freeze)
+
+
 if __name__ == "__main__":
+    leave_garbage_to_exit()
     app.run(main)
