@@ -26,28 +26,31 @@ FLAG = "--time_budget"
 _PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 
-# The tail before anything is measured, from a 1x32 LSTM on an 8 KB corpus (2-core Xeon,
+# The tail before anything is measured. First from a 1x32 LSTM on an 8 KB corpus (2-core Xeon,
 # 2026-12-06; quiet machine / four other jobs running): the first evaluation 0.5 / 2.2 s (it
-# compiles), a checkpoint 0.02 / 0.2 s, a 200-token sample 1.6 / 4.0 s (compiling the sampler),
-# the SavedModel export 3.6 / 6.8 s, and 1.3-3 s from the return of main to the process's exit
-# (TensorFlow's teardown). Compilation grows with the model and the machine's load, so each
-# compiling part is also at least a multiple of the process's first training call (which
-# compiles the training step: 1-2.6 s for that model): export ~2.2x it, sample ~0.7x.
+# compiles), a checkpoint 0.02 / 0.2 s. Then, after the export and sampler traced less (no
+# AutoGraph, the model's step traced 3 times per export instead of 8) and the exit skipped the
+# final garbage collection, in 1-minute runs on a 2-core AMD EPYC (transformer 4x4x128 / LSTM
+# 2x512): the export 3.0 / 1.4 s (tracing 2.0 / 0.5 s, writing ~0.8 s), a first 200-token sample
+# 1.1-2.2 / 0.7 s, warm sampling 1.1-1.6 ms a token, the exit 0.15 s (was 1.05-1.38 s; 1.3-3 s
+# on the loaded Xeon). The floors below are about 1.5x those. Compilation grows with the model
+# and the machine's load, so each compiling part is also at least a multiple of the process's
+# first training call (which traces and compiles the training step).
 EVAL_COMPILE_SECONDS = 2.0  # added to the evaluation's windows times the measured step time
 SAVE_SECONDS = 1.0  # plus the checkpoint's bytes at SAVE_BYTES_PER_SECOND
 SAVE_BYTES_PER_SECOND = 50e6  # a conservative gs:// upload rate
-SAMPLE_COMPILE_SECONDS = 3.0
-SAMPLE_SECONDS_PER_TOKEN = 0.005  # batch-1 sampling runs at ~900 tokens/s here (FINDINGS.md)
-EXPORT_SECONDS = 7.0  # plus the weights' bytes at SAVE_BYTES_PER_SECOND; never measured early
-EXIT_SECONDS = 3.0
+SAMPLE_COMPILE_SECONDS = 2.0
+SAMPLE_SECONDS_PER_TOKEN = 0.0025
+EXPORT_SECONDS = 3.5  # plus the weights' bytes at SAVE_BYTES_PER_SECOND; never measured early
+EXIT_SECONDS = 1.0
 # Parts of the tail in units of the first training call (see above), about 1.5x the measured.
-COMPILE_UNITS = {"eval": 1.0, "sample": 1.0, "export": 3.5}
+COMPILE_UNITS = {"eval": 1.0, "sample": 1.0, "export": 1.5}
 # The same when XLA compiles the training step (--xla step, the transformer's default on a CPU):
 # its first call is mostly XLA's compilation, which the sample and export (plain graphs) do not
-# pay. 1-minute and 10-minute runs (AMD EPYC, transformer 4x4x128, first call 3-4 s): checkpoint,
-# sample and export together 5.8-5.9 s, where these units had guessed 17-21 s and stopped training
-# 7-27 s before it needed to.
-XLA_COMPILE_UNITS = {"eval": 1.0, "sample": 0.5, "export": 1.0}
+# pay. Transformer 4x4x128, first call 3-4 s: export 3.0 s and a first sample 1.1-2.2 s after the
+# tracing was cut (before it: checkpoint, sample and export 5.8-5.9 s together, where the units
+# for a plain graph guessed 17-21 s).
+XLA_COMPILE_UNITS = {"eval": 1.0, "sample": 0.5, "export": 0.5}
 # An evaluation window against a training step (forward only: about a third of it; measured 0.29
 # on the transformer above, 1,335 windows in 10.5 s at 27 ms a step), with room to spare.
 EVAL_WINDOW_STEPS = 0.5

@@ -86,8 +86,8 @@ SHORT_BUDGET_TUNING = {"transformer 4x4x128": {"learning_rate": 4e-3, "batch_siz
 MEASURE_SECONDS = 3.0  # timed training after each candidate's first (compiling) call
 MAX_MEASURE_STEPS = 20
 # Guess of the work after training (final evaluation, checkpoint, sample, export) before the
-# runner measures it: trainer/budget.py's constants add up to ~17 s for a small model.
-TAIL_SECONDS = 17.0
+# runner measures it: trainer/budget.py's constants add up to ~10 s for a small model.
+TAIL_SECONDS = 10.0
 # An LSTM trained past ~3 epochs of tinyshakespeare without dropout stops improving (1.541 at
 # 86 s, 1.539 at 600 s) and dropout 0.25 makes up for it (1.463 at 600 s). Not measured for the
 # transformers, nor for other dropout values.
