@@ -153,10 +153,10 @@ def test_short_budgets_measure_nothing_and_say_so() -> None:
 
 
 def test_short_budgets_train_the_shape_of_the_cpus_matrix_unit() -> None:
-    assert choose.short_budget_shape({"avx512f", "amx_bf16", "amx_tile"}, has_gpu=False) == DEFAULT
-    assert choose.short_budget_shape({"avx512f", "avx512_bf16"}, has_gpu=False) == BABY
-    assert choose.short_budget_shape(set(), has_gpu=False) == BABY
-    assert choose.short_budget_shape({"avx512_bf16"}, has_gpu=True) is None
+    assert choose.short_budget_shape({"avx512f", "amx_bf16", "amx_tile"}, has_accelerator=False) == DEFAULT
+    assert choose.short_budget_shape({"avx512f", "avx512_bf16"}, has_accelerator=False) == BABY
+    assert choose.short_budget_shape(set(), has_accelerator=False) == BABY
+    assert choose.short_budget_shape({"avx512_bf16"}, has_accelerator=True) is None
     clock, log = Clock(), []
     hparams = HParams(time_budget="1m")
     chosen, record = decide(hparams, (), 1_000_000, VOCAB, 60.0, clock, _fake_measure(clock, RATES, log),

@@ -397,12 +397,22 @@ def calibrate(options: Sequence[Option], corpus_tokens: int, budget_seconds: flo
 # --------------------------------------------------------------------------- the run's choice
 
 
-def short_budget_shape(cpu_flags: Iterable[str], has_gpu: bool) -> str | None:
+def short_budget_shape(cpu_flags: Iterable[str], has_accelerator: bool) -> str | None:
     """The candidate a budget under SHORT_BUDGET_SECONDS trains on this machine (None: the
-    default), from the CPU's /proc/cpuinfo flags."""
-    if has_gpu:
+    default, on a GPU or TPU, where nothing was measured), from the CPU's /proc/cpuinfo flags."""
+    if has_accelerator:
         return None
     return SHORT_BUDGET_SHAPE_WITH_AMX if "amx_bf16" in set(cpu_flags) else SHORT_BUDGET_SHAPE_WITHOUT_AMX
+
+
+def _short_budget_why(short_shape: str | None, first: Option) -> str:
+    """Why a short budget trains `first`: the CPU's rule (short_budget_shape), or the default."""
+    if short_shape is None:
+        return f"{first.name}, the default, on a machine where no other was measured"
+    if first.candidate.name != short_shape:
+        return f"{first.name}, the first shape that goes with the given flags"
+    cpu = "with AMX" if short_shape == SHORT_BUDGET_SHAPE_WITH_AMX else "without AMX"
+    return f"on a CPU {cpu}, {first.name} learns most in a short budget"
 
 
 def _first(options: Sequence[Option], name: str | None) -> list[Option]:
@@ -465,9 +475,7 @@ def decide(hparams: HParams, given: Iterable[str], corpus_tokens: int, vocab_siz
     if budget_seconds < SHORT_BUDGET_SECONDS:
         options = _first(options, short_shape)
         unmeasured = (f"under {format_duration(SHORT_BUDGET_SECONDS)} nothing is measured: "
-                      + ("on a CPU with AMX" if short_shape == SHORT_BUDGET_SHAPE_WITH_AMX else
-                         "on a CPU without AMX" if short_shape else "without a measured alternative")
-                      + f", {options[0].name} learns most in a short budget")
+                      f"{_short_budget_why(short_shape, options[0])}")
     elif measure is None:
         unmeasured = "not measured on several workers, which must all choose alike, nor on a TPU"
     if unmeasured:
@@ -545,8 +553,8 @@ class ForBudget:
         several = (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
                    or distribute.is_tpu(strategy))
         measure = None if several else _measurer(sized, strategy, metadata)
-        short_shape = short_budget_shape(cpu_flags(), bool(tf.config.list_physical_devices("GPU"))
-                                         or distribute.is_tpu(strategy))
+        accelerator = bool(tf.config.list_physical_devices("GPU")) or distribute.is_tpu(strategy)
+        short_shape = short_budget_shape(cpu_flags(), accelerator)
         chosen, record = decide(hparams, self.given, metadata.splits["train"].tokens, metadata.vocab_size,
                                 parse_duration(hparams.time_budget), lambda: time.monotonic() - started,
                                 measure, short_shape)
