@@ -32,7 +32,7 @@ _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0}
 # AutoGraph, the model's step traced 3 times per export instead of 8) and the exit skipped the
 # final garbage collection, in 1-minute runs on a 2-core AMD EPYC (transformer 4x4x128 / LSTM
 # 2x512): the export 3.0 / 1.4 s (tracing 2.0 / 0.5 s, writing ~0.8 s), a first 200-token sample
-# 1.1-2.2 / 0.7 s, warm sampling 1.1-1.6 ms a token, the exit 0.15 s (was 1.05-1.38 s; 1.3-3 s
+# 1.1-2.2 / 0.7 s, warm sampling 1.1-1.6 ms a token, the exit 0.13-0.16 s (was 1.30-1.57 s; 1.3-3 s
 # on the loaded Xeon). The floors below are at or above the slowest of those (the exit's allows
 # for a loaded machine). Compilation grows with the model and the machine's load, so each
 # compiling part is also at least a multiple of the process's first training call (which traces

@@ -54,13 +54,13 @@ from trainer.hparams import HParams, cpu_flags
 #   with the GPT recipe (lr 1e-3, batch 12; given by flags): 20,592 steps, 1.6718; with lr 4e-3
 #   and batch 24: 12,795 steps, 1.6225.
 # - tinyshakespeare, 10m, LSTM 2x512 with dropout 0.25 (chosen): 3,500 steps, 1.4393 (GPT 1.5420).
+# - 1m: see SHORT_BUDGET_SHAPE_* and SHORT_BUDGET_TUNING below.
 # Third round: shelf, 30m, LSTM 2x512 (chosen; 3 of 4 shapes measured in 49 s): 9,505 steps, 1.8
 #   epochs, 1.5258 (GPT 4x4x128 1.5788, 6x6x192 1.5950). Its evaluations of the first 526
 #   validation windows: 1.5393 (step 5,500), 1.4989 (8,500), 1.5025 (9,505) while training loss
 #   fell to ~1.19: on held-out books validation stalls in the second epoch, before OVERFIT_EPOCHS.
 #   Dropout there not measured. At 10m on shelf: dropout 0.1 1.5891 (3,036 steps; noise ~0.02),
 #   batch 64 with lr 7e-3 1.6162 (1,846 steps at the same tokens/s as batch 32).
-# - 1m: see SHORT_BUDGET_SHAPE_* and SHORT_BUDGET_TUNING below.
 #
 # The training-loss curves of the first two rows (bench/quality.py --compare) cross between 30 s
 # and 40 s of wall clock: before, the transformer is ahead; after, the LSTM, which by then has seen
