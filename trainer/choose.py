@@ -61,25 +61,21 @@ from trainer.hparams import SHAPE_FIELDS, HParams, cpu_flags
 #   fell to ~1.19: on held-out books validation stalls in the second epoch, before OVERFIT_EPOCHS.
 #   Dropout there not measured. At 10m on shelf: dropout 0.1 1.5891 (3,036 steps; noise ~0.02),
 #   batch 64 with lr 7e-3 1.6162 (1,846 steps at the same tokens/s as batch 32).
-# Fourth round (2026-12-06 21:40-23:20 UTC; shapes given by flags, --time_budget otherwise
-# choosing; whole validation split). On the native op a narrower LSTM is much faster here: 2x384
-# ~42 k tokens/s, 2x256 ~70 k, against ~25 k for 2x512.
-# | shape (parameters)                 | corpus, budget | tok/p | epochs | nats/char          |
-# |------------------------------------|----------------|-------|--------|--------------------|
-# | LSTM 2x512 (3.45 M)                | shelf, 10m     | 3.7   | 0.6    | 1.5966 (d0.1 1.589)|
-# | LSTM 2x384 (2.0 M)                 | shelf, 10m     | 12    | 1.2    | 1.5555             |
-# | LSTM 2x256 (0.97 M)                | shelf, 10m     | 43    | 2      | 1.6700             |
-# | LSTM 3x384, lr 3e-3 (3.2 M)        | shelf, 10m     | 5     | 0.8    | 1.7463             |
-# | LSTM 2x512 (tok/p 12, third round) | shelf, 30m     | 12    | 1.8    | 1.5258             |
-# | LSTM 2x384 + dropout 0.25          | shelf, 30m     | 34    | 3.3    | 1.5240             |
-# | LSTM 2x384 + dropout 0.25          | tiny..., 10m   | 12    | 22     | 1.4422             |
-# | LSTM 2x512 + dropout 0.25 (above)  | tiny..., 10m   | 5     | 16     | 1.4393             |
-# (bpe, 1,000 pieces, instead of characters: LSTM 2x512 on shelf at 10m, 1.6198 nats/char.)
-# Where the time, not the corpus, limits the run (shelf, under 2 epochs), a model seeing ~12
-# tokens per parameter beat one seeing 3.7 by 0.04 and one seeing 43 by 0.11: hence
-# WANTED_TOKENS_PER_PARAM. Where the corpus is seen many times (tinyshakespeare, with dropout),
-# 2x512 and 2x384 tie, so the larger is kept there (it qualifies by its epochs); at 30 minutes
-# on shelf they tie too (12 against 34 tokens per parameter), and 2x512 is kept.
+# Fourth round (shapes given by flags, the rest chosen; whole validation split; bench/README). On
+# the native op a narrower LSTM is much faster here: 2x384 ~35-42 k tokens/s, 2x256 ~70 k,
+# against ~25 k for 2x512.
+# | shape (parameters)                 | corpus, budget | tok/p | epochs | nats/char                 |
+# |------------------------------------|----------------|-------|--------|---------------------------|
+# | LSTM 2x512 (3.45 M)                | shelf, 10m     | 3.7   | 0.6    | 1.5966, dropout 0.1 1.5891|
+# | LSTM 2x384 (2.0 M)                 | shelf, 10m     | 9.5-12| 0.9-1.2| 1.5555, 1.6000 (two runs) |
+# | LSTM 2x256 (0.97 M)                | shelf, 10m     | 43    | 2      | 1.6700                    |
+# | LSTM 3x384, lr 3e-3 (3.2 M)        | shelf, 10m     | 5     | 0.8    | 1.7463                    |
+# | LSTM 2x512 on bpe (1,000 pieces)   | shelf, 10m     | 2.6   | 1.2    | 1.6198 per character      |
+# | LSTM 2x384 + dropout 0.25          | shelf, 30m     | 34    | 3.3    | 1.5240 (2x512: 1.5258)    |
+# | LSTM 2x384 + dropout 0.25          | tiny..., 10m   | 12    | 22     | 1.4422 (2x512: 1.4393)    |
+# 2x384 ties 2x512 within this host's noise at every point measured twice or more (its second
+# 10-minute run, 15% slower, lost the first one's 0.04), so the rule keeps 2x512; 2x256 and the
+# 3-layer LSTM at lr 3e-3 (the 3x768 placeholder's depth and rate) are clearly worse.
 #
 # The training-loss curves of the first two rows (bench/quality.py --compare) cross between 30 s
 # and 40 s of wall clock: before, the transformer is ahead; after, the LSTM, which by then has seen
@@ -123,10 +119,6 @@ TAIL_SECONDS = 10.0
 # 86 s, 1.539 at 600 s) and dropout 0.25 makes up for it (1.463 at 600 s). Not measured for the
 # transformers, nor for other dropout values.
 OVERFIT_EPOCHS = 3.0
-# Tokens per parameter a shape larger than the smallest LSTM must see (when it sees the corpus
-# fewer than OVERFIT_EPOCHS times) to be chosen over a smaller one: between the 3.7 that lost and
-# the 12 that won (the fourth round above); the larger shapes' placeholders take it too.
-WANTED_TOKENS_PER_PARAM = 8.0
 DROPOUT_MANY_EPOCHS = 0.25
 # A candidate measured on another machine may run this much faster, relative to the default LSTM,
 # here (a GPU favours the transformer's matmuls over the LSTM's recurrence): only candidates that
@@ -162,36 +154,31 @@ _GPT = {"cell": "transformer", "lstm_state_size": HParams.lstm_state_size, "tie_
         "adam_beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0}
 
 CANDIDATES: tuple[Candidate, ...] = (
-    # The default (HParams' own): tuned at 1-2 minutes. The first candidate is the fallback.
+    # The default (HParams' own): tuned at 1-2 minutes; ahead of the small transformer from ~0.3
+    # tokens per parameter on (the crossing above). The first candidate is the fallback.
     Candidate("LSTM 2x512", {**_LSTM, "layers": 2, "lstm_state_size": 512},
-              min_tokens_per_param=WANTED_TOKENS_PER_PARAM, min_corpus_per_param=0.0, reference_rate=29_000,
+              min_tokens_per_param=0.3, min_corpus_per_param=0.0, reference_rate=29_000,
               compile_seconds=2.0),
-    # The default narrowed: ahead of the small transformer from ~0.3 tokens per parameter on (the
-    # crossing measured for 2x512 above, taken for it; not measured for 2x384 itself). Rate: 1.7x
-    # the default's (~42 k against ~25 k tokens/s in the fourth round).
-    Candidate("LSTM 2x384", {**_LSTM, "layers": 2, "lstm_state_size": 384},
-              min_tokens_per_param=0.3, min_corpus_per_param=0.0, reference_rate=49_000,
-              compile_seconds=2.0),
-    # Ahead of the LSTMs only before the crossing (0.3 tokens per parameter for the LSTM).
+    # Ahead of the default LSTM only before the crossing (0.3 tokens per parameter for the LSTM).
     # Rate: 2,000 steps of 768 tokens in ~57 s of --compare; its XLA compilation took ~6 s.
     Candidate("transformer 4x4x128", {**_GPT, "layers": 4, "d_model": 128, "heads": 4, "max_context": 64,
                                       "embedding_size": 128, "unroll_steps": 64, "batch_size": 12},
               min_tokens_per_param=0.0, min_corpus_per_param=0.0, reference_rate=27_000,
               compile_seconds=8.0),
-    # Not measured for quality: chosen when it sees WANTED_TOKENS_PER_PARAM (~3.5 hours here at
-    # its rate) on a corpus with no more parameters per token than the default had on
-    # tinyshakespeare (3.45 M on 1 M: 0.29 tokens per parameter, where dropout 0.25 was needed and
-    # enough). Its rate: the default's scaled by their parameters (12.3 M / 3.45 M), as FLOPs
-    # scale; its learning rate below the default's, as wider models want: neither measured, and
-    # the same depth and rate at width 384 did badly at 10 minutes (3x384, fourth round above).
+    # Not measured for quality: chosen when it sees >= 2 tokens per parameter (~7x what the
+    # default saw when it overtook the transformer; ~50 minutes here at its rate) on a corpus
+    # with no more parameters per token than the default had on tinyshakespeare (3.45 M on 1 M:
+    # 0.29 tokens per parameter, where dropout 0.25 was needed and enough). Its rate: the
+    # default's scaled by their parameters (12.3 M / 3.45 M), as FLOPs scale; its learning rate
+    # below the default's, as wider models want: neither measured.
     Candidate("LSTM 3x768", {**_LSTM, "layers": 3, "lstm_state_size": 768, "learning_rate": 3e-3},
-              min_tokens_per_param=WANTED_TOKENS_PER_PARAM, min_corpus_per_param=0.25, reference_rate=8_200,
+              min_tokens_per_param=2.0, min_corpus_per_param=0.25, reference_rate=8_200,
               compile_seconds=3.0),
     # Not measured for quality; the same placeholders. Rate: bench/train.py --shape gpt-small
     # (bfloat16, --xla fusion); its compilation time is a guess.
     Candidate("transformer 6x6x384", {**_GPT, "layers": 6, "d_model": 384, "heads": 6, "max_context": 256,
                                       "embedding_size": 384, "unroll_steps": 256, "batch_size": 32},
-              min_tokens_per_param=WANTED_TOKENS_PER_PARAM, min_corpus_per_param=0.25, reference_rate=6_400,
+              min_tokens_per_param=2.0, min_corpus_per_param=0.25, reference_rate=6_400,
               compile_seconds=15.0),
 )
 CHOSEN_FIELDS: tuple[str, ...] = tuple(sorted({name for c in CANDIDATES for name in c.overrides}))
@@ -259,8 +246,8 @@ def make_options(hparams: HParams, given: Iterable[str],
         if "cell" in given and cell != hparams.cell:
             continue
         # --lstm_state_size alone means an LSTM, --d_model a transformer: a candidate that would
-        # ignore a given shape flag is not the model asked for (`--lstm_state_size 384` alone once
-        # chose a 2-layer transformer, keeping only the --layers it reads).
+        # ignore a given shape flag is not the model asked for (`--layers 2 --lstm_state_size 384`
+        # alone once chose a 2-layer transformer, keeping only the --layers it reads).
         ignored = sorted(given & _ANY_CELLS_SHAPE - set(SHAPE_FIELDS[cell]))
         if ignored:
             notes.append(f"{candidate.name} does not read --{', --'.join(ignored)}")
@@ -285,15 +272,12 @@ def _tokens(count: float) -> str:
 
 
 def _assess(option: Option, corpus_tokens: int, seconds: float, rate: float) -> tuple[float, float, bool]:
-    """(epochs, tokens per parameter, whether the option qualifies) at `rate` for `seconds`: it
-    qualifies on a corpus big enough for it when it sees enough tokens per parameter, or sees the
-    corpus more than OVERFIT_EPOCHS times (then the corpus, not the time, limits it, and dropout
-    is added: the fourth round's tie on tinyshakespeare)."""
+    """(epochs, tokens per parameter, whether the option qualifies) at `rate` for `seconds`."""
     seen = rate * max(seconds, 0.0)
-    per_param, epochs = seen / option.parameters, seen / max(corpus_tokens, 1)
+    per_param = seen / option.parameters
     enough_corpus = corpus_tokens >= option.candidate.min_corpus_per_param * option.parameters
-    enough_seen = per_param >= option.candidate.min_tokens_per_param or epochs > OVERFIT_EPOCHS
-    return epochs, per_param, enough_corpus and enough_seen
+    return seen / max(corpus_tokens, 1), per_param, (per_param >= option.candidate.min_tokens_per_param
+                                                     and enough_corpus)
 
 
 def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
@@ -305,8 +289,7 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
     (compiling) call takes out of that (default: its candidate's guess).
 
     The largest option (by parameters) that sees at least its candidate's tokens per parameter
-    (or the corpus more than OVERFIT_EPOCHS times) and whose corpus is big enough for it; none:
-    the first. Dropout DROPOUT_MANY_EPOCHS when the
+    and whose corpus is big enough for it; none: the first. Dropout DROPOUT_MANY_EPOCHS when the
     chosen one would see the corpus more than OVERFIT_EPOCHS times."""
     options = list(options) if options is not None else make_options(HParams(), ())[0]
     startup = startup or {}
@@ -332,15 +315,9 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
         overrides["dropout"] = max(overrides["dropout"], DROPOUT_MANY_EPOCHS)
     dropout = f" with dropout {overrides['dropout']:g}" if overrides.get("dropout") else ""
     bar = chosen.candidate.min_tokens_per_param
-    if not qualified:
-        why = "no shape sees enough tokens per parameter, so the first"
-    elif not bar:
-        why = "the largest shape that qualifies"
-    elif per_param < bar:
-        why = (f"the largest shape that sees the corpus more than {OVERFIT_EPOCHS:g} times (the corpus, "
-               f"not the time, limits it; otherwise it would need {bar:g} tokens per parameter)")
-    else:
-        why = f"the largest shape that sees enough tokens per parameter (>= {bar:g} for it)"
+    why = (("the largest shape that qualifies" if not bar else
+            f"the largest shape that sees enough tokens per parameter (>= {bar:g} for it)") if qualified
+           else "no shape sees enough tokens per parameter, so the first")
     left = format_duration(seconds[chosen.name])
     reason = (f"{head}{dropout} ({_tokens(chosen.parameters)} parameters), {why}: it trains "
               f"{epochs:.2g} epochs ({per_param:.2g} tokens per parameter) in the ~{left} left for "
