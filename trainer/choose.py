@@ -61,21 +61,12 @@ from trainer.hparams import SHAPE_FIELDS, HParams, cpu_flags
 #   fell to ~1.19: on held-out books validation stalls in the second epoch, before OVERFIT_EPOCHS.
 #   Dropout there not measured. At 10m on shelf: dropout 0.1 1.5891 (3,036 steps; noise ~0.02),
 #   batch 64 with lr 7e-3 1.6162 (1,846 steps at the same tokens/s as batch 32).
-# Fourth round (shapes given by flags, the rest chosen; whole validation split; bench/README). On
-# the native op a narrower LSTM is much faster here: 2x384 ~35-42 k tokens/s, 2x256 ~70 k,
-# against ~25 k for 2x512.
-# | shape (parameters)                 | corpus, budget | tok/p | epochs | nats/char                 |
-# |------------------------------------|----------------|-------|--------|---------------------------|
-# | LSTM 2x512 (3.45 M)                | shelf, 10m     | 3.7   | 0.6    | 1.5966, dropout 0.1 1.5891|
-# | LSTM 2x384 (2.0 M)                 | shelf, 10m     | 9.5-12| 0.9-1.2| 1.5555, 1.6000 (two runs) |
-# | LSTM 2x256 (0.97 M)                | shelf, 10m     | 43    | 2      | 1.6700                    |
-# | LSTM 3x384, lr 3e-3 (3.2 M)        | shelf, 10m     | 5     | 0.8    | 1.7463                    |
-# | LSTM 2x512 on bpe (1,000 pieces)   | shelf, 10m     | 2.6   | 1.2    | 1.6198 per character      |
-# | LSTM 2x384 + dropout 0.25          | shelf, 30m     | 34    | 3.3    | 1.5240 (2x512: 1.5258)    |
-# | LSTM 2x384 + dropout 0.25          | tiny..., 10m   | 12    | 22     | 1.4422 (2x512: 1.4393)    |
-# 2x384 ties 2x512 within this host's noise at every point measured twice or more (its second
-# 10-minute run, 15% slower, lost the first one's 0.04), so the rule keeps 2x512; 2x256 and the
-# 3-layer LSTM at lr 3e-3 (the 3x768 placeholder's depth and rate) are clearly worse.
+# Fourth round (bench/README, "Fourth round": shapes given by flags, whole validation split). LSTM
+#   2x384 runs 1.4-1.7x the tokens/s of 2x512 on the native op but ties it: shelf 10m 1.5555 and
+#   1.6000 (2x512 1.5966; dropout 0.1 1.5891), shelf 30m with dropout 1.5240 (1.5258),
+#   tinyshakespeare 10m with dropout 1.4422 (1.4393); so the rule keeps 2x512. Worse at shelf 10m:
+#   2x256 1.6700; 3x384 at lr 3e-3 (the 3x768 placeholder's depth and rate) 1.7463; 2x512 on bpe
+#   data (1,000 pieces) 1.6198 per character.
 #
 # The training-loss curves of the first two rows (bench/quality.py --compare) cross between 30 s
 # and 40 s of wall clock: before, the transformer is ahead; after, the LSTM, which by then has seen
