@@ -31,10 +31,12 @@ def _options(given: tuple[str, ...] = (), **flags: object) -> list[Option]:
 def test_the_candidates_fill_every_chosen_field_and_the_default_is_hparams_own() -> None:
     for candidate in choose.CANDIDATES:
         assert set(candidate.overrides) == set(choose.CHOSEN_FIELDS), candidate.name
+    # HParams' own default but for the attention head, which --attention_window gives outside a
+    # budget (its default stays 0: old job dirs' hparams.json, which lack it, keep their shape).
     default = HParams().replace(**choose.CANDIDATES[0].overrides)
-    assert default == HParams()
+    assert default == HParams(attention_window=choose.ATTENTION_WINDOW)
     assert [o.name for o in _options()] == [DEFAULT, BABY, BIG_LSTM, BIG_GPT]
-    assert [round(o.parameters / 1e5) for o in _options()] == [35, 8, 123, 107]
+    assert [round(o.parameters / 1e5) for o in _options()] == [37, 8, 127, 107]
 
 
 # --------------------------------------------------------------------------- the rule
@@ -43,14 +45,15 @@ def test_the_candidates_fill_every_chosen_field_and_the_default_is_hparams_own()
 def test_small_corpus_and_short_budget_keep_the_default_lstm() -> None:
     choice = choose.choose(1_000_000, 60.0, RATES, _options(), budget_seconds=90)
     assert choice.name == DEFAULT and choice.overrides == {**choose.CANDIDATES[0].overrides}
-    assert choice.reason.startswith("time budget 1m30s on 1.0 M tokens: LSTM 2x512 (3.5 M parameters)")
+    assert choice.reason.startswith("time budget 1m30s on 1.0 M tokens: LSTM 2x512 with an attention head "
+                                    "over its last 512 outputs (3.7 M parameters)")
     assert "transformer 6x6x384 needs a corpus of >= 2.7 M tokens" in choice.reason
 
 
 def test_many_epochs_add_dropout() -> None:
     choice = choose.choose(1_000_000, 560.0, RATES, _options(), budget_seconds=600)
     assert choice.name == DEFAULT and choice.overrides["dropout"] == choose.DROPOUT_MANY_EPOCHS
-    assert choice.epochs > choose.OVERFIT_EPOCHS and "with dropout 0.25" in choice.reason
+    assert choice.epochs > choose.OVERFIT_EPOCHS and "512 outputs and dropout 0.25" in choice.reason
 
 
 def test_big_corpus_and_long_budget_choose_a_larger_shape() -> None:
@@ -67,7 +70,7 @@ def test_big_corpus_and_long_budget_choose_a_larger_shape() -> None:
 
 def test_the_small_transformer_only_before_the_lstm_has_seen_enough() -> None:
     early = choose.choose(1_000_000, 20.0, RATES, _options())
-    assert early.name == BABY and "LSTM 2x512 would see 0.15 of the 0.3 tokens" in early.reason
+    assert early.name == BABY and "LSTM 2x512 would see 0.14 of the 0.3 tokens" in early.reason
     assert choose.choose(1_000_000, 60.0, RATES, _options()).name == DEFAULT
 
 
@@ -147,7 +150,8 @@ def test_short_budgets_measure_nothing_and_say_so() -> None:
     clock, log = Clock(), []
     hparams = HParams(time_budget="90s")
     chosen, record = decide(hparams, (), 1_000_000, VOCAB, 90.0, clock, _fake_measure(clock, RATES, log))
-    assert log == [] and chosen == hparams  # the default shape
+    # The default shape, with the attention head.
+    assert log == [] and chosen == hparams.replace(attention_window=choose.ATTENTION_WINDOW)
     assert "under 3m00s nothing is measured" in record["reason"]
     assert record["shape"] == DEFAULT and set(record["candidates"]) == {DEFAULT, BABY, BIG_LSTM, BIG_GPT}
 
@@ -315,7 +319,8 @@ def test_a_longer_budget_measures_the_candidates_on_the_real_data(tmp_path: Path
         assert 1 <= shape["steps"] <= choose.MAX_MEASURE_STEPS and shape["tokens_per_second"] > 0
     tokens = choose._tokens(metadata.splits["train"].tokens)
     # The tiny corpus is seen many times over: dropout is added, and the reason says so.
-    head = f"time budget 10m00s on {tokens} tokens: LSTM 1x32 with dropout 0.25 ("
+    head = (f"time budget 10m00s on {tokens} tokens: LSTM 1x32 with an attention head over its last 512 "
+            "outputs and dropout 0.25 (")
     assert record["reason"].startswith(head), record["reason"]
     assert "(measured 2 of 2 shapes in " in record["reason"]
 

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from trainer.hparams import LAYER_NORM_CELLS, HParams
 from trainer.models import build_model
+from trainer.models.attention import WindowAttention
 from trainer.models.mlstm import MLSTMLayer
 from trainer.models.mogrifier import MogrifierLayer
 from trainer.models.qrnn import QRNNLayer, fo_pool, qrnn_gates
@@ -286,7 +287,8 @@ def test_every_weight_reaches_the_checkpoint(cell: str, tmp_path) -> None:
     # Every optional weight on: layer norm where the cell has it (validate refuses it elsewhere).
     hparams = HParams(cell=cell, vocab_size=7, layers=2, lstm_state_size=4, embedding_size=3, d_model=4,
                       heads=2, mogrify_rounds=3, mogrify_rank=2, layer_norm=cell in LAYER_NORM_CELLS,
-                      weight_norm=cell == "mlstm", pos_encoding="learned").validate()
+                      weight_norm=cell == "mlstm", pos_encoding="learned",
+                      attention_window=0 if cell == "transformer" else 2).validate()
     model = build_model(hparams)
     path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
     saved = [name for name, _ in tf.train.list_variables(path) if name.startswith("model/")]
@@ -354,3 +356,53 @@ def test_an_old_transformer_job_that_attends_beyond_its_windows_is_refused_in_on
     with pytest.raises(UsageError, match="--max_context 256 --unroll_steps 256") as refused:
         checkpoints.load_job(str(job))
     assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "qrnn"])
+def test_attention_head_one_token_at_a_time_equals_the_windowed_forward(cell: str) -> None:
+    # The buffer carried between windows holds the keys the next window's queries may still see,
+    # so a stream gives the same logits however it is cut: whole, in windows, token by token.
+    hparams = HParams(cell=cell, vocab_size=11, layers=2, lstm_state_size=8, embedding_size=5,
+                      attention_window=4, unroll_steps=8).validate()
+    model = build_model(hparams)
+    _randomise(model.attention, seed=1)  # its output matrix starts at zero: make it matter
+    tokens = tf.constant(np.random.default_rng(2).integers(0, 11, (2, 13)), tf.int32)
+    whole, whole_state = model(tokens, model.initial_state(2))
+    for width in (1, 5):
+        state, pieces = model.initial_state(2), []
+        for start in range(0, 13, width):
+            logits, state = model(tokens[:, start:start + width], state)
+            pieces.append(logits)
+        np.testing.assert_allclose(tf.concat(pieces, axis=1), whole, atol=1e-5)
+        for a, b in zip(tf.nest.flatten(state), tf.nest.flatten(whole_state), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_attention_head_reads_exactly_the_last_window_positions() -> None:
+    # Query t sees t, t-1, ..., t-(N-1) and nothing older: sampling (one token after the carried
+    # buffer) can reach no distance a training window did not show.
+    window, steps = 3, 7
+    layer = WindowAttention(units=4, window=window, compute_dtype=tf.float32, width=4)
+    h = tf.constant(np.random.default_rng(3).normal(size=(1, steps, 4)).astype(np.float32))
+    layer.build(h.shape)
+    _randomise(layer, seed=4)
+    base, _ = layer(h, layer.initial_state(1))
+    t = steps - 1
+    for distance in range(steps):
+        moved = tf.tensor_scatter_nd_add(h, [[0, t - distance]], [tf.ones([4])])
+        out, _ = layer(moved, layer.initial_state(1))
+        changed = not np.allclose(out[0, t], base[0, t])
+        assert changed == (distance < window), distance
+
+
+def test_attention_head_starts_as_the_plain_stack() -> None:
+    # Its output matrix starts at zero: a new model predicts exactly as the recurrence alone.
+    plain = build_model(HParams(vocab_size=11, layers=1, lstm_state_size=8, embedding_size=5))
+    tokens = tf.constant([[1, 2, 3, 4]], tf.int32)
+    headed = build_model(HParams(vocab_size=11, layers=1, lstm_state_size=8, embedding_size=5,
+                                 attention_window=2))
+    for mine, theirs in ((headed.embedding, plain.embedding), (headed.rnns[0], plain.rnns[0]),
+                         (headed.output_layer, plain.output_layer)):
+        mine.set_weights(theirs.get_weights())
+    np.testing.assert_array_equal(headed(tokens, headed.initial_state(1))[0],
+                                  plain(tokens, plain.initial_state(1))[0])

@@ -35,13 +35,16 @@ def _hparams(data_dir: str, prefix: str, job_root: object, **changes: object) ->
     return HParams(**values)
 
 
-@pytest.mark.parametrize("cell", ["mlstm", "mogrifier", "qrnn", "transformer"])
+@pytest.mark.parametrize("cell", ["mlstm", "mogrifier", "qrnn", "transformer", "lstm+attention"])
 def test_cell_trains_resumes_evaluates_samples_and_exports(cell, tmp_path, make_data_dir, capsys) -> None:
-    # mLSTM's seed is byte-level; the others run on characters.
+    # mLSTM's seed is byte-level; the others run on characters. "+attention": the attention head
+    # over the recurrent stack (its buffer is state: checkpointed, sampled, exported).
+    cell, _, head = cell.partition("+")
     data_dir, prefix, _ = _data(make_data_dir, tmp_path, "byte" if cell == "mlstm" else "char")
-    changes = dict(cell=cell, weight_norm=cell == "mlstm", tie_embeddings=cell == "qrnn")
+    changes = dict(cell=cell, weight_norm=cell == "mlstm", tie_embeddings=cell == "qrnn",
+                   attention_window=6 if head else 0)
     first = runner.train(_hparams(data_dir, prefix, tmp_path, max_steps=5, **changes))
-    assert f"-{cell}" in first.job_dir and first.step == 5
+    assert ("-attn6" if head else f"-{cell}") in first.job_dir and first.step == 5
     second = runner.train(_hparams(data_dir, prefix, tmp_path, max_steps=10, **changes))
     assert "Resuming" in capsys.readouterr().out
     assert second.job_dir == first.job_dir and second.step == 10

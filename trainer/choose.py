@@ -133,14 +133,21 @@ class Candidate:
     compile_seconds: float
 
 
+# The LSTMs' attention head (trainer.models.attention): its window. Fifth round (bench/README):
+# on shelf, 1,200 steps of LSTM 2x512 at the same schedule, 1.7242 without the head, 1.6525 with
+# a 512-token window, at 3% fewer tokens/s; --time_budget 10m, 1.5738 (2,407 steps on a host
+# running 20% slower than the 3,053 of the headless 1.5966).
+ATTENTION_WINDOW = 512
 _LSTM = {"cell": "lstm", "d_model": HParams.d_model, "heads": HParams.heads,
-         "max_context": HParams.max_context, "embedding_size": 128, "tie_embeddings": False,
+         "max_context": HParams.max_context, "attention_window": ATTENTION_WINDOW,
+         "embedding_size": 128, "tie_embeddings": False,
          "unroll_steps": 128, "batch_size": 32, "dropout": 0.0, "learning_rate": 5e-3,
          "min_learning_rate": 0.0, "warmup_steps": 20, "adam_beta2": 0.999, "weight_decay": 0.0,
          "grad_clip": 5.0}
 # bench/quality.py's TRANSFORMER recipe (the GPT reference's: AdamW 0.1, beta2 0.99, clip 1,
 # cosine to 1e-4 after 100 warm-up steps).
-_GPT = {"cell": "transformer", "lstm_state_size": HParams.lstm_state_size, "tie_embeddings": True,
+_GPT = {"cell": "transformer", "lstm_state_size": HParams.lstm_state_size, "attention_window": 0,
+        "tie_embeddings": True,
         "dropout": 0.0, "learning_rate": 1e-3, "min_learning_rate": 1e-4, "warmup_steps": 100,
         "adam_beta2": 0.99, "weight_decay": 0.1, "grad_clip": 1.0}
 
@@ -219,7 +226,11 @@ def parameters(hparams: HParams) -> int:
     for _ in range(hparams.layers):
         total += 4 * width * (inputs + width + 1)
         inputs = width
-    return total + (width * emb + vocab if hparams.tie_embeddings else width * vocab + vocab)
+    # Here, not at import: trainer.models loads TensorFlow, and trainer.submit reads this module.
+    from trainer.models.attention import WIDTH
+
+    head = 4 * WIDTH * width if hparams.attention_window else 0
+    return total + head + (width * emb + vocab if hparams.tie_embeddings else width * vocab + vocab)
 
 
 _ANY_CELLS_SHAPE = frozenset().union(*SHAPE_FIELDS.values())
@@ -304,7 +315,10 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
     epochs, per_param, _ = assessed[chosen.name]
     if epochs > OVERFIT_EPOCHS and "dropout" in overrides:
         overrides["dropout"] = max(overrides["dropout"], DROPOUT_MANY_EPOCHS)
-    dropout = f" with dropout {overrides['dropout']:g}" if overrides.get("dropout") else ""
+    extras = [f"an attention head over its last {overrides['attention_window']} outputs"
+              ] if overrides.get("attention_window") else []
+    extras += [f"dropout {overrides['dropout']:g}"] if overrides.get("dropout") else []
+    dropout = f" with {' and '.join(extras)}" if extras else ""
     bar = chosen.candidate.min_tokens_per_param
     why = (("the largest shape that qualifies" if not bar else
             f"the largest shape that sees enough tokens per parameter (>= {bar:g} for it)") if qualified
@@ -590,7 +604,11 @@ def _job_dirs(sized: HParams, given: Iterable[str], metadata: Any) -> list[str]:
     """The job dirs this run may resume: its --job-dir, or with %JOB% each candidate's."""
     from trainer import checkpoints
 
-    shapes = [sized] + [sized.replace(**o.overrides) for o in make_options(sized, given)[0]]
+    chosen = [sized.replace(**o.overrides) for o in make_options(sized, given)[0]]
+    # Budgeted jobs of verne before the LSTMs' attention head (2026-12-07) chose LSTMs without it.
+    earlier = [shape.replace(attention_window=0) for shape in chosen
+               if shape.attention_window and "attention_window" not in set(given)]
+    shapes = [sized, *chosen, *earlier]
     dirs = []
     for shape in shapes:
         job_dir = checkpoints.resolve_hparams(shape, metadata).job_dir

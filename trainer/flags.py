@@ -27,6 +27,8 @@ _HELP = {
     "weight_norm": "Weight-normalise the mLSTM matrices (on by default for --cell=mlstm).",
     "mogrify_rounds": "Mogrifier rounds (0 reduces to an LSTM).",
     "mogrify_rank": "Low-rank factorisation of the Mogrifier matrices (0: full rank).",
+    "attention_window": "Recurrent cells: one attention head over the top layer's last N outputs, "
+                        "carried like the state (0: none).",
     "d_model": "Transformer width.",
     "heads": "Transformer attention heads.",
     "pos_encoding": "Transformer positional encoding: rotary (rotated queries and keys), learned "

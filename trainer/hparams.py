@@ -64,6 +64,9 @@ class HParams:
     weight_norm: bool = False
     mogrify_rounds: int = 5
     mogrify_rank: int = 0
+    # Recurrent cells: one attention head over the top layer's last N outputs (0: none;
+    # trainer.models.attention).
+    attention_window: int = 0
     d_model: int = 256
     heads: int = 4
     # Rotary: 1.757 nats/char on bench/quality.py --compare's transformer recipe, against 1.933
@@ -165,7 +168,7 @@ class HParams:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
         non_negative = {"state_reset_windows": "0: never", "save_checkpoints_steps": "0: only at the "
                         "end and on SIGTERM/Ctrl-C", "mogrify_rounds": "0: a plain LSTM",
-                        "mogrify_rank": "0: full rank"}
+                        "mogrify_rank": "0: full rank", "attention_window": "0: none"}
         for name, zero in non_negative.items():
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0 ({zero})")
@@ -232,8 +235,9 @@ class HParams:
 # come from the data and are checked separately (a clearer error names the data).
 # `layer_norm` only where a cell implements it (LAYER_NORM_CELLS): elsewhere validate refuses it.
 _COMMON_SHAPE = ("embedding_size", "tie_embeddings")
-_STACK_SHAPE = ("layers", "lstm_state_size") + _COMMON_SHAPE
-_RECURRENT_SHAPE = ("layers", "lstm_state_size", "layer_norm") + _COMMON_SHAPE
+_ATTENTION_SHAPE = ("attention_window",)
+_STACK_SHAPE = ("layers", "lstm_state_size") + _COMMON_SHAPE + _ATTENTION_SHAPE
+_RECURRENT_SHAPE = ("layers", "lstm_state_size", "layer_norm") + _COMMON_SHAPE + _ATTENTION_SHAPE
 SHAPE_FIELDS: dict[str, tuple[str, ...]] = {
     "lstm": _RECURRENT_SHAPE,
     "gru": _RECURRENT_SHAPE,
@@ -333,7 +337,7 @@ def _language_model_part(language_model: str, vocab_size: int) -> str:
 _NAME_ABBREVIATIONS = {
     "embedding_size": "emb", "tie_embeddings": "tied", "weight_norm": "wn",
     "mogrify_rounds": "mog", "mogrify_rank": "rank", "heads": "heads",
-    "pos_encoding": "pos", "max_context": "ctx",
+    "pos_encoding": "pos", "max_context": "ctx", "attention_window": "attn",
 }
 
 

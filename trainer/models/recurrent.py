@@ -19,6 +19,7 @@ from trainer import kernels
 from trainer.hparams import HParams
 from trainer.kernels import gru_sequence, lstm_sequence
 from trainer.models import awd
+from trainer.models.attention import WindowAttention
 from trainer.models.base import LanguageModel, State
 from trainer.models.precision import compute_dtype_of
 from trainer.models.precision import matmul as _matmul
@@ -172,6 +173,9 @@ class RecurrentLM(LanguageModel):
             # tf.train.Checkpoint follows attributes and tuples, not Keras 3's tracked lists:
             # without these names the recurrent weights would silently miss every checkpoint.
             setattr(self, f"layer_{i}", rnn)
+        self.attention = (WindowAttention(hparams.lstm_state_size, hparams.attention_window,
+                                          self.compute_dtype_, name="attention")
+                          if hparams.attention_window else None)
         self.tied = hparams.tie_embeddings
         if self.tied:
             # Tied weights need the output in embedding space; project only when sizes differ.
@@ -190,7 +194,8 @@ class RecurrentLM(LanguageModel):
                               name=f"{hparams.cell}_{index}")
 
     def initial_state(self, batch_size: int | tf.Tensor) -> State:
-        return tuple(rnn.initial_state(batch_size) for rnn in self.rnns)
+        stack = tuple(rnn.initial_state(batch_size) for rnn in self.rnns)
+        return stack if self.attention is None else stack + (self.attention.initial_state(batch_size),)
 
     def call(self, tokens: tf.Tensor, state: State, training: bool = False,
              dropout_seed: awd.Seed | None = None) -> tuple[tf.Tensor, State]:
@@ -207,11 +212,14 @@ class RecurrentLM(LanguageModel):
                                       self.embed_dropout, training, site(1))
         x = awd.locked_dropout(tf.gather(table, tokens), self.input_dropout, training, site(2))
         new_state = []
-        for i, (rnn, layer_state) in enumerate(zip(self.rnns, state, strict=True)):
+        for i, (rnn, layer_state) in enumerate(zip(self.rnns, state[:len(self.rnns)], strict=True)):
             if i:
                 x = awd.locked_dropout(x, self.dropout_rate, training, site(1000 + i))
             x, layer_state = rnn(x, layer_state, training=training, dropout_seed=site(2000 + i))
             new_state.append(layer_state)
+        if self.attention is not None:
+            x, attention_state = self.attention(x, state[-1])
+            new_state.append(attention_state)
         hidden = x
         x = awd.locked_dropout(x, self.dropout_rate, training, site(3))
         if training:

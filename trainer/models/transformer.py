@@ -37,6 +37,7 @@ import tensorflow as tf
 from trainer.errors import UsageError
 from trainer.hparams import HParams
 from trainer.models import awd, precision
+from trainer.models.attention import key_distances
 from trainer.models.base import LanguageModel, State
 
 _MASKED = -1e9
@@ -68,13 +69,6 @@ def rotate(x: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, heads: int) -> tf.Tenso
     first, second = tf.split(tf.reshape(x, [shape[0], shape[1], heads, -1]), 2, axis=-1)
     rotated = tf.concat([first * cos - second * sin, first * sin + second * cos], axis=-1)
     return tf.reshape(rotated, shape)
-
-
-def key_distances(cached: int, steps: tf.Tensor) -> tf.Tensor:
-    """[T, C + T] distance from query t to key k of [cache (C) ; window (T)]: C + t - k."""
-    t = tf.range(steps)[:, None]
-    k = tf.range(cached + steps)[None, :]
-    return cached + t - k
 
 
 # The elementwise pieces between the matmuls, in float32 (TensorFlow's 16-bit elementwise kernels
@@ -356,7 +350,7 @@ def _normal(stddev: float) -> keras.initializers.Initializer:
 
 def _reject_recurrent_options(hparams: HParams) -> None:
     """AWD options that only mean something for a recurrence fail loudly instead of being ignored."""
-    for name in ("weight_drop", "input_dropout", "ar_alpha", "tar_beta"):
+    for name in ("weight_drop", "input_dropout", "ar_alpha", "tar_beta", "attention_window"):
         if getattr(hparams, name):
             raise UsageError(f"--{name} applies to recurrent cells, not --cell=transformer; leave it at 0")
     if hparams.state_reset_windows != HParams.state_reset_windows:
