@@ -326,7 +326,8 @@ def model_summary(hparams: dict) -> str:
         shape = f"{hparams.get('layers')}x{hparams.get('heads')}x{hparams.get('d_model')}"
     else:
         shape = f"{hparams.get('layers')}x{hparams.get('lstm_state_size')}"
-    text = (f"{hparams.get('cell')} {shape}, unroll {hparams.get('unroll_steps')}, "
+    head = f" + attention over {hparams['attention_window']}" if hparams.get("attention_window") else ""
+    text = (f"{hparams.get('cell')} {shape}{head}, unroll {hparams.get('unroll_steps')}, "
             f"batch {hparams.get('batch_size')}")
     return text + (f", dropout {hparams['dropout']:g}" if hparams.get("dropout") else "")
 

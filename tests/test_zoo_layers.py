@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer.errors import UsageError
 from trainer.hparams import LAYER_NORM_CELLS, HParams
 from trainer.models import build_model
 from trainer.models.attention import WindowAttention
@@ -406,3 +407,10 @@ def test_attention_head_starts_as_the_plain_stack() -> None:
         mine.set_weights(theirs.get_weights())
     np.testing.assert_array_equal(headed(tokens, headed.initial_state(1))[0],
                                   plain(tokens, plain.initial_state(1))[0])
+
+
+def test_attention_window_is_refused_where_it_means_nothing() -> None:
+    with pytest.raises(ValueError, match=r"--attention_window=-1: must be >= 0 \(0: none\)"):
+        HParams(attention_window=-1).validate()
+    with pytest.raises(UsageError, match="--attention_window applies to recurrent cells, not --cell=trans"):
+        build_model(HParams(cell="transformer", vocab_size=7, d_model=4, heads=2, attention_window=4))

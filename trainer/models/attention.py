@@ -3,7 +3,7 @@
 A recurrence carries the past in a fixed-size state and copies poorly: a name or a rare word
 seen a paragraph ago must be squeezed through it to be predicted again. The continuous cache
 pointer (trainer.cache_pointer) shows how much such copying is worth without any training:
--0.035 nats/char on the held-out books of `shelf` for the 10-minute LSTM (bench/README.md).
+0.035 nats/char on held-out books for a 10-minute LSTM 2x512 (docs/models.md).
 This head learns it instead, in the spirit of Merity's SHA-RNN (2019): the top layer's output h
 at every position queries the keys and values of the last N positions of the same stream, and
 what it reads is added back to h before the softmax:
