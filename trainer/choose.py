@@ -69,8 +69,8 @@ from trainer.hparams import SHAPE_FIELDS, HParams, cpu_flags
 #   data (1,000 pieces) 1.6198 per character.
 # Fifth round (bench/README, "Fifth round"): every LSTM candidate gets an attention head over its
 #   last ATTENTION_WINDOW outputs. With it, through bench/budget.py on a slower host: shelf 10m
-#   1.5640 (2,391 steps), 30m 1.4959 (7,491 steps, 1.5 epochs); tinyshakespeare 10m with dropout
-#   0.25 1.4189 (2,343 steps).
+#   1.5640 and 1.5528 (2,391 and 2,715 steps), 30m 1.4959 (7,491 steps, 1.5 epochs);
+#   tinyshakespeare 10m with dropout 0.25 1.4189 (2,343 steps).
 #
 # The training-loss curves of the first two rows (bench/quality.py --compare) cross between 30 s
 # and 40 s of wall clock: before, the transformer is ahead; after, the LSTM, which by then has seen
