@@ -139,7 +139,7 @@ class Candidate:
 
 # The LSTMs' attention head (trainer.models.attention): its window. Fifth round (bench/README):
 # on shelf, 1,200 steps of LSTM 2x512 at the same schedule, 1.7242 without the head, 1.6525 with
-# a 512-token window, at 3% fewer tokens/s; --time_budget 10m, 1.5738 (2,407 steps on a host
+# a 512-token window, at 4% fewer tokens/s; --time_budget 10m, 1.5738 (2,407 steps on a host
 # running 20% slower than the 3,053 of the headless 1.5966).
 ATTENTION_WINDOW = 512
 _LSTM = {"cell": "lstm", "d_model": HParams.d_model, "heads": HParams.heads,
