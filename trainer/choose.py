@@ -139,8 +139,8 @@ class Candidate:
 
 # The LSTMs' attention head (trainer.models.attention): its window. Fifth round (bench/README):
 # on shelf, 1,200 steps of LSTM 2x512 at the same schedule, 1.7242 without the head, 1.6525 with
-# a 512-token window, at 4% fewer tokens/s; --time_budget 10m, 1.5738 (2,407 steps on a host
-# running 20% slower than the 3,053 of the headless 1.5966).
+# a 512-token window, at 4% fewer tokens/s (1,024: 1.6508 at 9% fewer; 2,048: 1.6393 at 27%
+# fewer). At equal wall clock: the fifth round's rows above.
 ATTENTION_WINDOW = 512
 _LSTM = {"cell": "lstm", "d_model": HParams.d_model, "heads": HParams.heads,
          "max_context": HParams.max_context, "attention_window": ATTENTION_WINDOW,
@@ -322,13 +322,13 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
     extras = [f"an attention head over its last {overrides['attention_window']} outputs"
               ] if overrides.get("attention_window") else []
     extras += [f"dropout {overrides['dropout']:g}"] if overrides.get("dropout") else []
-    dropout = f" with {' and '.join(extras)}" if extras else ""
+    with_extras = f" with {' and '.join(extras)}" if extras else ""
     bar = chosen.candidate.min_tokens_per_param
     why = (("the largest shape that qualifies" if not bar else
             f"the largest shape that sees enough tokens per parameter (>= {bar:g} for it)") if qualified
            else "no shape sees enough tokens per parameter, so the first")
     left = format_duration(seconds[chosen.name])
-    reason = (f"{head}{dropout} ({_tokens(chosen.parameters)} parameters), {why}: it trains "
+    reason = (f"{head}{with_extras} ({_tokens(chosen.parameters)} parameters), {why}: it trains "
               f"{epochs:.2g} epochs ({per_param:.2g} tokens per parameter) in the ~{left} left for "
               f"training at {_tokens(rate)} tokens/s{why_not}")
     return Choice(chosen.name, overrides, reason, rate, epochs)

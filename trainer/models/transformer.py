@@ -37,10 +37,9 @@ import tensorflow as tf
 from trainer.errors import UsageError
 from trainer.hparams import HParams
 from trainer.models import awd, precision
-from trainer.models.attention import key_distances
+from trainer.models.attention import key_distances, window_mask
 from trainer.models.base import LanguageModel, State
 
-_MASKED = -1e9
 _EPSILON = 1e-5
 
 
@@ -277,10 +276,7 @@ class TransformerLM(LanguageModel):
     def _attention_mask(self, distance: tf.Tensor, key_valid: tf.Tensor | None) -> tf.Tensor:
         """[B or 1, H or 1, T, keys]: 0 where a query may look (0 <= distance < C, a valid key),
         -1e9 elsewhere, plus the learned distance bias."""
-        allowed = tf.logical_and(distance >= 0, distance < self.context)[None]
-        if key_valid is not None:
-            allowed = tf.logical_and(allowed, key_valid[:, None, :])
-        bias = tf.where(allowed, 0.0, _MASKED)[:, None]
+        bias = window_mask(distance, self.context, key_valid)[:, None]
         if self.pos_encoding == "learned":
             clipped = tf.clip_by_value(distance, 0, self.context - 1)
             bias = bias + tf.gather(self.distance_bias, clipped, axis=1)[None]
