@@ -56,27 +56,10 @@ def test_many_epochs_add_dropout() -> None:
     assert choice.epochs > choose.OVERFIT_EPOCHS and "512 outputs and dropout 0.25" in choice.reason
 
 
-def test_dropout_grows_with_the_epochs_an_lstm_sees() -> None:
-    lstm, transformer = choose.CANDIDATES[0], choose.CANDIDATES[1]
-    many = choose.DROPOUT_MANY_EPOCHS
-    assert [choose.dropout_for(lstm, e, 12.0) for e in (0.6, 1.5, 3.5)] == [0.0, 0.1, many]
-    # Past one epoch but far from fitting (a minute on tinyshakespeare): none yet.
-    assert [choose.dropout_for(lstm, e, 0.5) for e in (1.7, 3.5)] == [0.0, many]
-    # Not measured for the transformer: it keeps dropout 0 until OVERFIT_EPOCHS.
-    assert [choose.dropout_for(transformer, e, 12.0) for e in (1.5, 3.5)] == [0.0, many]
-    corpus = 22_000_000  # shelf's size: 10 minutes is under one epoch, 30 minutes past it
-    ten, thirty = (choose.choose(corpus, s, RATES, _options(), budget_seconds=s + 40)
-                   for s in (560.0, 1760.0))
-    assert ten.name == thirty.name == DEFAULT and ten.epochs < 1 < thirty.epochs
-    assert (ten.overrides["dropout"], thirty.overrides["dropout"]) == (0.0, 0.1)
-    assert "512 outputs and dropout 0.1 (" in thirty.reason
-
-
 def test_big_corpus_and_long_budget_choose_a_larger_shape() -> None:
     corpus = 22_000_000
     assert choose.choose(corpus, 560.0, RATES, _options()).name == DEFAULT  # 10 minutes: too few tokens
     hour = choose.choose(corpus, 3500.0, RATES, _options(), budget_seconds=3600)
-    # 1.3 epochs, but only ~2.3 tokens per parameter: too few for the light dropout.
     assert hour.name == BIG_LSTM and hour.overrides["layers"] == 3 and hour.overrides["dropout"] == 0.0
     assert "the largest shape that sees enough tokens per parameter (>= 2 for it): it trains 1.3 epochs" \
         in hour.reason

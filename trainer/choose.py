@@ -5,7 +5,7 @@ Three parts:
   on. The lead's measured sweep changes these, and nothing else.
 - `choose(corpus_tokens, train_seconds, rates)`, the pure rule: the largest candidate that sees
   enough tokens per parameter in the training time at its measured rate, on a corpus big enough
-  for it; dropout by the epochs and tokens per parameter it would see (Candidate.dropout_rules).
+  for it; dropout when it would see the corpus more than OVERFIT_EPOCHS times.
 - `for_budget(...)`, what the runner calls before the hyperparameters are final: it keeps every
   flag given on the command line, measures the candidates that could win (`calibrate`: the
   trainer's own train step on the real data, for a few seconds each, within CALIBRATION_SHARE of
@@ -115,14 +115,6 @@ TAIL_SECONDS = 10.0
 # transformers, nor for other dropout values.
 OVERFIT_EPOCHS = 3.0
 DROPOUT_MANY_EPOCHS = 0.25
-# On whole held-out books an LSTM's validation stalls in its second epoch, well before
-# OVERFIT_EPOCHS (shelf, 30m, third round: 1.4989 at step 8,500, 1.5025 at 9,505 while training
-# loss fell to ~1.19), and dropout 0.1 did not slow it at 0.6 epochs (shelf 10m: 1.5891 against
-# 1.5966). So the LSTMs get a light dropout past one epoch once they see enough tokens per
-# parameter to have fit the text (shelf 30m: ~12; not a one-minute run on tinyshakespeare, 1.7
-# epochs at ~0.5, where the model is still far from fitting); measured at shelf 30m (bench/README,
-# "Sixth round").
-LSTM_DROPOUT_RULES = ((1.0, 4.0, 0.1), (OVERFIT_EPOCHS, 0.0, DROPOUT_MANY_EPOCHS))
 # A candidate measured on another machine may run this much faster, relative to the default LSTM,
 # here (a GPU favours the transformer's matmuls over the LSTM's recurrence): only candidates that
 # would win at that rate are measured.
@@ -143,9 +135,6 @@ class Candidate:
     reference_rate: float
     # Seconds of its first (compiling) training call, before measured.
     compile_seconds: float
-    # (epochs, tokens per parameter, dropout): past that many epochs of the corpus, seeing at least
-    # that many tokens per parameter, it trains with at least that dropout.
-    dropout_rules: tuple[tuple[float, float, float], ...] = ((OVERFIT_EPOCHS, 0.0, DROPOUT_MANY_EPOCHS),)
 
 
 # The LSTMs' attention head (trainer.models.attention): its window. Fifth round (bench/README):
@@ -171,7 +160,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     # tokens per parameter on (the crossing above). The first candidate is the fallback.
     Candidate("LSTM 2x512", {**_LSTM, "layers": 2, "lstm_state_size": 512},
               min_tokens_per_param=0.3, min_corpus_per_param=0.0, reference_rate=29_000,
-              compile_seconds=2.0, dropout_rules=LSTM_DROPOUT_RULES),
+              compile_seconds=2.0),
     # Ahead of the default LSTM only before the crossing (0.3 tokens per parameter for the LSTM).
     # Rate: 2,000 steps of 768 tokens in ~57 s of --compare; its XLA compilation took ~6 s.
     Candidate("transformer 4x4x128", {**_GPT, "layers": 4, "d_model": 128, "heads": 4, "max_context": 64,
@@ -186,7 +175,7 @@ CANDIDATES: tuple[Candidate, ...] = (
     # below the default's, as wider models want: neither measured.
     Candidate("LSTM 3x768", {**_LSTM, "layers": 3, "lstm_state_size": 768, "learning_rate": 3e-3},
               min_tokens_per_param=2.0, min_corpus_per_param=0.25, reference_rate=8_200,
-              compile_seconds=3.0, dropout_rules=LSTM_DROPOUT_RULES),
+              compile_seconds=3.0),
     # Not measured for quality; the same placeholders. Rate: bench/train.py --shape gpt-small
     # (bfloat16, --xla fusion); its compilation time is a guess.
     Candidate("transformer 6x6x384", {**_GPT, "layers": 6, "d_model": 384, "heads": 6, "max_context": 256,
@@ -306,8 +295,8 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
     (compiling) call takes out of that (default: its candidate's guess).
 
     The largest option (by parameters) that sees at least its candidate's tokens per parameter
-    and whose corpus is big enough for it; none: the first. Dropout as its candidate's
-    `dropout_rules` say for the epochs and tokens per parameter it would see."""
+    and whose corpus is big enough for it; none: the first. Dropout DROPOUT_MANY_EPOCHS when the
+    chosen one would see the corpus more than OVERFIT_EPOCHS times."""
     options = list(options) if options is not None else make_options(HParams(), ())[0]
     startup = startup or {}
     budget = f"time budget {format_duration(budget_seconds)}" if budget_seconds else "time budget"
@@ -328,8 +317,8 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
         return Choice(chosen.name, overrides, f"{head} ({_tokens(chosen.parameters)} parameters), "
                       f"its speed not measured{why_not}", None, None)
     epochs, per_param, _ = assessed[chosen.name]
-    if "dropout" in overrides:
-        overrides["dropout"] = max(overrides["dropout"], dropout_for(chosen.candidate, epochs, per_param))
+    if epochs > OVERFIT_EPOCHS and "dropout" in overrides:
+        overrides["dropout"] = max(overrides["dropout"], DROPOUT_MANY_EPOCHS)
     extras = [f"an attention head over its last {overrides['attention_window']} outputs"
               ] if overrides.get("attention_window") else []
     extras += [f"dropout {overrides['dropout']:g}"] if overrides.get("dropout") else []
@@ -343,13 +332,6 @@ def choose(corpus_tokens: int, train_seconds: float, rates: Mapping[str, float],
               f"{epochs:.2g} epochs ({per_param:.2g} tokens per parameter) in the ~{left} left for "
               f"training at {_tokens(rate)} tokens/s{why_not}")
     return Choice(chosen.name, overrides, reason, rate, epochs)
-
-
-def dropout_for(candidate: Candidate, epochs: float, tokens_per_param: float) -> float:
-    """The dropout a candidate trains with when it sees the corpus `epochs` times, and
-    `tokens_per_param` tokens per parameter (0: none)."""
-    return max((dropout for past, least, dropout in candidate.dropout_rules
-                if epochs > past and tokens_per_param >= least), default=0.0)
 
 
 def _why_not(option: Option, corpus_tokens: int, assessed: Mapping[str, tuple[float, float, bool]]) -> str:
