@@ -52,8 +52,10 @@ COMPILE_UNITS = {"eval": 1.0, "sample": 1.0, "export": 1.5}
 # its first call is mostly XLA's compilation, which the sample and export (plain graphs) do not
 # pay. Transformer 4x4x128, first call 3-4 s: export 3.0 s and a first sample 1.1-2.2 s after the
 # tracing was cut (before it: checkpoint, sample and export 5.8-5.9 s together, where the units
-# for a plain graph guessed 17-21 s).
-XLA_COMPILE_UNITS = {"eval": 1.0, "sample": 0.5, "export": 0.5}
+# for a plain graph guessed 17-21 s). The evaluation compiles a forward pass only: shelf, 1
+# minute (AMD EPYC, 2026-12-07), first training calls 3.4-4.4 s, the final evaluation of 64
+# windows 1.97-2.91 s in all (five runs; ~2 s of it compiling), where 1.0 unit guessed 5.8 s.
+XLA_COMPILE_UNITS = {"eval": 0.5, "sample": 0.5, "export": 0.5}
 # An evaluation window against a training step (forward only: about a third of it; measured 0.29
 # on the transformer above, 1,335 windows in 10.5 s at 27 ms a step), with room to spare.
 EVAL_WINDOW_STEPS = 0.5
