@@ -71,6 +71,10 @@ from trainer.hparams import SHAPE_FIELDS, HParams, cpu_flags
 #   last ATTENTION_WINDOW outputs. With it, through bench/budget.py on a slower host: shelf 10m
 #   1.5640 and 1.5528 (2,391 and 2,715 steps), 30m 1.4959 (7,491 steps, 1.5 epochs);
 #   tinyshakespeare 10m with dropout 0.25 1.4189 (2,343 steps).
+# Sixth round (bench/README, "Sixth round"): dropout 0.1 for LSTMs past one epoch, tried at shelf
+#   30m (1.8 epochs planned) and taken back: that run diverged at step ~900 (training loss 1.61 ->
+#   40, gradient norm 97, at lr 4.8e-3) and was still at 3.1 by step 5,000; 1,000 steps of the same
+#   model (cosine over 1,000 steps) did not. Dropout at 30 minutes on held-out books stays unknown.
 #
 # The training-loss curves of the first two rows (bench/quality.py --compare) cross between 30 s
 # and 40 s of wall clock: before, the transformer is ahead; after, the LSTM, which by then has seen
