@@ -78,7 +78,8 @@ from trainer.hparams import SHAPE_FIELDS, HParams, cpu_flags
 #   The LSTM with the head, 2,400 steps step-matched on shelf: lr 3e-3 1.6513, 5e-3 1.5660, 7e-3
 #   diverged (1.6615); with adam_beta2 0.99: 5e-3 1.5521, 7e-3 stable, 1.6076. But shelf 30m
 #   with adam_beta2 0.99 spiked repeatedly (loss 5.6 at step 2,000; 1.77 on the first validation
-#   windows at step 5,000): 5e-3 held for thousands of steps is unstable either way. Not adopted.
+#   windows at step 5,000; 1.7035 on the whole split at the end, against 1.4959): 5e-3 held for
+#   thousands of steps is unstable either way. Not adopted.
 #
 # The training-loss curves of the first two rows (bench/quality.py --compare) cross between 30 s
 # and 40 s of wall clock: before, the transformer is ahead; after, the LSTM, which by then has seen
