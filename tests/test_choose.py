@@ -32,9 +32,10 @@ def test_the_candidates_fill_every_chosen_field_and_the_default_is_hparams_own()
     for candidate in choose.CANDIDATES:
         assert set(candidate.overrides) == set(choose.CHOSEN_FIELDS), candidate.name
     # HParams' own default but for the attention head, which --attention_window gives outside a
-    # budget (its default stays 0: old job dirs' hparams.json, which lack it, keep their shape).
+    # budget (its default stays 0: old job dirs' hparams.json, which lack it, keep their shape),
+    # and the weight decay that keeps the head stable (choose.LSTM_WEIGHT_DECAY).
     default = HParams().replace(**choose.CANDIDATES[0].overrides)
-    assert default == HParams(attention_window=choose.ATTENTION_WINDOW)
+    assert default == HParams(attention_window=choose.ATTENTION_WINDOW, weight_decay=choose.LSTM_WEIGHT_DECAY)
     assert [o.name for o in _options()] == [DEFAULT, BABY, BIG_LSTM, BIG_GPT]
     assert [round(o.parameters / 1e5) for o in _options()] == [37, 8, 127, 107]
 
@@ -150,8 +151,9 @@ def test_short_budgets_measure_nothing_and_say_so() -> None:
     clock, log = Clock(), []
     hparams = HParams(time_budget="90s")
     chosen, record = decide(hparams, (), 1_000_000, VOCAB, 90.0, clock, _fake_measure(clock, RATES, log))
-    # The default shape, with the attention head.
-    assert log == [] and chosen == hparams.replace(attention_window=choose.ATTENTION_WINDOW)
+    # The default shape, with the attention head and its weight decay.
+    assert log == [] and chosen == hparams.replace(attention_window=choose.ATTENTION_WINDOW,
+                                                   weight_decay=choose.LSTM_WEIGHT_DECAY)
     assert "under 3m00s nothing is measured" in record["reason"]
     assert record["shape"] == DEFAULT and set(record["candidates"]) == {DEFAULT, BABY, BIG_LSTM, BIG_GPT}
 
