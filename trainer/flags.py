@@ -28,7 +28,8 @@ _HELP = {
     "mogrify_rounds": "Mogrifier rounds (0 reduces to an LSTM).",
     "mogrify_rank": "Low-rank factorisation of the Mogrifier matrices (0: full rank).",
     "attention_window": "Recurrent cells: one attention head over the top layer's last N outputs, "
-                        "carried like the state (0: none).",
+                        "carried like the state (0: none). At high learning rates pair it with "
+                        "--weight_decay=0.1, as --time_budget does: without it the head can spike.",
     "d_model": "Transformer width.",
     "heads": "Transformer attention heads.",
     "pos_encoding": "Transformer positional encoding: rotary (rotated queries and keys), learned "
