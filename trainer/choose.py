@@ -86,7 +86,10 @@ from trainer.hparams import SHAPE_FIELDS, HParams, cpu_flags
 #   3.4 against the LSTM's 0.36, its attention logits to 249, the output logits to 161. With
 #   weight decay 0.1 the same run did not spike (gradient norm at most 0.5 after step 50) and
 #   scored 1.5612 (5e-3 without it: 1.5660). Shelf 30m with it (sweep run, everything else
-#   chosen): 8,979 steps, 1.4747 against 1.4959 without (7,491 steps on a slower host).
+#   chosen): 8,979 steps, 1.4747 against 1.4959 without (7,491 steps on a slower host). Then
+#   through bench/budget.py with it chosen: shelf 30m 1.4613 (9,103 steps), shelf 10m 1.5315
+#   (3,043), tinyshakespeare 10m with dropout 0.25 1.3978 (3,159); the host ran faster than in
+#   the fifth and sixth rounds, so part of each gain is its speed.
 #   Normalising the head's queries and keys (LayerNorm) instead spiked earlier (step ~350), and a
 #   LayerNorm on the head's output stalled training (loss ~3 at step 300): neither kept.
 #
