@@ -166,8 +166,8 @@ class Candidate:
 # fewer). At equal wall clock: the fifth round's rows above.
 ATTENTION_WINDOW = 512
 # AdamW's decay for the LSTMs (with the head; seventh round above): it kept the head's weights
-# from growing into the spikes that lr 7e-3, dropout and beta2 0.99 set off, and learned more at
-# 30 minutes on shelf. Biases are not decayed (runner.make_optimizer).
+# from growing into the spike that lr 7e-3 set off (dropout and beta2 0.99 with it: not measured),
+# and learned more at 30 minutes on shelf. Biases are not decayed (runner.make_optimizer).
 LSTM_WEIGHT_DECAY = 0.1
 _LSTM = {"cell": "lstm", "d_model": HParams.d_model, "heads": HParams.heads,
          "max_context": HParams.max_context, "attention_window": ATTENTION_WINDOW,
