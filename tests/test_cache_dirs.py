@@ -36,6 +36,9 @@ def test_cache_flag_created_unless_given_off_or_unwritable(tmp_path: Path) -> No
     assert directory.is_relative_to(tmp_path / "cache")
     assert cache_dirs.xla_cache_flag("--tf_xla_persistent_cache_directory=/mine", env) == ""
     assert cache_dirs.xla_cache_flag("", {**env, cache_dirs.XLA_CACHE_SWITCH: "0"}) == ""
+    onednn = "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"
+    assert cache_dirs.xla_cache_flag("", {**env, "XLA_FLAGS": onednn}) == ""
+    assert cache_dirs.xla_cache_flag("", {**env, "XLA_FLAGS": "--xla_cpu_use_onednn=true"}) != ""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     # TensorFlow fails the first compiled step on a directory it cannot write: no flag then.
@@ -76,3 +79,24 @@ def test_a_compiled_step_is_written_once_and_reused(tmp_path: Path) -> None:
     assert len(first) == 1, first  # the executable was saved
     stamp = first[0].stat().st_mtime_ns
     assert run() == first and first[0].stat().st_mtime_ns == stamp  # loaded, not compiled again
+
+
+
+_COMPILE_A_MATMUL = """
+import os, tensorflow as tf
+import trainer
+f = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x) + 1.0), jit_compile=True)
+print(float(f(tf.ones([64, 64]))), "--tf_xla_persistent_cache_directory" in os.environ["TF_XLA_FLAGS"])
+"""
+
+
+def test_a_compiled_step_runs_with_xla_onednn_fusions(tmp_path: Path) -> None:
+    """With oneDNN fusions asked of XLA and a persistent cache set, TensorFlow 2.21 died of a
+    segmentation fault at the first compiled matmul: verne sets no cache then, and it runs."""
+    env = {**os.environ, "VERNE_CACHE_DIR": str(tmp_path), "TF_XLA_FLAGS": "",
+           "XLA_FLAGS": "--xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_fusion_type=dot"}
+    env.pop(cache_dirs.XLA_CACHE_SWITCH, None)
+    done = subprocess.run([sys.executable, "-c", _COMPILE_A_MATMUL], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == [str(64.0 * 64 * 65), "False"]

@@ -97,11 +97,23 @@ def prune(directory: pathlib.Path, max_bytes: int = XLA_CACHE_BYTES) -> int:
     return freed
 
 
+def onednn_fusions_asked(xla_flags: str) -> bool:
+    """Whether XLA_FLAGS hands XLA's CPU ops to oneDNN fusions (what Intel's guides suggest for
+    Xeons). TensorFlow 2.21 with such an XLA_FLAGS and a persistent cache dies of a segmentation
+    fault at the first compiled call, even with an empty cache (AMD EPYC, 2026-12-07); either
+    flag alone, or the cache off, compiles and runs."""
+    values = dict(flag.partition("=")[::2] for flag in xla_flags.split())
+    return (values.get("--xla_cpu_use_onednn", "").lower() in ("true", "1")
+            and bool(values.get("--xla_cpu_experimental_onednn_fusion_type")))
+
+
 def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) -> str:
     """The persistent-cache flag to add to TF_XLA_FLAGS, or "" for none: when the user set their
-    own, turned it off, or the directory cannot be written (TensorFlow would then fail the first
-    compiled step instead of compiling without a cache)."""
-    if PERSISTENT_CACHE_FLAG in given_flags or environ.get(XLA_CACHE_SWITCH, "1") == "0":
+    own, turned it off, asked XLA for oneDNN fusions (onednn_fusions_asked), or the directory
+    cannot be written (TensorFlow would then fail the first compiled step instead of compiling
+    without a cache)."""
+    if (PERSISTENT_CACHE_FLAG in given_flags or environ.get(XLA_CACHE_SWITCH, "1") == "0"
+            or onednn_fusions_asked(environ.get("XLA_FLAGS", ""))):
         return ""
     directory = xla_dir(environ)
     if not _writable(directory):
