@@ -13,7 +13,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from trainer import optimizers
+from trainer import kernels, optimizers
 from trainer.model_fn import Mode, Params, model_fn
 from trainer.models import awd
 from trainer.models.base import State
@@ -119,7 +119,8 @@ def make_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
 
     @tf.function(jit_compile=jit_compile or None)
     def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
-        loss, norm, state = strategy.run(replica_step, args=(tokens, labels, state))
+        with kernels.xla_step(jit_compile):
+            loss, norm, state = strategy.run(replica_step, args=(tokens, labels, state))
         mean = tf.distribute.ReduceOp.MEAN
         return (strategy.reduce(mean, loss, axis=None), strategy.reduce(mean, norm, axis=None), state)
 
@@ -190,7 +191,8 @@ def make_eval_step(params: Params, strategy: tf.distribute.Strategy, jit_compile
 
     @tf.function(jit_compile=jit_compile or None)
     def step(tokens: tf.Tensor, labels: tf.Tensor, state: State) -> tuple[Any, ...]:
-        nats, count, state = strategy.run(replica_step, args=(tokens, labels, state))
+        with kernels.xla_step(jit_compile):
+            nats, count, state = strategy.run(replica_step, args=(tokens, labels, state))
         total = tf.distribute.ReduceOp.SUM
         return strategy.reduce(total, nats, axis=None), strategy.reduce(total, count, axis=None), state
 

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import tensorflow as tf
 
+from trainer import cache_dirs
 from trainer.kernels import native
 from trainer.kernels.cudnn import gru_sequence_cudnn, lstm_sequence_cudnn
 from trainer.kernels.gru import gru_sequence_fast
@@ -48,6 +49,31 @@ def portable() -> Iterator[None]:
 
 def use_native() -> bool:
     return _portable_depth == 0 and native.available()
+
+
+_xla_step_depth = 0
+
+
+@contextlib.contextmanager
+def xla_step(enabled: bool = True) -> Iterator[None]:
+    """Functions traced inside are compiled whole by XLA (--xla=step): their matmuls may call
+    native.xla_bf16_matmul, an XLA custom call, which a TensorFlow graph (sampling, export, an
+    uncompiled step) cannot run. Entered by trainer.loops around a compiled step's body."""
+    global _xla_step_depth
+    _xla_step_depth += int(enabled)
+    try:
+        yield
+    finally:
+        _xla_step_depth -= int(enabled)
+
+
+def use_xla_bf16_matmul(compute_dtype: tf.DType) -> bool:
+    """Whether a bfloat16 matmul traced here runs as verne's native XLA custom call: asked for
+    (`VERNE_XLA_BF16_MATMUL=1`, trainer/cache_dirs.py), inside `xla_step()`, not inside
+    `portable()`, with the native library built and a CPU with bfloat16 dot products (elsewhere
+    XLA's own dot, which gains nothing from bfloat16 on a CPU)."""
+    return (compute_dtype == tf.bfloat16 and _xla_step_depth > 0 and _portable_depth == 0
+            and cache_dirs.xla_bf16_matmul_asked() and native.bf16_isa() != "none")
 
 
 def use_cudnn() -> bool:
@@ -103,5 +129,6 @@ __all__ = [
     "gru_sequence", "gru_sequence_cudnn", "gru_sequence_fast", "gru_sequence_native",
     "gru_sequence_reference", "lstm_sequence", "lstm_sequence_cudnn", "lstm_sequence_fast",
     "lstm_sequence_native", "lstm_sequence_reference",
-    "cpu_bf16_isa", "describe_runtime", "portable", "use_cudnn", "use_native",
+    "cpu_bf16_isa", "describe_runtime", "portable", "use_cudnn", "use_native", "use_xla_bf16_matmul",
+    "xla_step",
 ]

@@ -1,4 +1,9 @@
-"""The native CPU recurrences of `native_recurrences.cc`: built on first use, cached, loaded as ops.
+"""verne's native CPU ops: built on first use, cached, loaded as one library.
+
+- `native_recurrences.cc`: the whole-window LSTM and GRU recurrences, one op each way.
+- `native_matmul.cc`: a bfloat16 matmul that XLA calls from a compiled step (`xla_bf16_matmul`;
+  the transformer's dense layers under --xla=step --precision=bfloat16).
+Both run their bfloat16 products on `bf16_products.h`.
 
 Why a C++ op: on a 2-core CPU a recurrence step written as TensorFlow ops is ~20 small ops
 whose dispatch, not their FLOPs, is most of the time (PyTorch's fused oneDNN LSTM pays none).
@@ -40,7 +45,11 @@ from trainer import cache_dirs
 from trainer.hparams import cpu_flags
 from trainer.kernels.lstm import cast, zeros_if_none
 
-SOURCE = pathlib.Path(__file__).with_name("native_recurrences.cc")
+KERNELS = pathlib.Path(__file__).parent
+# One library: the recurrence ops, and the bfloat16 matmul XLA calls in a compiled step
+# (native_matmul.cc), both on the products of bf16_products.h.
+SOURCES = (KERNELS / "native_recurrences.cc", KERNELS / "native_matmul.cc")
+HEADERS = (KERNELS / "bf16_products.h",)
 ENV_SWITCH = "VERNE_NATIVE_KERNELS"
 
 
@@ -101,8 +110,11 @@ def build_targets(flags: frozenset[str]) -> list[tuple[str, list[str]]]:
 
 def compile_command(output: str, target: list[str], *, shared: bool = True) -> list[str]:
     """The compiler's command line for one target (`shared=False`: compile to an object only)."""
-    link = ["-shared", *tf.sysconfig.get_link_flags()] if shared else ["-c"]
-    return [_compiler(), str(SOURCE), "-o", output, "-fPIC", "-O3", *target, "-w",
+    # libtensorflow_cc holds XLA's custom-call registry (native_matmul.cc registers with it);
+    # `shared=False` links the sources' objects into one relocatable object, no library.
+    link = (["-shared", *tf.sysconfig.get_link_flags(), "-l:libtensorflow_cc.so.2"] if shared
+            else ["-r", "-nostdlib"])
+    return [_compiler(), *map(str, SOURCES), "-o", output, "-fPIC", "-O3", *target, "-w",
             *tf.sysconfig.get_compile_flags(), *link]
 
 
@@ -116,7 +128,7 @@ def first_error(stderr: str) -> str:
         if line.startswith("collect2:") and index > 0:
             line = lines[index - 1]
         line = re.sub(r"^([^:\s]+):(\d+):\d+:", r"\1:\2:", line)  # drop the column
-        for root in (tf.sysconfig.get_include(), str(SOURCE.parent)):
+        for root in (tf.sysconfig.get_include(), str(KERNELS)):
             line = line.replace(root.rstrip("/") + "/", "")
         return line
     return lines[-1] if lines else "no output"
@@ -133,11 +145,12 @@ def _compiler_version() -> str:
 def library_path() -> pathlib.Path:
     key = hashlib.sha256()
     targets = build_targets(cpu_flags())
-    for part in (SOURCE.read_bytes(), tf.__version__, _compiler(), _compiler_version(),
+    sources = (path.read_bytes() for path in (*SOURCES, *HEADERS))
+    for part in (*sources, tf.__version__, _compiler(), _compiler_version(),
                  *(flag for _, target in targets for flag in compile_command("", target)),
                  *sorted(cpu_flags())):
         key.update(part if isinstance(part, bytes) else part.encode())
-    return cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"native_ops-{key.hexdigest()[:16]}.so"
 
 
 class BuildError(RuntimeError):
@@ -253,11 +266,15 @@ def available() -> bool:
     return load() is not None
 
 
+@functools.cache
 def bf16_isa() -> str:
     """What `compute_dtype=tf.bfloat16` runs the per-step products on here: "amx", "avx512_bf16",
     or "none" (float32: the CPU has no bfloat16 dot products, or the native op is unavailable)."""
     ops = load()
-    return ops.verne_bf16_isa().numpy().decode() if ops is not None else "none"
+    if ops is None:
+        return "none"
+    with tf.init_scope():  # eagerly, also when asked while a function is traced
+        return ops.verne_bf16_isa().numpy().decode()
 
 
 def describe() -> str:
@@ -335,3 +352,30 @@ def _weight_grad(h0: tf.Tensor, outputs: tf.Tensor, d_pre: tf.Tensor, compute_dt
     dw = tf.matmul(cast(tf.reshape(h_prev, [-1, units]), compute_dtype),
                    cast(tf.reshape(d_pre, [-1, width]), compute_dtype), transpose_a=True)
     return cast(dw, tf.float32)
+
+
+def _xla_product(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False,
+                 transpose_b: bool = False) -> tf.Tensor:
+    """op(a) @ op(b) for float32 2-D a, b of static shape, as the XLA custom call
+    native_matmul.cc registers: bfloat16 products, float32 sums and result. Only inside a function
+    XLA compiles (tf2xla's op has no TensorFlow kernel)."""
+    from tensorflow.compiler.tf2xla.python import xla  # TensorFlow's own wrapper of XlaCustomCallV2
+
+    (m, k), n = (reversed(a.shape) if transpose_a else a.shape), (b.shape[0] if transpose_b else b.shape[1])
+    config = f"{m},{k},{n},{int(transpose_a)},{int(transpose_b)}"
+    return xla.custom_call_v2("verne_bf16_matmul", [a, b], [tf.TensorSpec([m, n], tf.float32)],
+                              backend_config=config)[0]
+
+
+def xla_bf16_matmul(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
+    """x [rows, in] @ w [in, out] (float32, static shapes) in bfloat16 with float32 sums, forward
+    and backward (dx = dy @ wᵀ, dw = xᵀ @ dy, the same kernel), for an XLA-compiled step."""
+
+    @tf.custom_gradient
+    def run(x: tf.Tensor, w: tf.Tensor):  # noqa: ANN202
+        def grad(dy: tf.Tensor):  # noqa: ANN202
+            return _xla_product(dy, w, transpose_b=True), _xla_product(x, dy, transpose_a=True)
+
+        return _xla_product(x, w), grad
+
+    return run(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(w, tf.float32))

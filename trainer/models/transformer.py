@@ -34,8 +34,10 @@ import math
 import keras
 import tensorflow as tf
 
+from trainer import kernels
 from trainer.errors import UsageError
 from trainer.hparams import HParams
+from trainer.kernels import native
 from trainer.models import awd, precision
 from trainer.models.attention import key_distances, window_mask
 from trainer.models.base import LanguageModel, State
@@ -147,10 +149,17 @@ class Block(keras.layers.Layer):
             layer.build(input_shape)
 
     def _matmul(self, x: tf.Tensor, layer: keras.layers.Dense) -> tf.Tensor:
-        """x [B, T, in] @ the layer's kernel as one 2-D matmul in compute_dtype (its output too)."""
+        """x [B, T, in] @ the layer's kernel as one 2-D matmul in compute_dtype (its output too).
+        In a step XLA compiles, in bfloat16, on a CPU with bfloat16 dot products: verne's native
+        product instead (kernels.use_xla_bf16_matmul; XLA's CPU dot is no faster in bfloat16 than
+        in float32), float32 in and out."""
         shape = tf.shape(x)
-        flat = tf.reshape(tf.cast(x, self.compute_dtype_), [-1, x.shape[-1]])
-        y = tf.linalg.matmul(flat, tf.cast(layer.kernel, self.compute_dtype_))
+        if kernels.use_xla_bf16_matmul(self.compute_dtype_) and x.shape[:-1].is_fully_defined():
+            flat = tf.reshape(tf.cast(x, tf.float32), [x.shape[:-1].num_elements(), x.shape[-1]])
+            y = native.xla_bf16_matmul(flat, layer.kernel)
+        else:
+            flat = tf.reshape(tf.cast(x, self.compute_dtype_), [-1, x.shape[-1]])
+            y = tf.linalg.matmul(flat, tf.cast(layer.kernel, self.compute_dtype_))
         return tf.reshape(y, tf.concat([shape[:-1], [layer.units]], 0))
 
     def _add(self, x: tf.Tensor, y: tf.Tensor, layer: keras.layers.Dense, training: bool) -> tf.Tensor:
