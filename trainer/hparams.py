@@ -252,19 +252,20 @@ _DEFAULTS = HParams()
 
 
 def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool, has_tpu: bool = False,
-                   xla: str = "off") -> str:
+                   xla: str = "off", xla_bf16_matmul: bool = False) -> str:
     """What --precision=auto means on a machine, for a cell that honours 16-bit matmuls:
     bfloat16 on a TPU (its native matmul type), float16 with loss scaling on a GPU (tensor cores;
     the usual mixed-precision recipe, not measured here: no GPU), bfloat16 on a CPU with native
     bf16 matmuls unless XLA compiles the whole step there (`xla` = "step": its CPU dot gained
-    nothing from bfloat16, trainer/xla.py); float32 otherwise and for the zoo cells."""
+    nothing from bfloat16, trainer/xla.py) and verne's own bfloat16 matmul was not asked for
+    (`xla_bf16_matmul`, VERNE_XLA_BF16_MATMUL=1); float32 otherwise and for the zoo cells."""
     if cell not in BF16_CELLS:
         return "float32"
     if has_tpu:
         return "bfloat16"
     if has_gpu:
         return "float16"
-    return "bfloat16" if cpu_flags & BF16_CPU_FLAGS and xla != "step" else "float32"
+    return "bfloat16" if cpu_flags & BF16_CPU_FLAGS and (xla != "step" or xla_bf16_matmul) else "float32"
 
 
 def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
@@ -286,8 +287,11 @@ def resolve_precision(hparams: HParams, on_tpu: bool = False) -> HParams:
         return hparams
     import tensorflow as tf  # here, not at import: hparams.py is read by light tools too
 
+    from trainer import cache_dirs  # here: cache_dirs reads this module's cpu_flags
+
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
-    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu, on_tpu, hparams.xla))
+    return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu, on_tpu, hparams.xla,
+                                                    cache_dirs.xla_bf16_matmul_asked()))
 
 
 def shape_of(hparams: HParams) -> dict[str, Any]:

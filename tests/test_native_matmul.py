@@ -1,0 +1,134 @@
+"""verne's bfloat16 matmul as an XLA custom call (trainer/kernels/native_matmul.cc), for the
+transformer's compiled step under VERNE_XLA_BF16_MATMUL=1.
+
+The compiled checks run in a subprocess with the switch on: the switch turns TensorFlow's
+persistent compile cache off (a step calling the custom call crashed when loaded from it), and this
+test process was started with the cache on."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from trainer import cache_dirs, kernels
+from trainer.kernels import native
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_COMPILED_CHECKS = r"""
+import json, os
+import numpy as np
+import tensorflow as tf
+import trainer
+from trainer import kernels
+from trainer.hparams import HParams
+from trainer.kernels import native
+from trainer.models import build_model
+
+assert "--tf_xla_persistent_cache_directory" not in os.environ["TF_XLA_FLAGS"], os.environ["TF_XLA_FLAGS"]
+isa = native.bf16_isa()
+rng = np.random.default_rng(0)
+
+def rounded(x):
+    return x if isa == "none" else x.astype(tf.bfloat16.as_numpy_dtype).astype(np.float32)
+
+# Products: odd sizes (padding of K, rows and column blocks; partial 64-row chunks) and the
+# transformer's own, each form; the reference is the float64 product of the same rounded inputs.
+errors = []
+for m, k, n in ((37, 70, 45), (130, 33, 17), (768, 128, 512)):
+    for ta, tb in ((False, False), (False, True), (True, False)):
+        a = rng.normal(size=(k, m) if ta else (m, k)).astype(np.float32)
+        b = rng.normal(size=(n, k) if tb else (k, n)).astype(np.float32)
+        got = tf.function(lambda a, b: native._xla_product(a, b, ta, tb), jit_compile=True)(a, b).numpy()
+        ra, rb = rounded(a).astype(np.float64), rounded(b).astype(np.float64)
+        want = (ra.T if ta else ra) @ (rb.T if tb else rb)
+        errors.append(float(np.abs(got - want).max() / np.abs(want).max()))
+
+# Gradients of xla_bf16_matmul: dx = dy @ w^T and dw = x^T @ dy, the same kernel.
+x = rng.normal(size=(96, 40)).astype(np.float32)
+w = rng.normal(size=(40, 24)).astype(np.float32)
+dy = rng.normal(size=(96, 24)).astype(np.float32)
+
+@tf.function(jit_compile=True)
+def grads(x, w):
+    with tf.GradientTape() as tape:
+        tape.watch([x, w])
+        loss = tf.reduce_sum(native.xla_bf16_matmul(x, w) * dy)
+    return tape.gradient(loss, [x, w])
+
+gx, gw = (g.numpy() for g in grads(x, w))
+rdy = rounded(dy).astype(np.float64)
+grad_errors = [float(np.abs(gx - rdy @ rounded(w).astype(np.float64).T).max() / np.abs(gx).max()),
+               float(np.abs(gw - rounded(x).astype(np.float64).T @ rdy).max() / np.abs(gw).max())]
+
+# The transformer's compiled forward uses it inside kernels.xla_step() only, and its loss stays
+# within bfloat16's rounding of XLA's own bfloat16 dot.
+hp = HParams(cell="transformer", vocab_size=31, layers=2, d_model=32, heads=4, embedding_size=32,
+             unroll_steps=16, max_context=16, batch_size=4, precision="bfloat16").validate()
+model = build_model(hp)
+tokens = tf.constant(rng.integers(0, 31, (4, 16)), tf.int32)
+
+def loss(native_matmul):
+    def run(tokens):
+        with kernels.xla_step(native_matmul):
+            logits, _ = model(tokens, (), training=False)
+        return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(tokens, logits, from_logits=True))
+    fn = tf.function(run, jit_compile=True)
+    return float(fn(tokens)), fn.experimental_get_compiler_ir(tokens)(stage="hlo")
+
+native_loss, native_hlo = loss(True)
+xla_loss, xla_hlo = loss(False)
+print(json.dumps({"isa": isa, "errors": errors, "grad_errors": grad_errors, "native_loss": native_loss,
+                  "xla_loss": xla_loss, "native_calls": native_hlo.count("verne_bf16_matmul"),
+                  "xla_calls": xla_hlo.count("verne_bf16_matmul")}))
+"""
+
+
+@pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or not native.available(),
+                    reason="verne's native library is off or did not build here: its XLA matmul was NOT checked")
+def test_compiled_products_gradients_and_the_transformer_under_the_switch() -> None:
+    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", _COMPILED_CHECKS], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    # float32 sums of exactly rounded products: only the summation order differs from float64.
+    assert max(result["errors"]) < 1e-5 and max(result["grad_errors"]) < 1e-5, result
+    if result["isa"] == "none":  # no bfloat16 dot products: the model keeps XLA's dot
+        assert result["native_calls"] == 0, result
+    else:
+        # 2 layers x 4 dense matmuls; XLA's bfloat16 dot also rounds its output to bfloat16.
+        assert result["native_calls"] == 8 and result["xla_calls"] == 0, result
+        assert abs(result["native_loss"] - result["xla_loss"]) < 0.02, result
+
+
+def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "bf16_isa", lambda: "avx512_bf16")
+    monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "1")
+    assert not kernels.use_xla_bf16_matmul(tf.bfloat16)  # outside a compiled step (sampling, export)
+    with kernels.xla_step():
+        assert kernels.use_xla_bf16_matmul(tf.bfloat16)
+        assert not kernels.use_xla_bf16_matmul(tf.float32)
+        with kernels.portable():
+            assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
+    with kernels.xla_step(False):  # a step traced without XLA
+        assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
+    monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "0")
+    with kernels.xla_step():
+        assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
+    monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "1")
+    monkeypatch.setattr(native, "bf16_isa", lambda: "none")
+    with kernels.xla_step():
+        assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
+
+
+def test_the_switch_turns_the_persistent_compile_cache_off(tmp_path: Path) -> None:
+    env = {"VERNE_CACHE_DIR": str(tmp_path)}
+    assert cache_dirs.xla_cache_flag("", env) != ""
+    assert cache_dirs.xla_cache_flag("", {**env, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1"}) == ""
