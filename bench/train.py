@@ -42,7 +42,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import data, kernels, loops, runner, xla
+from trainer import cache_dirs, data, kernels, loops, runner, xla
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import HParams, resolve_precision
 from trainer.kernels import native
@@ -178,7 +178,8 @@ class VerneSteps:
         self.apply = tf.function(self._apply, jit_compile=jit)
 
     def _forward(self, tokens: tf.Tensor, labels: tf.Tensor, state: object) -> tf.Tensor:
-        return model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, self.params).loss
+        with kernels.xla_step(self.hparams.xla == "step"):  # as loops.make_train_step traces the step
+            return model_fn({"tokens": tokens, "state": state}, labels, Mode.TRAIN, self.params).loss
 
     def _apply(self) -> tf.Tensor:
         """The optimizer's share of a step: clip and apply (small random) gradients."""
@@ -293,7 +294,9 @@ def header(shape: Shape, torch_info: dict | None, xla_mode: str) -> list[str]:
     if shape.cell == "transformer":
         model = (f"model: transformer {shape.layers} layers x {shape.heads} heads x {shape.state}, block "
                  f"{shape.unroll}, vocab {shape.vocab}, batch {shape.batch}{extras}, AdamW 0.1, clip 1")
-        compiled = f"compiled: --xla={xla_mode}"
+        matmul = ("verne's native XLA custom call (VERNE_XLA_BF16_MATMUL=1)"
+                  if xla_mode == "step" and cache_dirs.xla_bf16_matmul_asked() else "XLA's dot or oneDNN")
+        compiled = f"compiled: --xla={xla_mode}; bfloat16 matmuls: {matmul}"
     else:
         model = (f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, vocab "
                  f"{shape.vocab}, batch {shape.batch}, unroll {shape.unroll}{extras}, Adam, clip 5")

@@ -78,7 +78,8 @@ def loss(native_matmul):
     def run(tokens):
         with kernels.xla_step(native_matmul):
             logits, _ = model(tokens, (), training=False)
-        return tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(tokens, logits, from_logits=True))
+        return tf.reduce_mean(
+            tf.keras.losses.sparse_categorical_crossentropy(tokens, logits, from_logits=True))
     fn = tf.function(run, jit_compile=True)
     return float(fn(tokens)), fn.experimental_get_compiler_ir(tokens)(stage="hlo")
 
@@ -91,7 +92,8 @@ print(json.dumps({"isa": isa, "errors": errors, "grad_errors": grad_errors, "nat
 
 
 @pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or not native.available(),
-                    reason="verne's native library is off or did not build here: its XLA matmul was NOT checked")
+                    reason="verne's native library is off or did not build here: its XLA matmul was "
+                           "NOT checked")
 def test_compiled_products_gradients_and_the_transformer_under_the_switch() -> None:
     env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
     done = subprocess.run([sys.executable, "-c", _COMPILED_CHECKS], cwd=ROOT, env=env, capture_output=True,
@@ -108,7 +110,8 @@ def test_compiled_products_gradients_and_the_transformer_under_the_switch() -> N
         assert abs(result["native_loss"] - result["xla_loss"]) < 0.02, result
 
 
-def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "bf16_isa", lambda: "avx512_bf16")
     monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "1")
     assert not kernels.use_xla_bf16_matmul(tf.bfloat16)  # outside a compiled step (sampling, export)
