@@ -83,15 +83,17 @@ def test_float16_trains_end_to_end(tmp_path, make_data_dir) -> None:
 
 
 def _loss_curve(precision: str, cell: str, steps: int = 300, vocab: int = 16, batch: int = 8,
-                unroll: int = 16) -> np.ndarray:
+                unroll: int = 16, jit_compile: bool = False) -> np.ndarray:
     """Per-step training losses of a tiny model (Adam) on a fixed, learnable token stream: each
-    token follows from the previous one by a fixed rule 80% of the time, else is random."""
+    token follows from the previous one by a fixed rule 80% of the time, else is random.
+    `jit_compile`: the step compiled by XLA, as --xla=step runs it."""
     hparams = HParams(language_model="char", vocab_size=vocab, cell=cell, layers=1, lstm_state_size=32,
                       embedding_size=8, batch_size=batch, unroll_steps=unroll, precision=precision,
                       d_model=32, heads=2, max_context=unroll).validate()
     keras.utils.set_random_seed(7)
     params = Params(hparams, build_model(hparams))
-    step = loops.make_train_step(params, keras.optimizers.Adam(1e-2), tf.distribute.get_strategy())
+    step = loops.make_train_step(params, keras.optimizers.Adam(1e-2), tf.distribute.get_strategy(),
+                                 jit_compile=jit_compile)
     rng = np.random.default_rng(0)
     stream = np.zeros((batch, steps * unroll + 1), np.int32)
     stream[:, 0] = rng.integers(0, vocab, batch)

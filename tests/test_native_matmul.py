@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -108,6 +109,34 @@ def test_compiled_products_gradients_and_the_transformer_under_the_switch() -> N
         # 2 layers x 4 dense matmuls; XLA's bfloat16 dot also rounds its output to bfloat16.
         assert result["native_calls"] == 8 and result["xla_calls"] == 0, result
         assert abs(result["native_loss"] - result["xla_loss"]) < 0.02, result
+
+
+_LOSS_CURVES = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, "tests")
+from test_mixed_precision import _loss_curve
+from trainer.kernels import native
+fp32 = _loss_curve("float32", "transformer", jit_compile=True)
+bf16 = _loss_curve("bfloat16", "transformer", jit_compile=True)
+print(json.dumps({"isa": native.bf16_isa(), "fp32": fp32.tolist(), "bf16": bf16.tolist()}))
+"""
+
+
+@pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or not native.available(),
+                    reason="verne's native library is off or did not build here: its XLA matmul was "
+                           "NOT checked")
+def test_a_300_step_loss_curve_with_it_stays_within_0_02_nats_of_float32() -> None:
+    # As tests/test_mixed_precision.py's, with the step compiled and the switch on.
+    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", _LOSS_CURVES], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    fp32, bf16 = np.array(result["fp32"]), np.array(result["bf16"])
+    assert fp32[-20:].mean() < fp32[0] - 1.0, "the tiny model did not learn"
+    worst = int(np.abs(bf16 - fp32).argmax())
+    assert abs(bf16[worst] - fp32[worst]) <= 0.02, (result["isa"], worst, fp32[worst], bf16[worst])
 
 
 def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(
