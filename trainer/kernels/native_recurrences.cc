@@ -14,7 +14,7 @@
 // and gate math are float32. With compute_dtype = bfloat16 the per-step products (h_{t-1} @ W_h
 // forward, d(pre-activation) @ W_hᵀ backward) take bfloat16 inputs with float32 accumulation,
 // where the CPU has bfloat16 dot products (AMX, else AVX512-BF16, chosen at run time; see
-// "bfloat16 products" below); elsewhere they stay float32.
+// bf16_products.h, shared with native_matmul.cc); elsewhere they stay float32.
 //
 // Why hand-written intrinsics and not oneDNN (which PyTorch's nn.LSTM calls; not measured here):
 // the product is one small GEMM shape repeated T times on each thread's rows, with W_h converted
