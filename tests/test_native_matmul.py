@@ -21,6 +21,18 @@ from trainer import cache_dirs, kernels
 from trainer.kernels import native
 
 ROOT = Path(__file__).resolve().parents[1]
+NEEDS_NATIVE = pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or not native.available(),
+                                  reason="verne's native library is off or did not build here: its XLA "
+                                         "matmul was NOT checked")
+
+
+def _run_with_the_switch(script: str) -> dict:
+    """The JSON `script` prints last, run in a process with VERNE_XLA_BF16_MATMUL=1."""
+    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 _COMPILED_CHECKS = r"""
 import json, os
@@ -92,15 +104,9 @@ print(json.dumps({"isa": isa, "errors": errors, "grad_errors": grad_errors, "nat
 """
 
 
-@pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or not native.available(),
-                    reason="verne's native library is off or did not build here: its XLA matmul was "
-                           "NOT checked")
+@NEEDS_NATIVE
 def test_compiled_products_gradients_and_the_transformer_under_the_switch() -> None:
-    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
-    done = subprocess.run([sys.executable, "-c", _COMPILED_CHECKS], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_with_the_switch(_COMPILED_CHECKS)
     # float32 sums of exactly rounded products: only the summation order differs from float64.
     assert max(result["errors"]) < 1e-5 and max(result["grad_errors"]) < 1e-5, result
     if result["isa"] == "none":  # no bfloat16 dot products: the model keeps XLA's dot
@@ -123,16 +129,10 @@ print(json.dumps({"isa": native.bf16_isa(), "fp32": fp32.tolist(), "bf16": bf16.
 """
 
 
-@pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or not native.available(),
-                    reason="verne's native library is off or did not build here: its XLA matmul was "
-                           "NOT checked")
+@NEEDS_NATIVE
 def test_a_300_step_loss_curve_with_it_stays_within_0_02_nats_of_float32() -> None:
     # As tests/test_mixed_precision.py's, with the step compiled and the switch on.
-    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
-    done = subprocess.run([sys.executable, "-c", _LOSS_CURVES], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = _run_with_the_switch(_LOSS_CURVES)
     fp32, bf16 = np.array(result["fp32"]), np.array(result["bf16"])
     assert fp32[-20:].mean() < fp32[0] - 1.0, "the tiny model did not learn"
     worst = int(np.abs(bf16 - fp32).argmax())
