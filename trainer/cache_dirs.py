@@ -32,6 +32,8 @@ XLA_BF16_MATMUL_SWITCH = "VERNE_XLA_BF16_MATMUL"
 
 def xla_bf16_matmul_asked(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(XLA_BF16_MATMUL_SWITCH, "0") == "1"
+
+
 # TensorFlow's own flag: compiled XLA executables are written there (each to a temporary name,
 # then renamed) and loaded instead of compiling again when a later process traces the same
 # computation (TensorFlow compares the whole HLO module before using an entry).
@@ -120,9 +122,8 @@ def onednn_fusions_asked(xla_flags: str) -> bool:
 def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) -> str:
     """The persistent-cache flag to add to TF_XLA_FLAGS, or "" for none: when the user set their
     own, turned it off, asked XLA for oneDNN fusions (onednn_fusions_asked) or for verne's native
-    bfloat16 matmul (xla_bf16_matmul_asked), or the directory
-    cannot be written (TensorFlow would then fail the first compiled step instead of compiling
-    without a cache)."""
+    bfloat16 matmul (xla_bf16_matmul_asked), or the directory cannot be written (TensorFlow would
+    then fail the first compiled step instead of compiling without a cache)."""
     if (PERSISTENT_CACHE_FLAG in given_flags or environ.get(XLA_CACHE_SWITCH, "1") == "0"
             or onednn_fusions_asked(environ.get("XLA_FLAGS", "")) or xla_bf16_matmul_asked(environ)):
         return ""
