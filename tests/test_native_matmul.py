@@ -164,3 +164,27 @@ def test_the_switch_turns_the_persistent_compile_cache_off(tmp_path: Path) -> No
     env = {"VERNE_CACHE_DIR": str(tmp_path)}
     assert cache_dirs.xla_cache_flag("", env) != ""
     assert cache_dirs.xla_cache_flag("", {**env, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1"}) == ""
+
+
+@NEEDS_NATIVE
+def test_trainer_task_with_the_switch_trains_compiled_and_exports_a_model_without_it(
+        tmp_path: Path, make_data_dir) -> None:
+    # End to end: the compiled train and eval steps call the custom call; the SavedModel written at
+    # the end, traced without XLA, must not (it has to load where verne is not installed).
+    data_dir, prefix, _ = make_data_dir(tmp_path)
+    job = tmp_path / "job"
+    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
+    flags = ["--data_dir", data_dir, "--data_prefix", prefix, "--job-dir", str(job), "--cell", "transformer",
+             "--layers", "1", "--d_model", "32", "--heads", "2", "--embedding_size", "32",
+             "--unroll_steps", "16", "--max_context", "16", "--batch_size", "4", "--max_steps", "6",
+             "--eval_every", "3", "--eval_steps", "1", "--sample_every", "0"]
+    done = subprocess.run([sys.executable, "-m", "trainer.task", *flags], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hparams = json.loads((job / "hparams.json").read_text())
+    assert hparams["xla"] == "step"
+    assert hparams["precision"] == ("float32" if native.bf16_isa() == "none" else "bfloat16")
+    assert b"verne_bf16_matmul" not in (job / "export" / "saved_model.pb").read_bytes()
+    exported = tf.saved_model.load(str(job / "export"))
+    log_probs = exported.signatures["next_token_log_probs"](prime=tf.constant(["ab"]))["log_probs"]
+    assert np.isfinite(log_probs.numpy()).all()
