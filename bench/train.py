@@ -42,7 +42,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from preprocessing import contract
-from trainer import cache_dirs, data, kernels, loops, runner, xla
+from trainer import data, kernels, loops, runner, xla
 from trainer.errors import UsageError, run_cli
 from trainer.hparams import HParams, resolve_precision
 from trainer.kernels import native
@@ -294,8 +294,8 @@ def header(shape: Shape, torch_info: dict | None, xla_mode: str) -> list[str]:
     if shape.cell == "transformer":
         model = (f"model: transformer {shape.layers} layers x {shape.heads} heads x {shape.state}, block "
                  f"{shape.unroll}, vocab {shape.vocab}, batch {shape.batch}{extras}, AdamW 0.1, clip 1")
-        matmul = ("verne's native XLA custom call (VERNE_XLA_BF16_MATMUL=1)"
-                  if xla_mode == "step" and cache_dirs.xla_bf16_matmul_asked() else "XLA's dot or oneDNN")
+        matmul = ("verne's native XLA custom call" if xla_mode == "step" and kernels.xla_bf16_matmul_here()
+                  else "XLA's dot" if xla_mode == "step" else "oneDNN")
         compiled = f"compiled: --xla={xla_mode}; bfloat16 matmuls: {matmul}"
     else:
         model = (f"model: {shape.cell} {shape.layers}x{shape.state}, embedding {shape.embedding}, vocab "

@@ -72,7 +72,7 @@ def test_auto_precision_per_device_for_recurrent_cells_only() -> None:
     # the CPU (XLA's CPU dot gained nothing from bfloat16: trainer/xla.py).
     assert auto_precision("transformer", bf16, has_gpu=False, xla="fusion") == "bfloat16"
     assert auto_precision("transformer", bf16, has_gpu=False, xla="step") == "float32"
-    # verne's own bfloat16 matmul in the compiled step (VERNE_XLA_BF16_MATMUL=1), where the CPU has one
+    # verne's own bfloat16 matmul in the compiled step (kernels.xla_bf16_matmul_here), where the CPU has one
     assert auto_precision("transformer", bf16, has_gpu=False, xla="step", xla_bf16_matmul=True) == "bfloat16"
     assert auto_precision("transformer", frozenset({"avx2"}), has_gpu=False, xla="step",
                           xla_bf16_matmul=True) == "float32"

@@ -1,9 +1,8 @@
 """verne's bfloat16 matmul as an XLA custom call (trainer/kernels/native_matmul.cc), for the
-transformer's compiled step under VERNE_XLA_BF16_MATMUL=1.
+transformer's compiled step (on unless VERNE_XLA_BF16_MATMUL=0).
 
-The compiled checks run in a subprocess with the switch on: the switch turns TensorFlow's
-persistent compile cache off (a step calling the custom call crashed when loaded from it), and this
-test process was started with the cache on."""
+The compiled checks run in subprocesses: each with the switch on whatever the environment of this
+one, and the cache test as two processes sharing one compile cache."""
 
 from __future__ import annotations
 
@@ -26,9 +25,10 @@ NEEDS_NATIVE = pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or no
                                          "matmul was NOT checked")
 
 
-def _run_with_the_switch(script: str) -> dict:
-    """The JSON `script` prints last, run in a process with VERNE_XLA_BF16_MATMUL=1."""
-    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
+def _run_with_the_switch(script: str, tf_xla_flags: str = "") -> dict:
+    """The JSON `script` prints last, run in a process with the switch on and TF_XLA_FLAGS
+    `tf_xla_flags` (by default, no persistent compile cache)."""
+    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": tf_xla_flags}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -44,7 +44,6 @@ from trainer.hparams import HParams
 from trainer.kernels import native
 from trainer.models import build_model
 
-assert "--tf_xla_persistent_cache_directory" not in os.environ["TF_XLA_FLAGS"], os.environ["TF_XLA_FLAGS"]
 isa = native.bf16_isa()
 rng = np.random.default_rng(0)
 
@@ -160,10 +159,37 @@ def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(
         assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
 
 
-def test_the_switch_turns_the_persistent_compile_cache_off(tmp_path: Path) -> None:
-    env = {"VERNE_CACHE_DIR": str(tmp_path)}
-    assert cache_dirs.xla_cache_flag("", env) != ""
-    assert cache_dirs.xla_cache_flag("", {**env, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1"}) == ""
+_PRODUCTS_OF_EACH_FORM = r"""
+import json
+import numpy as np
+import tensorflow as tf
+import trainer
+from trainer.kernels import native
+
+native.load()  # registers the custom call with XLA
+rng = np.random.default_rng(0)
+outputs = []
+for ta, tb in ((False, False), (False, True), (True, False)):
+    a = rng.normal(size=(40, 96) if ta else (96, 40)).astype(np.float32)
+    b = rng.normal(size=(24, 40) if tb else (40, 24)).astype(np.float32)
+    product = tf.function(lambda a, b: native._xla_product(a, b, ta, tb) * 2.0 + 1.0, jit_compile=True)
+    outputs.append(product(a, b).numpy().tolist())
+print(json.dumps({"outputs": outputs}))
+"""
+
+
+@NEEDS_NATIVE
+def test_steps_restored_from_the_persistent_compile_cache_compute_what_compiled_ones_did(
+        tmp_path: Path) -> None:
+    # Restored from TensorFlow's cache, a step hands the call its result buffer inside an array,
+    # not the buffer itself: the second process crashed until native_matmul.cc told them apart.
+    flags = f"{cache_dirs.PERSISTENT_CACHE_FLAG}={tmp_path}"
+    compiled = _run_with_the_switch(_PRODUCTS_OF_EACH_FORM, flags)
+    written = sorted(path.name for path in tmp_path.iterdir())
+    assert len(written) == 3, written
+    restored = _run_with_the_switch(_PRODUCTS_OF_EACH_FORM, flags)
+    assert sorted(path.name for path in tmp_path.iterdir()) == written  # nothing compiled again
+    assert restored == compiled
 
 
 @NEEDS_NATIVE

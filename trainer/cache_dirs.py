@@ -7,7 +7,7 @@ its XLA flags, the compile cache's directory among them, once per process).
         ops/   the native recurrences, keyed by source, compiler, TensorFlow and CPU (kernels/native)
         xla/<key>/   compiled training steps (--xla step and fusion), keyed by TensorFlow, CPU, XLA_FLAGS
 
-`VERNE_XLA_CACHE=0` turns the XLA cache off; so does `VERNE_XLA_BF16_MATMUL=1` (see below).
+`VERNE_XLA_CACHE=0` turns the XLA cache off.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ from collections.abc import Mapping
 from trainer.hparams import cpu_flags
 
 XLA_CACHE_SWITCH = "VERNE_XLA_CACHE"
-# `VERNE_XLA_BF16_MATMUL=1`: the transformer's matmuls in a compiled step (--xla=step) under
-# --precision=bfloat16 run as verne's native bfloat16 product (trainer/kernels/native_matmul.cc,
-# an XLA custom call) instead of XLA's dot. Off by default: TensorFlow's persistent compile cache
-# cannot restore a step that calls it (the loaded step crashed), so the switch turns that cache
-# off, and every run then compiles its step again (gpt-baby's: ~7 s).
+# The transformer's matmuls in a compiled step (--xla=step) under --precision=bfloat16 run as
+# verne's native bfloat16 product (trainer/kernels/native_matmul.cc, an XLA custom call) instead
+# of XLA's dot, which gains nothing from bfloat16 on a CPU. `VERNE_XLA_BF16_MATMUL=0` turns that
+# off (XLA's dot, and --precision=auto back to float32 under --xla=step).
 XLA_BF16_MATMUL_SWITCH = "VERNE_XLA_BF16_MATMUL"
 
 
-def xla_bf16_matmul_asked(environ: Mapping[str, str] = os.environ) -> bool:
-    return environ.get(XLA_BF16_MATMUL_SWITCH, "0") == "1"
+def xla_bf16_matmul_allowed(environ: Mapping[str, str] = os.environ) -> bool:
+    return environ.get(XLA_BF16_MATMUL_SWITCH, "1") != "0"
 
 
 # TensorFlow's own flag: compiled XLA executables are written there (each to a temporary name,
@@ -121,11 +120,11 @@ def onednn_fusions_asked(xla_flags: str) -> bool:
 
 def xla_cache_flag(given_flags: str, environ: Mapping[str, str] = os.environ) -> str:
     """The persistent-cache flag to add to TF_XLA_FLAGS, or "" for none: when the user set their
-    own, turned it off, asked XLA for oneDNN fusions (onednn_fusions_asked) or for verne's native
-    bfloat16 matmul (xla_bf16_matmul_asked), or the directory cannot be written (TensorFlow would
-    then fail the first compiled step instead of compiling without a cache)."""
+    own, turned it off, asked XLA for oneDNN fusions (onednn_fusions_asked), or the directory
+    cannot be written (TensorFlow would then fail the first compiled step instead of compiling
+    without a cache)."""
     if (PERSISTENT_CACHE_FLAG in given_flags or environ.get(XLA_CACHE_SWITCH, "1") == "0"
-            or onednn_fusions_asked(environ.get("XLA_FLAGS", "")) or xla_bf16_matmul_asked(environ)):
+            or onednn_fusions_asked(environ.get("XLA_FLAGS", ""))):
         return ""
     directory = xla_dir(environ)
     if not _writable(directory):

@@ -257,8 +257,8 @@ def auto_precision(cell: str, cpu_flags: frozenset[str], has_gpu: bool, has_tpu:
     bfloat16 on a TPU (its native matmul type), float16 with loss scaling on a GPU (tensor cores;
     the usual mixed-precision recipe, not measured here: no GPU), bfloat16 on a CPU with native
     bf16 matmuls unless XLA compiles the whole step there (`xla` = "step": its CPU dot gained
-    nothing from bfloat16, trainer/xla.py) and verne's own bfloat16 matmul was not asked for
-    (`xla_bf16_matmul`, VERNE_XLA_BF16_MATMUL=1); float32 otherwise and for the zoo cells."""
+    nothing from bfloat16, trainer/xla.py) and verne's own bfloat16 matmul cannot run there
+    (`xla_bf16_matmul`: kernels.xla_bf16_matmul_here); float32 otherwise and for the zoo cells."""
     if cell not in BF16_CELLS:
         return "float32"
     if has_tpu:
@@ -287,11 +287,12 @@ def resolve_precision(hparams: HParams, on_tpu: bool = False) -> HParams:
         return hparams
     import tensorflow as tf  # here, not at import: hparams.py is read by light tools too
 
-    from trainer import cache_dirs  # here: cache_dirs reads this module's cpu_flags
+    from trainer import kernels  # here: kernels imports TensorFlow and reads this module
 
     has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    native_matmul = hparams.xla == "step" and not (has_gpu or on_tpu) and kernels.xla_bf16_matmul_here()
     return hparams.replace(precision=auto_precision(hparams.cell, cpu_flags(), has_gpu, on_tpu, hparams.xla,
-                                                    cache_dirs.xla_bf16_matmul_asked()))
+                                                    native_matmul))
 
 
 def shape_of(hparams: HParams) -> dict[str, Any]:

@@ -67,13 +67,19 @@ def xla_step(enabled: bool = True) -> Iterator[None]:
         _xla_step_depth -= int(enabled)
 
 
+def xla_bf16_matmul_here() -> bool:
+    """Whether verne's native bfloat16 matmul can run in this process's compiled steps: not
+    turned off (`VERNE_XLA_BF16_MATMUL=0`, trainer/cache_dirs.py), the native library built, and
+    a CPU with bfloat16 dot products (elsewhere XLA's own dot, which gains nothing from bfloat16
+    on a CPU)."""
+    return cache_dirs.xla_bf16_matmul_allowed() and native.bf16_isa() != "none"
+
+
 def use_xla_bf16_matmul(compute_dtype: tf.DType) -> bool:
-    """Whether a bfloat16 matmul traced here runs as verne's native XLA custom call: asked for
-    (`VERNE_XLA_BF16_MATMUL=1`, trainer/cache_dirs.py), inside `xla_step()`, not inside
-    `portable()`, with the native library built and a CPU with bfloat16 dot products (elsewhere
-    XLA's own dot, which gains nothing from bfloat16 on a CPU)."""
+    """Whether a bfloat16 matmul traced here runs as verne's native XLA custom call: inside
+    `xla_step()`, not inside `portable()`, where `xla_bf16_matmul_here()`."""
     return (compute_dtype == tf.bfloat16 and _xla_step_depth > 0 and _portable_depth == 0
-            and cache_dirs.xla_bf16_matmul_asked() and native.bf16_isa() != "none")
+            and xla_bf16_matmul_here())
 
 
 def use_cudnn() -> bool:

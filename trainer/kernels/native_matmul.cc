@@ -24,8 +24,10 @@
 #include <cstdlib>
 #include <functional>
 #include <mutex>
+#include <pthread.h>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include "Eigen/Core"
 #include "bf16_products.h"
@@ -274,13 +276,32 @@ void Bf16Product(const Product& p, Isa isa, const float* a, const float* b, floa
 }
 #endif
 
+// Whether p lies in the calling thread's stack. XLA hands a call with one (non-tuple) result its
+// buffer, but a step that TensorFlow's persistent compile cache restores hands it a one-element
+// array of result pointers instead (the thunk's tuple flag does not survive the cache: a step
+// with a 2-tuple result went wrong the other way). That array is a local of XLA's caller, on this
+// thread's stack, where no XLA buffer ever is, so the call can tell which it got.
+bool OnThisThreadsStack(const void* p) {
+  thread_local const std::pair<uintptr_t, uintptr_t> stack = [] {
+    pthread_attr_t attr;
+    void* base = nullptr;
+    size_t size = 0;
+    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+      pthread_attr_getstack(&attr, &base, &size);
+      pthread_attr_destroy(&attr);
+    }
+    const auto low = reinterpret_cast<uintptr_t>(base);
+    return std::make_pair(low, low + size);
+  }();
+  const auto address = reinterpret_cast<uintptr_t>(p);
+  return address >= stack.first && address < stack.second;
+}
+
 }  // namespace
 
 // XLA's status-returning custom-call signature: out, operands (a, b), backend_config, status.
-// TensorFlow's persistent compile cache cannot restore a step with this call: loaded from it, the
-// call got a pointer to its result's buffer pointer instead of the buffer (a 1-tuple taken apart
-// when XLA compiles the step but not when the cache loads it), and a 2-tuple went wrong the other
-// way. So the switch that turns this call on also turns that cache off (trainer/cache_dirs.py).
+// `out` is the result's buffer, or, in a step restored from TensorFlow's persistent compile cache,
+// an array holding it (OnThisThreadsStack).
 extern "C" void verne_bf16_matmul(void* out, const void** in, const char* opaque, size_t opaque_length,
                                   XlaCustomCallStatus* status) {
   Product p;
@@ -292,7 +313,7 @@ extern "C" void verne_bf16_matmul(void* out, const void** in, const char* opaque
   }
   const auto* a = static_cast<const float*>(in[0]);
   const auto* b = static_cast<const float*>(in[1]);
-  auto* c = static_cast<float*>(out);
+  auto* c = static_cast<float*>(OnThisThreadsStack(out) ? *static_cast<void**>(out) : out);
   const Isa isa = Bf16Isa();
 #ifdef VERNE_X86_BF16
   if (isa != Isa::kFloat32) {
