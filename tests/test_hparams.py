@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from trainer.errors import UsageError
 from trainer.hparams import (
     HParams,
     auto_precision,
@@ -116,6 +117,28 @@ def test_xla_auto_compiles_a_small_transformer_whole_and_fuses_a_large_one() -> 
     assert xla.resolve(baby.replace(xla="off")).xla == "off"  # a given mode stays
     with pytest.raises(ValueError, match="--xla=step compiles the transformer's step"):
         HParams(cell="lstm", xla="step").validate()
+
+
+def test_batch_splits_auto_is_two_only_for_a_step_compiled_whole_on_a_multi_core_cpu() -> None:
+    from trainer import xla
+
+    assert xla.auto_batch_splits("step", 12, on_cpu=True, cores=2) == 2
+    assert xla.auto_batch_splits("step", 12, on_cpu=True, cores=1) == 1
+    assert xla.auto_batch_splits("step", 7, on_cpu=True, cores=8) == 1  # no equal halves
+    assert xla.auto_batch_splits("step", 12, on_cpu=False, cores=8) == 1
+    for mode in ("off", "fusion"):
+        assert xla.auto_batch_splits(mode, 12, on_cpu=True, cores=8) == 1
+    baby = HParams(cell="transformer", layers=4, d_model=128, heads=4, vocab_size=65, batch_size=12,
+                   unroll_steps=64, max_context=64)
+    assert xla.resolve(baby, accelerator=True).batch_splits == 1
+    assert xla.resolve(baby.replace(batch_splits=3)).batch_splits == 3  # a given count stays
+    assert xla.resolve(HParams()).batch_splits == 1  # the LSTM: a graph, not measured
+    with pytest.raises(ValueError, match="--batch_splits=5: must divide --batch_size=12"):
+        baby.replace(batch_splits=5).validate()
+    with pytest.raises(ValueError, match="--batch_splits=-1: must be >= 0"):
+        baby.replace(batch_splits=-1).validate()
+    with pytest.raises(UsageError, match="--batch_splits=4: must divide each of the 2 replicas' 6 streams"):
+        xla.resolve(baby.replace(batch_splits=4), replicas=2)
 
 
 def test_xla_fusion_turns_clustering_on_only_inside_and_the_cpu_flags_are_set_at_import() -> None:

@@ -73,6 +73,9 @@ _HELP = {
     "xla": "How the training step is compiled: auto, off, step (the whole step by XLA) or fusion "
            "(XLA fuses the elementwise ops between TensorFlow's matmuls); auto: the transformer on a "
            "CPU, step when small, fusion when large; off otherwise.",
+    "batch_splits": "The batch as this many equal slices that the training step runs forward and "
+                    "backward side by side (their losses averaged), which XLA's CPU runtime runs on "
+                    "separate cores at once. 0: auto (2 where --xla resolves to step on a CPU, else 1).",
     "steps_per_execution": "Training windows run per compiled call (1: one; more saves a TPU "
                            "the host round trip between steps). "
                            "Evaluation, checkpoints and samples still happen at their exact steps.",

@@ -126,6 +126,11 @@ class HParams:
     # How the training step is compiled: off, step (all of it by XLA), fusion (XLA between the
     # matmuls) or auto (trainer/xla.py). Resolved on the training machine, like precision.
     xla: str = "auto"
+    # The batch's streams as this many equal slices, each run forward and backward on its own in
+    # the step (their losses averaged: the batch's loss). XLA's CPU runtime runs work that does
+    # not depend on other work at the same time, so slices keep two cores busy where one batch's
+    # small ops ran one after another. 0: auto (trainer/xla.py), resolved like --xla.
+    batch_splits: int = 0
 
     # --- fine-tuning and embeddings ---
     init_from: str = ""
@@ -168,7 +173,8 @@ class HParams:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be in [0, 1)")
         non_negative = {"state_reset_windows": "0: never", "save_checkpoints_steps": "0: only at the "
                         "end and on SIGTERM/Ctrl-C", "mogrify_rounds": "0: a plain LSTM",
-                        "mogrify_rank": "0: full rank", "attention_window": "0: none"}
+                        "mogrify_rank": "0: full rank", "attention_window": "0: none",
+                        "batch_splits": "0: auto"}
         for name, zero in non_negative.items():
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name}={getattr(self, name)}: must be >= 0 ({zero})")
@@ -180,6 +186,9 @@ class HParams:
             raise ValueError(f"--precision={self.precision}: --cell={self.cell} computes in float32 "
                              f"(16-bit matmuls exist for {', '.join(BF16_CELLS)}); use --precision=auto "
                              "or float32")
+        if self.batch_splits and self.batch_size % self.batch_splits:
+            raise ValueError(f"--batch_splits={self.batch_splits}: must divide "
+                             f"--batch_size={self.batch_size}")
         if self.xla == "step" and self.cell != "transformer":
             raise ValueError(f"--xla=step compiles the transformer's step; --cell={self.cell} runs ops "
                              "XLA cannot compile (its recurrence): use --xla=off or auto")

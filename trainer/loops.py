@@ -51,6 +51,30 @@ def gather_state(strategy: tf.distribute.Strategy, state: State) -> State:
     return tf.nest.map_structure(lambda leaf: strategy.gather(leaf, axis=0), state)
 
 
+def training_loss(tokens: tf.Tensor, labels: tf.Tensor, state: State, seed: tf.Tensor,
+                  params: Params) -> tuple[tf.Tensor, State]:
+    """model_fn's TRAIN loss and next state, over --batch_splits equal slices of the streams,
+    each run forward on its own; their mean loss is the batch's (every window has as many
+    tokens). No op joins the slices before the gradients meet, so XLA's CPU runtime runs them on
+    separate cores at once (trainer/xla.py). Each slice draws its own dropout masks."""
+    splits = max(params.hparams.batch_splits, 1)  # 0, unresolved: the batch whole
+    if splits == 1:
+        spec = model_fn({"tokens": tokens, "state": state, "dropout_seed": seed}, labels, Mode.TRAIN, params)
+        return spec.loss, spec.state
+    leaves = [tf.split(leaf, splits) for leaf in tf.nest.flatten(state)]
+    losses, states = [], []
+    for index, (part_tokens, part_labels) in enumerate(zip(tf.split(tokens, splits), tf.split(labels, splits),
+                                                           strict=True)):
+        part_state = tf.nest.pack_sequence_as(state, [leaf[index] for leaf in leaves])
+        part_seed = tf.random.experimental.stateless_fold_in(seed, index)
+        spec = model_fn({"tokens": part_tokens, "state": part_state, "dropout_seed": part_seed}, part_labels,
+                        Mode.TRAIN, params)
+        losses.append(spec.loss)
+        states.append(spec.state)
+    joined = tf.nest.map_structure(lambda *parts: tf.concat(parts, 0), *states)
+    return tf.add_n(losses) / splits, joined
+
+
 def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
                         strategy: tf.distribute.Strategy,
                         loss_scale: optimizers.DynamicLossScale | None) -> Callable[..., tuple[Any, ...]]:
@@ -71,10 +95,9 @@ def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
         replica_id = tf.distribute.get_replica_context().replica_id_in_sync_group
         seed = awd.step_seed(params.hparams.seed, optimizer.iterations, replica_id)
         with tf.GradientTape() as tape:
-            spec = model_fn({"tokens": tokens, "state": state, "dropout_seed": seed}, labels,
-                            Mode.TRAIN, params)
+            loss, state = training_loss(tokens, labels, state, seed, params)
             # Gradients are summed over replicas, so each contributes its share of the mean.
-            scaled = spec.loss / replicas
+            scaled = loss / replicas
             if loss_scale is not None:
                 scaled = scaled * loss_scale.scale
         variables = model.trainable_variables
@@ -101,7 +124,7 @@ def _replica_train_step(params: Params, optimizer: keras.optimizers.Optimizer,
 
             tf.cond(finite, apply, lambda: tf.constant(False))
             loss_scale.update(finite)
-        return spec.loss, norm, spec.state
+        return loss, norm, state
 
     return replica_step
 

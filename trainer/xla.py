@@ -50,16 +50,31 @@ def auto_xla(cell: str, train_flops: float, on_cpu: bool) -> str:
     return "step" if train_flops < STEP_XLA_FLOPS else "fusion"
 
 
+def auto_batch_splits(xla: str, replica_batch: int, on_cpu: bool, cores: int) -> int:
+    """What --batch_splits=0 means: 2 for a step XLA compiles whole on a CPU with two cores or
+    more (gpt-baby's step 8-10% shorter on 2 cores of an AMD EPYC, bench/README.md; 3 and 4
+    slices did no better), 1 otherwise (not measured: graphs, GPUs, TPUs)."""
+    return 2 if xla == "step" and on_cpu and cores >= 2 and replica_batch % 2 == 0 else 1
+
+
 def resolve(hparams: HParams, replicas: int = 1, accelerator: bool = False) -> HParams:
-    """hparams with --xla=auto replaced by its concrete mode for this machine (`accelerator`: a
-    GPU or TPU). A whole compiled step needs one replica (no cross-device reduction inside it)."""
-    if hparams.xla != "auto":
-        return hparams
-    flops = (transformer_train_flops(hparams.layers, hparams.d_model, hparams.vocab_size,
-                                     hparams.batch_size, hparams.unroll_steps)
-             if hparams.cell == "transformer" else 0.0)
-    mode = auto_xla(hparams.cell, flops, on_cpu=not accelerator)
-    return hparams.replace(xla="fusion" if mode == "step" and replicas > 1 else mode)
+    """hparams with --xla=auto and --batch_splits=0 replaced by their concrete values for this
+    machine (`accelerator`: a GPU or TPU). A whole compiled step needs one replica (no
+    cross-device reduction inside it)."""
+    if hparams.xla == "auto":
+        flops = (transformer_train_flops(hparams.layers, hparams.d_model, hparams.vocab_size,
+                                         hparams.batch_size, hparams.unroll_steps)
+                 if hparams.cell == "transformer" else 0.0)
+        mode = auto_xla(hparams.cell, flops, on_cpu=not accelerator)
+        hparams = hparams.replace(xla="fusion" if mode == "step" and replicas > 1 else mode)
+    replica_batch = hparams.batch_size // replicas
+    if hparams.batch_splits == 0:
+        splits = auto_batch_splits(hparams.xla, replica_batch, not accelerator, os.cpu_count() or 1)
+        hparams = hparams.replace(batch_splits=splits)
+    if replica_batch % hparams.batch_splits:
+        raise UsageError(f"--batch_splits={hparams.batch_splits}: must divide each of the {replicas} "
+                         f"replicas' {replica_batch} streams (--batch_size={hparams.batch_size})")
+    return hparams
 
 
 @contextlib.contextmanager
