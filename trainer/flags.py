@@ -67,8 +67,9 @@ _HELP = {
     "seed": "Random seed for initialisation, dropout and sampling.",
     "precision": "auto, float32, bfloat16 or float16 (16-bit matmuls; fp32 state and weights; float16 "
                  "adds dynamic loss scaling). auto: lstm/gru/rnn use bfloat16 on a TPU, float16 on a "
-                 "GPU, bfloat16 on a CPU with AVX512_BF16 or AMX, else float32; the transformer too, but "
-                 "float32 where --xla resolves to step. mlstm, mogrifier and qrnn always compute in "
+                 "GPU, bfloat16 on a CPU with AVX512_BF16 or AMX, else float32; the transformer too "
+                 "(under --xla step with verne's own bfloat16 matmul; VERNE_XLA_BF16_MATMUL=0: float32 "
+                 "there). mlstm, mogrifier and qrnn always compute in "
                  "float32.",
     "xla": "How the training step is compiled: auto, off, step (the whole step by XLA) or fusion "
            "(XLA fuses the elementwise ops between TensorFlow's matmuls); auto: the transformer on a "

@@ -5,7 +5,10 @@
 - `step`: the whole training step compiled by XLA (`jit_compile`). A small transformer's step on
   a CPU is mostly per-op cost, not arithmetic: bench/train.py --shape gpt-baby (4x4x128, 768
   tokens a step) took 24 ms compiled against 34 ms as a graph (AMD EPYC, float32). XLA's CPU dot
-  gains nothing from bfloat16 there (34 ms), so `--precision auto` keeps float32 with it.
+  gains nothing from bfloat16 there (34 ms), so on a CPU with bfloat16 dot products the dense
+  matmuls run as verne's own product, an XLA custom call (trainer/kernels/native_matmul.cc), and
+  `--precision auto` picks bfloat16; without one, float32. The batch runs as --batch_splits
+  slices (auto_batch_splits), which XLA's runtime runs on separate cores at once.
 - `fusion`: TensorFlow's oneDNN kernels for the matmuls and XLA for the elementwise ops between
   them (TensorFlow's auto-clustering, limited to fusible ops on the CPU by the flags
   trainer/__init__.py sets). For a large transformer, whose
