@@ -119,15 +119,15 @@ def test_xla_auto_compiles_a_small_transformer_whole_and_fuses_a_large_one() -> 
         HParams(cell="lstm", xla="step").validate()
 
 
-def test_batch_splits_auto_is_two_only_for_a_step_compiled_whole_on_a_multi_core_cpu() -> None:
+def test_batch_splits_auto_is_two_only_for_a_transformer_step_on_a_multi_core_cpu() -> None:
     from trainer import xla
 
-    assert xla.auto_batch_splits("step", 12, on_cpu=True, cores=2) == 2
-    assert xla.auto_batch_splits("step", 12, on_cpu=True, cores=1) == 1
-    assert xla.auto_batch_splits("step", 7, on_cpu=True, cores=8) == 1  # no equal halves
-    assert xla.auto_batch_splits("step", 12, on_cpu=False, cores=8) == 1
-    for mode in ("off", "fusion"):
-        assert xla.auto_batch_splits(mode, 12, on_cpu=True, cores=8) == 1
+    for mode in ("step", "fusion"):  # the transformer's modes
+        assert xla.auto_batch_splits(mode, 12, on_cpu=True, cores=2) == 2
+        assert xla.auto_batch_splits(mode, 12, on_cpu=True, cores=1) == 1
+        assert xla.auto_batch_splits(mode, 7, on_cpu=True, cores=8) == 1  # no equal halves
+        assert xla.auto_batch_splits(mode, 12, on_cpu=False, cores=8) == 1
+    assert xla.auto_batch_splits("off", 12, on_cpu=True, cores=8) == 1
     baby = HParams(cell="transformer", layers=4, d_model=128, heads=4, vocab_size=65, batch_size=12,
                    unroll_steps=64, max_context=64)
     assert xla.resolve(baby, accelerator=True).batch_splits == 1

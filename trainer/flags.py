@@ -76,7 +76,8 @@ _HELP = {
            "CPU, step when small, fusion when large; off otherwise.",
     "batch_splits": "The batch as this many equal slices that the training step runs forward and "
                     "backward side by side (their losses averaged), which XLA's CPU runtime runs on "
-                    "separate cores at once. 0: auto (2 where --xla resolves to step on a CPU, else 1).",
+                    "separate cores at once. 0: auto (2 for the transformer on a CPU, where --xla resolves "
+                    "to step or fusion; else 1).",
     "steps_per_execution": "Training windows run per compiled call (1: one; more saves a TPU "
                            "the host round trip between steps). "
                            "Evaluation, checkpoints and samples still happen at their exact steps.",

@@ -127,9 +127,10 @@ class HParams:
     # matmuls) or auto (trainer/xla.py). Resolved on the training machine, like precision.
     xla: str = "auto"
     # The batch's streams as this many equal slices, each run forward and backward on its own in
-    # the step (their losses averaged: the batch's loss). XLA's CPU runtime runs work that does
-    # not depend on other work at the same time, so slices keep two cores busy where one batch's
-    # small ops ran one after another. 0: auto (trainer/xla.py), resolved like --xla.
+    # the step (their losses averaged: the batch's loss). XLA's CPU runtime (and TensorFlow's
+    # executor) runs work that does not depend on other work at the same time, so slices keep two
+    # cores busy where one batch's ops ran one after another. 0: auto (trainer/xla.py), resolved
+    # like --xla.
     batch_splits: int = 0
 
     # --- fine-tuning and embeddings ---

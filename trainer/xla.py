@@ -54,10 +54,12 @@ def auto_xla(cell: str, train_flops: float, on_cpu: bool) -> str:
 
 
 def auto_batch_splits(xla: str, replica_batch: int, on_cpu: bool, cores: int) -> int:
-    """What --batch_splits=0 means: 2 for a step XLA compiles whole on a CPU with two cores or
-    more (gpt-baby's step 8-10% shorter on 2 cores of an AMD EPYC, bench/README.md; 3 and 4
-    slices did no better), 1 otherwise (not measured: graphs, GPUs, TPUs)."""
-    return 2 if xla == "step" and on_cpu and cores >= 2 and replica_batch % 2 == 0 else 1
+    """What --batch_splits=0 means: 2 for a transformer's step (XLA compiling all of it, or
+    fusing between oneDNN's matmuls) on a CPU with two cores or more, 1 otherwise. On 2 cores of
+    an AMD EPYC (bench/README.md): gpt-baby's compiled step 8-10% shorter, 3 and 4 slices no
+    better than 2; gpt-small's fused step 12-15% shorter; the LSTM's graph 2-4%, within the
+    host's drift, so recurrent cells keep 1 (not measured: GPUs, TPUs)."""
+    return 2 if xla in ("step", "fusion") and on_cpu and cores >= 2 and replica_batch % 2 == 0 else 1
 
 
 def resolve(hparams: HParams, replicas: int = 1, accelerator: bool = False) -> HParams:
