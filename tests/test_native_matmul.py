@@ -28,7 +28,7 @@ NEEDS_NATIVE = pytest.mark.skipif(os.environ.get(native.ENV_SWITCH) == "0" or no
 def _run_with_the_switch(script: str, tf_xla_flags: str = "") -> dict:
     """The JSON `script` prints last, run in a process with the switch on and TF_XLA_FLAGS
     `tf_xla_flags` (by default, no persistent compile cache)."""
-    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": tf_xla_flags}
+    env = {**os.environ, native.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": tf_xla_flags}
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -141,7 +141,7 @@ def test_a_300_step_loss_curve_with_it_stays_within_0_02_nats_of_float32() -> No
 def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(native, "bf16_isa", lambda: "avx512_bf16")
-    monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "1")
+    monkeypatch.setenv(native.XLA_BF16_MATMUL_SWITCH, "1")
     assert not kernels.use_xla_bf16_matmul(tf.bfloat16)  # outside a compiled step (sampling, export)
     with kernels.xla_step():
         assert kernels.use_xla_bf16_matmul(tf.bfloat16)
@@ -150,10 +150,10 @@ def test_the_custom_call_is_used_only_when_asked_inside_a_compiled_step(
             assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
     with kernels.xla_step(False):  # a step traced without XLA
         assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
-    monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "0")
+    monkeypatch.setenv(native.XLA_BF16_MATMUL_SWITCH, "0")
     with kernels.xla_step():
         assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
-    monkeypatch.setenv(cache_dirs.XLA_BF16_MATMUL_SWITCH, "1")
+    monkeypatch.setenv(native.XLA_BF16_MATMUL_SWITCH, "1")
     monkeypatch.setattr(native, "bf16_isa", lambda: "none")
     with kernels.xla_step():
         assert not kernels.use_xla_bf16_matmul(tf.bfloat16)
@@ -199,7 +199,7 @@ def test_trainer_task_with_the_switch_trains_compiled_and_exports_a_model_withou
     # the end, traced without XLA, must not (it has to load where verne is not installed).
     data_dir, prefix, _ = make_data_dir(tmp_path)
     job = tmp_path / "job"
-    env = {**os.environ, cache_dirs.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
+    env = {**os.environ, native.XLA_BF16_MATMUL_SWITCH: "1", "TF_XLA_FLAGS": ""}
     flags = ["--data_dir", data_dir, "--data_prefix", prefix, "--job-dir", str(job), "--cell", "transformer",
              "--layers", "1", "--d_model", "32", "--heads", "2", "--embedding_size", "32",
              "--unroll_steps", "16", "--max_context", "16", "--batch_size", "4", "--max_steps", "6",

@@ -22,17 +22,6 @@ from collections.abc import Mapping
 from trainer.hparams import cpu_flags
 
 XLA_CACHE_SWITCH = "VERNE_XLA_CACHE"
-# The transformer's matmuls in a compiled step (--xla=step) under --precision=bfloat16 run as
-# verne's native bfloat16 product (trainer/kernels/native_matmul.cc, an XLA custom call) instead
-# of XLA's dot, which gains nothing from bfloat16 on a CPU. `VERNE_XLA_BF16_MATMUL=0` turns that
-# off (XLA's dot, and --precision=auto back to float32 under --xla=step).
-XLA_BF16_MATMUL_SWITCH = "VERNE_XLA_BF16_MATMUL"
-
-
-def xla_bf16_matmul_allowed(environ: Mapping[str, str] = os.environ) -> bool:
-    return environ.get(XLA_BF16_MATMUL_SWITCH, "1") != "0"
-
-
 # TensorFlow's own flag: compiled XLA executables are written there (each to a temporary name,
 # then renamed) and loaded instead of compiling again when a later process traces the same
 # computation (TensorFlow compares the whole HLO module before using an entry).

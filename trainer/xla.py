@@ -58,7 +58,8 @@ def auto_batch_splits(xla: str, replica_batch: int, on_cpu: bool, cores: int) ->
     fusing between oneDNN's matmuls) on a CPU with two cores or more, 1 otherwise. On 2 cores of
     an AMD EPYC (bench/README.md): gpt-baby's compiled step 8-10% shorter, 3 and 4 slices no
     better than 2; gpt-small's fused step 12-15% shorter; the LSTM's graph 2-4%, within the
-    host's drift, so recurrent cells keep 1 (not measured: GPUs, TPUs)."""
+    host's drift, so the recurrent cells, whose auto is `off`, keep 1 (an LSTM given --xla=fusion
+    by hand gets 2; not measured: GPUs, TPUs)."""
     return 2 if xla in ("step", "fusion") and on_cpu and cores >= 2 and replica_batch % 2 == 0 else 1
 
 

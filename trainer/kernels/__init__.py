@@ -21,11 +21,11 @@ layer input, not x_proj). On a CPU, three implementations of this module's contr
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import tensorflow as tf
 
-from trainer import cache_dirs
 from trainer.kernels import native
 from trainer.kernels.cudnn import gru_sequence_cudnn, lstm_sequence_cudnn
 from trainer.kernels.gru import gru_sequence_fast
@@ -69,10 +69,10 @@ def xla_step(enabled: bool = True) -> Iterator[None]:
 
 def xla_bf16_matmul_here() -> bool:
     """Whether verne's native bfloat16 matmul can run in this process's compiled steps: not
-    turned off (`VERNE_XLA_BF16_MATMUL=0`, trainer/cache_dirs.py), the native library built, and
-    a CPU with bfloat16 dot products (elsewhere XLA's own dot, which gains nothing from bfloat16
-    on a CPU)."""
-    return cache_dirs.xla_bf16_matmul_allowed() and native.bf16_isa() != "none"
+    turned off (`VERNE_XLA_BF16_MATMUL=0`, native.XLA_BF16_MATMUL_SWITCH), the native library
+    built, and a CPU with bfloat16 dot products (elsewhere XLA's own dot, which gains nothing from
+    bfloat16 on a CPU)."""
+    return os.environ.get(native.XLA_BF16_MATMUL_SWITCH, "1") != "0" and native.bf16_isa() != "none"
 
 
 def use_xla_bf16_matmul(compute_dtype: tf.DType) -> bool:

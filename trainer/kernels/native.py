@@ -51,6 +51,10 @@ KERNELS = pathlib.Path(__file__).parent
 SOURCES = (KERNELS / "native_recurrences.cc", KERNELS / "native_matmul.cc")
 HEADERS = (KERNELS / "bf16_products.h",)
 ENV_SWITCH = "VERNE_NATIVE_KERNELS"
+# `VERNE_XLA_BF16_MATMUL=0`: the transformer's matmuls in a compiled step keep XLA's dot instead
+# of the library's bfloat16 product (kernels.xla_bf16_matmul_here), and --precision=auto keeps
+# float32 under --xla=step.
+XLA_BF16_MATMUL_SWITCH = "VERNE_XLA_BF16_MATMUL"
 
 
 def cache_dir() -> pathlib.Path:

@@ -10,8 +10,9 @@
 // emits it (tf2xla's XlaCustomCallV2) for the three products of a dense layer's step: x @ W
 // forward, dy @ Wᵀ and xᵀ @ dy backward.
 //
-// XLA's legacy custom-call interface gives the call no thread pool, and XLA runs custom calls one
-// after another. So this library keeps one helper thread, and a product's rows are split into
+// XLA's legacy custom-call interface gives the call no thread pool, and XLA runs the custom calls
+// of one chain of work one after another (those of two --batch_splits slices may run at once; a
+// call that finds the helper busy runs alone). So this library keeps one helper thread, and a product's rows are split into
 // 64-row chunks that the caller and the helper take in turn: a helper slow to wake costs the
 // caller no wait. Alone, two threads ran a product 1.6x as fast as one; inside gpt-baby's step
 // the helper took 41% of the chunks yet the products ran at about one thread's rate, the second
