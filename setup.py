@@ -64,8 +64,9 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["preprocessing", "preprocessing.*", "trainer", "trainer.*",
                                     "pipelines", "pipelines.*"]),
-    # The native CPU kernels' source: compiled on the machine that trains (trainer/kernels/native.py).
-    package_data={"trainer.kernels": ["*.cc"]},
+    # The native CPU kernels' sources and headers: compiled on the machine that trains
+    # (trainer/kernels/native.py).
+    package_data={"trainer.kernels": ["*.cc", "*.h"]},
     install_requires=STACK,
     extras_require={"dev": DEV, **TENSORFLOW},
 )

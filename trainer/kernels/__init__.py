@@ -82,6 +82,14 @@ def use_xla_bf16_matmul(compute_dtype: tf.DType) -> bool:
             and xla_bf16_matmul_here())
 
 
+def use_native_attention(compute_dtype: tf.DType) -> bool:
+    """Whether a bfloat16 attention traced here runs as verne's native op
+    (native.causal_attention_native): a TensorFlow op, so not inside `xla_step()` (XLA cannot
+    compile it) nor `portable()`, and only where the CPU has bfloat16 dot products."""
+    return (compute_dtype == tf.bfloat16 and _xla_step_depth == 0 and use_native()
+            and native.bf16_isa() != "none")
+
+
 def use_cudnn() -> bool:
     """cuDNN's fused kernels (cudnn.py) wherever a GPU is visible; never inside `portable()`."""
     return _portable_depth == 0 and bool(tf.config.list_logical_devices("GPU"))
@@ -135,6 +143,7 @@ __all__ = [
     "gru_sequence", "gru_sequence_cudnn", "gru_sequence_fast", "gru_sequence_native",
     "gru_sequence_reference", "lstm_sequence", "lstm_sequence_cudnn", "lstm_sequence_fast",
     "lstm_sequence_native", "lstm_sequence_reference",
-    "cpu_bf16_isa", "describe_runtime", "portable", "use_cudnn", "use_native", "use_xla_bf16_matmul",
+    "cpu_bf16_isa", "describe_runtime", "portable", "use_cudnn", "use_native", "use_native_attention",
+    "use_xla_bf16_matmul",
     "xla_step",
 ]

@@ -3,7 +3,10 @@
 - `native_recurrences.cc`: the whole-window LSTM and GRU recurrences, one op each way.
 - `native_matmul.cc`: a bfloat16 matmul that XLA calls from a compiled step (`xla_bf16_matmul`;
   the transformer's dense layers under --xla=step --precision=bfloat16).
-Both run their bfloat16 products on `bf16_products.h`.
+- `native_attention.cc`: the transformer's causal attention over a window on its own, one op each
+  way (`causal_attention_native`; training and evaluation windows under --precision=bfloat16
+  outside a compiled step, e.g. --xla=fusion).
+All run their bfloat16 products on `bf16_products.h`.
 
 Why a C++ op: on a 2-core CPU a recurrence step written as TensorFlow ops is ~20 small ops
 whose dispatch, not their FLOPs, is most of the time (PyTorch's fused oneDNN LSTM pays none).
@@ -46,10 +49,10 @@ from trainer.hparams import cpu_flags
 from trainer.kernels.lstm import cast, zeros_if_none
 
 KERNELS = pathlib.Path(__file__).parent
-# One library: the recurrence ops, and the bfloat16 matmul XLA calls in a compiled step
-# (native_matmul.cc), both on the products of bf16_products.h.
-SOURCES = (KERNELS / "native_recurrences.cc", KERNELS / "native_matmul.cc")
-HEADERS = (KERNELS / "bf16_products.h",)
+# One library: the recurrence ops, the bfloat16 matmul XLA calls in a compiled step
+# (native_matmul.cc) and the causal attention op, all on the products of bf16_products.h.
+SOURCES = (KERNELS / "native_recurrences.cc", KERNELS / "native_matmul.cc", KERNELS / "native_attention.cc")
+HEADERS = (KERNELS / "bf16_products.h", KERNELS / "tf_op.h")
 ENV_SWITCH = "VERNE_NATIVE_KERNELS"
 # `VERNE_XLA_BF16_MATMUL=0`: the transformer's matmuls in a compiled step keep XLA's dot instead
 # of the library's bfloat16 product (kernels.xla_bf16_matmul_here), and --precision=auto keeps
@@ -383,3 +386,23 @@ def xla_bf16_matmul(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:
         return _xla_product(x, w), grad
 
     return run(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(w, tf.float32))
+
+
+def causal_attention_native(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, window: int) -> tf.Tensor:
+    """softmax(q kᵀ + causal window mask) v for each head of a window on its own: q (scaled), k,
+    v float32 [B, T, H, D] (T and D multiples of 16), query i seeing keys j with
+    0 <= i - j < `window`; the result [B, T, H, D]. One op each way (native_attention.cc),
+    bfloat16 products with float32 sums and softmax. Only on a CPU with bfloat16 dot products
+    (`bf16_isa()`)."""
+    ops = load()
+
+    @tf.custom_gradient
+    def run(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor):  # noqa: ANN202
+        o, lse = ops.verne_causal_attention(q, k, v, window=window)
+
+        def grad(d_o: tf.Tensor):  # noqa: ANN202
+            return ops.verne_causal_attention_grad(q, k, v, o, lse, d_o, window=window)
+
+        return o, grad
+
+    return run(*(tf.convert_to_tensor(t, tf.float32) for t in (q, k, v)))

@@ -37,24 +37,10 @@
 #include <vector>
 
 #include "Eigen/Core"
-#include "tensorflow/core/framework/common_shape_fns.h"
-#include "tensorflow/core/framework/op.h"
-#include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/shape_inference.h"
-#include "tensorflow/core/platform/threadpool.h"
 #include "bf16_products.h"  // the bfloat16 products, shared with native_matmul.cc
+#include "tf_op.h"
 
 namespace verne {
-
-using tensorflow::DEVICE_CPU;
-using tensorflow::OpKernel;
-using tensorflow::OpKernelConstruction;
-using tensorflow::OpKernelContext;
-using tensorflow::Tensor;
-using tensorflow::TensorShape;
-using tensorflow::errors::InvalidArgument;
-using tensorflow::shape_inference::InferenceContext;
-using tensorflow::shape_inference::ShapeHandle;
 
 using Row = Eigen::Map<Eigen::ArrayXf>;
 using ConstRow = Eigen::Map<const Eigen::ArrayXf>;
@@ -67,15 +53,6 @@ using StridedRows = Eigen::Map<const Matrix, 0, Eigen::OuterStride<>>;
 template <typename Expr>
 auto Sigmoid(const Expr& x) {
   return 0.5f + 0.5f * (0.5f * x).tanh();
-}
-
-// Splits the batch into one block of rows per intra-op thread and runs fn(first, last) on each.
-template <typename Fn>
-void ForEachRowBlock(OpKernelContext* ctx, int64_t rows, Fn fn) {
-  auto* pool = ctx->device()->tensorflow_cpu_worker_threads()->workers;
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(rows, pool->NumThreads()));
-  const int64_t block_size = (rows + blocks - 1) / blocks;
-  pool->TransformRangeConcurrently(block_size, rows, [&](int64_t first, int64_t last) { fn(first, last); });
 }
 
 // Checks x_proj [B, T, gates * H], the [B, H] states and w_h [H, gates * H]; sets B, T, H.
@@ -221,7 +198,7 @@ class LstmSequenceOp : public RecurrenceOp {
     float* gates_p = gates->flat<float>().data();
     float* c_last_p = c_last->flat<float>().data();
 
-    ForEachRowBlock(ctx, B, [&](int64_t first, int64_t last) {
+    ForEachBlock(ctx, B, [&](int64_t first, int64_t last) {
       const int64_t n = last - first;
       Matrix hw(n, 4 * H);
       const Bf16Buffer buffer = w.RowBuffer(n);
@@ -289,7 +266,7 @@ class LstmSequenceGradOp : public RecurrenceOp {
     float* dh0_p = dh0->flat<float>().data();
     float* dc0_p = dc0->flat<float>().data();
 
-    ForEachRowBlock(ctx, B, [&](int64_t first, int64_t last) {
+    ForEachBlock(ctx, B, [&](int64_t first, int64_t last) {
       const int64_t n = last - first;
       const Bf16Buffer buffer = w_t.RowBuffer(n);
       // dh_rec = dz_{t+1} @ W_hᵀ and the carried dc, for this block's rows.
@@ -363,7 +340,7 @@ class GruSequenceOp : public RecurrenceOp {
     float* hs = outputs->flat<float>().data();
     float* gates_p = gates->flat<float>().data();
 
-    ForEachRowBlock(ctx, B, [&](int64_t first, int64_t last) {
+    ForEachBlock(ctx, B, [&](int64_t first, int64_t last) {
       const int64_t n = last - first;
       Matrix hw(n, 3 * H);
       const Bf16Buffer buffer = w.RowBuffer(n);
@@ -435,7 +412,7 @@ class GruSequenceGradOp : public RecurrenceOp {
     float* dhz_p = dhz_t->flat<float>().data();
     float* dh0_p = dh0->flat<float>().data();
 
-    ForEachRowBlock(ctx, B, [&](int64_t first, int64_t last) {
+    ForEachBlock(ctx, B, [&](int64_t first, int64_t last) {
       const int64_t n = last - first;
       const Bf16Buffer buffer = w_t.RowBuffer(n);
       // The carried dh_{t-1} contribution: dh_t z_t + dhz_t @ W_hᵀ, for this block's rows.

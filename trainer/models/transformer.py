@@ -98,22 +98,28 @@ def _attention_weights(logits: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
 
 
 def _query_key_value(y: tf.Tensor, bias: tf.Tensor, cos: tf.Tensor, sin: tf.Tensor, heads: int,
-                    scale: float) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """A window's queries, keys and values [B, H, T, Dh] in y's dtype from the fused projection
-    y [B, T, 3 * D] and its bias: rotary rotation of queries and keys by cos/sin [T, 1, Dh / 2]
-    (None: no rotation), queries scaled by `scale`, all in float32 before the cast."""
+                    scale: float, heads_first: bool = True, dtype: tf.DType | None = None
+                    ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """A window's queries, keys and values [B, H, T, Dh] (`heads_first`) or [B, T, H, Dh], in
+    `dtype` (default y's) from the fused projection y [B, T, 3 * D] and its bias: rotary rotation
+    of queries and keys by cos/sin [T, 1, Dh / 2] (None: no rotation), queries scaled by `scale`,
+    all in float32 before the cast."""
     q, k, v = tf.split(tf.cast(y, tf.float32) + bias, 3, axis=-1)
     batch, steps = tf.shape(y)[0], tf.shape(y)[1]
-
-    def heads_first(t: tf.Tensor) -> tf.Tensor:
-        return tf.transpose(tf.reshape(t, [batch, steps, heads, -1]), [0, 2, 1, 3])
-
-    q, k, v = heads_first(q), heads_first(k), heads_first(v)
-    if cos is not None:
-        cos, sin = tf.transpose(cos, [1, 0, 2]), tf.transpose(sin, [1, 0, 2])  # [1, T, Dh / 2]
+    q, k, v = (tf.reshape(t, [batch, steps, heads, -1]) for t in (q, k, v))
+    if cos is not None:  # [T, 1, Dh / 2]: broadcast over the batch and the heads
         q, k = (tf.concat([a * cos - b * sin, a * sin + b * cos], axis=-1)
                 for a, b in (tf.split(q, 2, axis=-1), tf.split(k, 2, axis=-1)))
-    return tf.cast(q * scale, y.dtype), tf.cast(k, y.dtype), tf.cast(v, y.dtype)
+    if heads_first:
+        q, k, v = (tf.transpose(t, [0, 2, 1, 3]) for t in (q, k, v))
+    dtype = dtype or y.dtype
+    return tf.cast(q * scale, dtype), tf.cast(k, dtype), tf.cast(v, dtype)
+
+
+def _attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """softmax(q kᵀ + mask) v: [B, H, T, Dh] from queries [B, H, T, Dh], keys and values
+    [B, H, keys, Dh] and mask [B or 1, H or 1, T, keys]."""
+    return tf.linalg.matmul(_attention_weights(tf.linalg.matmul(q, k, transpose_b=True), mask), v)
 
 
 class Block(keras.layers.Layer):
@@ -122,7 +128,8 @@ class Block(keras.layers.Layer):
     the residual stream in float32 between them."""
 
     def __init__(self, d_model: int, heads: int, dropout: float, layers: int = 1,
-                 compute_dtype: tf.DType = tf.float32, **kwargs: object) -> None:
+                 compute_dtype: tf.DType = tf.float32, window: int = 0, window_mask_only: bool = False,
+                 **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.d_model, self.heads, self.depth = d_model, heads, d_model // heads
         self.compute_dtype_, self.dropout = compute_dtype, dropout
@@ -138,6 +145,7 @@ class Block(keras.layers.Layer):
                                          name="mlp_in")
         self.mlp_out = keras.layers.Dense(d_model, kernel_initializer=residual, name="mlp_out")
         self.drop = keras.layers.Dropout(dropout)
+        self.window, self.window_mask_only = window, window_mask_only
 
     def _build_sublayers(self) -> None:
         # In the order the layers were first called when Keras built them lazily, so the
@@ -162,6 +170,15 @@ class Block(keras.layers.Layer):
             y = tf.linalg.matmul(flat, tf.cast(layer.kernel, self.compute_dtype_))
         return tf.reshape(y, tf.concat([shape[:-1], [layer.units]], 0))
 
+    def _native_attention(self, x: tf.Tensor) -> bool:
+        """Whether a window's attention runs as verne's native op (native_attention.cc: only the
+        keys each query block can see, softmax in place): bfloat16 outside a compiled step, on a
+        CPU with bfloat16 dot products, when the mask is the causal window alone (not `learned`'s
+        distance bias) and T and Dh suit the op (multiples of 16)."""
+        steps = x.shape[1]
+        return (self.window_mask_only and steps is not None and steps % 16 == 0 and self.depth % 16 == 0
+                and kernels.use_native_attention(self.compute_dtype_))
+
     def _add(self, x: tf.Tensor, y: tf.Tensor, layer: keras.layers.Dense, training: bool) -> tf.Tensor:
         if training and self.dropout:
             return x + self.drop(tf.cast(y, tf.float32) + layer.bias, training=training)
@@ -183,14 +200,20 @@ class Block(keras.layers.Layer):
         norm = self.norm_attn
         projected = self._matmul(_layer_norm(x, norm.gamma, norm.beta, self.compute_dtype_), self.qkv)
         scale = 1.0 / math.sqrt(self.depth)  # on the queries, not on the [T, keys] logits
-        if cache is None:
+        if cache is None and self._native_attention(x):
+            # verne's op reads and writes [B, T, H, Dh] in float32: no transposes to heads first.
             cos, sin = rotation if rotation is not None else (None, None)
-            q, k, v = _query_key_value(projected, self.qkv.bias, cos, sin, self.heads, scale)
-            new_cache = None
+            q, k, v = _query_key_value(projected, self.qkv.bias, cos, sin, self.heads, scale,
+                                       heads_first=False, dtype=tf.float32)
+            attended, new_cache = native.causal_attention_native(q, k, v, self.window), None
         else:
-            q, k, v, new_cache = self._with_cache(projected, cache, rotation, scale)
-        weights = _attention_weights(tf.linalg.matmul(q, k, transpose_b=True), mask)
-        attended = tf.transpose(tf.linalg.matmul(weights, v), [0, 2, 1, 3])  # [B, T, H, Dh]
+            if cache is None:
+                cos, sin = rotation if rotation is not None else (None, None)
+                q, k, v = _query_key_value(projected, self.qkv.bias, cos, sin, self.heads, scale)
+                new_cache = None
+            else:
+                q, k, v, new_cache = self._with_cache(projected, cache, rotation, scale)
+            attended = tf.transpose(_attend(q, k, v, mask), [0, 2, 1, 3])  # [B, T, H, Dh]
         shape = tf.shape(x)
         attended = tf.reshape(attended, [shape[0], shape[1], self.d_model])
         x = self._add(x, self._matmul(attended, self.attn_out), self.attn_out, training)
@@ -247,7 +270,9 @@ class TransformerLM(LanguageModel):
         self.embed_in = (keras.layers.Dense(hparams.d_model, use_bias=False, dtype=policy, name="embed_in")
                          if hparams.embedding_size != hparams.d_model else None)
         self.blocks = [Block(hparams.d_model, hparams.heads, hparams.dropout, hparams.layers,
-                             self.compute_dtype_, name=f"block_{i}") for i in range(hparams.layers)]
+                             self.compute_dtype_, window=self.context,
+                             window_mask_only=hparams.pos_encoding != "learned", name=f"block_{i}")
+                       for i in range(hparams.layers)]
         for i, block in enumerate(self.blocks):
             setattr(self, f"block_{i}", block)  # checkpoints follow attributes, not Keras lists
         self.drop = keras.layers.Dropout(hparams.dropout)
