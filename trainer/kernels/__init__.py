@@ -85,7 +85,9 @@ def use_xla_bf16_matmul(compute_dtype: tf.DType) -> bool:
 def use_native_attention(compute_dtype: tf.DType) -> bool:
     """Whether a bfloat16 attention traced here runs as verne's native op
     (native.causal_attention_native): a TensorFlow op, so not inside `xla_step()` (XLA cannot
-    compile it) nor `portable()`, and only where the CPU has bfloat16 dot products."""
+    compile it; as an XLA custom call it gained nothing in gpt-baby's compiled step, whose
+    attention is small: bench/README.md) nor `portable()`, and only where the CPU has bfloat16
+    dot products."""
     return (compute_dtype == tf.bfloat16 and _xla_step_depth == 0 and use_native()
             and native.bf16_isa() != "none")
 

@@ -52,6 +52,9 @@ struct Dims {
   int64_t LastQuery(int64_t last) const { return std::min(steps, RoundUp(last + window - 1, 16)); }
 };
 
+// Buffers of bfloat16 rows: `rows` rows of `width` padded elements, zeroed.
+inline Bf16Buffer Rows(int64_t rows, int64_t width) { return NewBf16Buffer(RoundUp(rows, 16) * width); }
+
 // Checks q, k, v (and the others) are [B, T, H, D] alike, T and D multiples of 16.
 bool CheckShapes(OpKernelContext* ctx, std::initializer_list<int> inputs, int64_t window, Dims* d) {
   const Tensor& q = ctx->input(0);
@@ -87,12 +90,22 @@ inline void Product(const uint16_t* a, int64_t lda, int64_t rows, const PackedBf
   }
 }
 
-// W = m [rows, cols] (float32, row r at m + r * stride; rows and cols multiples of 2 and 16)
+// Gives p the shape of a packed W [k, n] and, the first time, its zeroed buffer: the later heads
+// of a call reuse it (packing rewrites every value, the padding stays zero). A fresh buffer per
+// head cost a page fault per 4 KiB: the [T, T] ones are 128 KiB, past glibc's mmap threshold.
+inline PackedBf16& Shaped(PackedBf16& p, int64_t k, int64_t n) {
+  if (!p.data) {
+    p.k = k, p.n = n, p.k_pad = RoundUp(k, 32), p.blocks = RoundUp((n + 15) / 16, 2);
+    p.data = NewBf16Buffer(p.blocks * p.k_pad * 16);
+  }
+  return p;
+}
+
+// p = W = m [rows, cols] (float32, row r at m + r * stride; rows and cols multiples of 2 and 16)
 // packed as bf16_products.h lays W out (k = rows, n = cols), 16 columns of two rows at a time.
-inline VERNE_BF16 PackedBf16 PackRows(const float* m, int64_t rows, int64_t cols, int64_t stride) {
-  PackedBf16 p;
-  p.k = rows, p.n = cols, p.k_pad = RoundUp(rows, 32), p.blocks = RoundUp((cols + 15) / 16, 2);
-  p.data = NewBf16Buffer(p.blocks * p.k_pad * 16);
+inline VERNE_BF16 const PackedBf16& PackRows(const float* m, int64_t rows, int64_t cols, int64_t stride,
+                                             PackedBf16& p) {
+  Shaped(p, rows, cols);
   // cvtne2ps_pbh(b, a) holds a's 16 values then b's; interleave them as (a0, b0, a1, b1, ...).
   alignas(64) uint16_t order[32];
   for (int t = 0; t < 16; ++t) order[2 * t] = t, order[2 * t + 1] = 16 + t;
@@ -108,14 +121,13 @@ inline VERNE_BF16 PackedBf16 PackRows(const float* m, int64_t rows, int64_t cols
   return p;
 }
 
-// W = mᵀ for m [rows, cols] (float32, row r at m + r * stride; cols even), packed as
+// p = W = mᵀ for m [rows, cols] (float32, row r at m + r * stride; cols even), packed as
 // above (k = cols, n = rows): each row rounded to bfloat16 as a whole, then its (2p, 2p + 1) pairs,
 // 32 bits each, copied to their places. PackBf16's element-by-element transpose took half of the
 // forward op's time.
-inline PackedBf16 PackTransposed(const float* m, int64_t rows, int64_t cols, int64_t stride, uint16_t* scratch) {
-  PackedBf16 p;
-  p.k = cols, p.n = rows, p.k_pad = RoundUp(cols, 32), p.blocks = RoundUp((rows + 15) / 16, 2);
-  p.data = NewBf16Buffer(p.blocks * p.k_pad * 16);
+inline const PackedBf16& PackTransposed(const float* m, int64_t rows, int64_t cols, int64_t stride,
+                                        uint16_t* scratch, PackedBf16& p) {
+  Shaped(p, cols, rows);
   RoundRows(m, rows, stride, cols, cols, scratch);
   const int64_t pairs = cols / 2;
   const auto* src = reinterpret_cast<const uint32_t*>(scratch);
@@ -197,48 +209,72 @@ inline void TransposeRound(const float* a, int64_t rows, int64_t cols, int64_t l
   RoundRows(scratch.data(), cols, rows, rows, ld, out);
 }
 
+// What one thread's heads reuse, allocated once per op call and thread.
+struct ForwardScratch {
+  explicit ForwardScratch(const Dims& d)
+      : logits(kBlock * d.steps), inverse(kBlock), rows(Rows(d.steps, std::max(d.depth_pad(), d.depth))),
+        probs(Rows(kBlock, d.steps_pad())) {}
+  std::vector<float> logits, inverse;
+  Bf16Buffer rows, probs;
+  PackedBf16 keys_t, values;
+};
+
+struct BackwardScratch {
+  explicit BackwardScratch(const Dims& d)
+      : probs(d.steps * d.steps), d_logits(d.steps * d.steps), dk_t(d.depth * d.steps), dv_t(d.depth * d.steps),
+        q(Rows(std::max(d.steps, d.depth), std::max(d.depth_pad(), d.steps_pad()))),
+        d_o(Rows(std::max(d.steps, d.depth), std::max(d.depth_pad(), d.steps_pad()))),
+        block(Rows(kBlock, d.steps_pad())) {}
+  std::vector<float> probs, d_logits, dk_t, dv_t;
+  Bf16Buffer q, d_o, block;
+  PackedBf16 keys_t, values_t, keys, probs_packed, d_logits_packed;
+};
+
 // One head's forward: o [T, D] and the rows' log-sum-exp lse [T] from q, k, v [T, D] (rows of
-// q, k, v and o d.stride() apart).
+// q, k, v and o d.stride() apart). The block's probabilities go into the product unnormalised
+// (e^(s - max), in (0, 1]) and o's rows are divided by their sums after it: D values a row to
+// scale instead of up to T.
 void ForwardHead(const Dims& d, const float* q, const float* k, const float* v, float* o, float* lse,
-                 std::vector<float>& logits, Bf16Buffer& rows_bf16, Bf16Buffer& probs_bf16) {
+                 ForwardScratch& s) {
   const int64_t T = d.steps, D = d.depth, S = d.stride();
-  const PackedBf16 keys_t = PackTransposed(k, T, D, S, rows_bf16.get());  // [D, T]
-  const PackedBf16 values = PackRows(v, T, D, S);                         // [T, D]
-  RoundRows(q, T, S, D, d.depth_pad(), rows_bf16.get());
+  const PackedBf16& keys_t = PackTransposed(k, T, D, S, s.rows.get(), s.keys_t);  // [D, T]
+  const PackedBf16& values = PackRows(v, T, D, S, s.values);                      // [T, D]
+  RoundRows(q, T, S, D, d.depth_pad(), s.rows.get());
   for (int64_t first = 0; first < T; first += kBlock) {
     const int64_t last = std::min(T, first + kBlock), rows = last - first, lo = d.FirstKey(first);
-    Product(rows_bf16.get() + first * d.depth_pad(), d.depth_pad(), rows, keys_t, 0, D, lo, last, logits.data(), T);
+    Product(s.rows.get() + first * d.depth_pad(), d.depth_pad(), rows, keys_t, 0, D, lo, last, s.logits.data(), T);
     for (int64_t i = first; i < last; ++i) {
-      float* row = logits.data() + (i - first) * T;
+      float* row = s.logits.data() + (i - first) * T;
       const int64_t seen = std::max<int64_t>(0, i - d.window + 1);
       const float top = RowMax(row, seen, i + 1);
       const float sum = ExpInPlace(row, seen, i + 1, top);
-      const float inverse = 1.0f / sum;
-      for (int64_t j = seen; j <= i; ++j) row[j] *= inverse;
       ZeroOutside(row, lo, seen, i + 1, last);
+      s.inverse[i - first] = 1.0f / sum;
       lse[i] = top + std::log(sum);
     }
-    RoundRows(logits.data() + lo, rows, T, last - lo, d.steps_pad(), probs_bf16.get());
-    Product(probs_bf16.get(), d.steps_pad(), rows, values, lo, last, 0, D, o + first * S, S);
+    RoundRows(s.logits.data() + lo, rows, T, last - lo, d.steps_pad(), s.probs.get());
+    Product(s.probs.get(), d.steps_pad(), rows, values, lo, last, 0, D, o + first * S, S);
+    for (int64_t i = first; i < last; ++i) {
+      Eigen::Map<Eigen::ArrayXf>(o + i * S, D) *= s.inverse[i - first];
+    }
   }
 }
 
 // One head's backward: dq, dk, dv [T, D] from the forward's inputs, o, lse and do.
 void BackwardHead(const Dims& d, const float* q, const float* k, const float* v, const float* o, const float* lse,
-                  const float* d_o, float* dq, float* dk, float* dv, std::vector<float>& probs,
-                  std::vector<float>& d_logits, Bf16Buffer& q_bf16, Bf16Buffer& do_bf16, Bf16Buffer& block_bf16) {
+                  const float* d_o, float* dq, float* dk, float* dv, BackwardScratch& s) {
   const int64_t T = d.steps, D = d.depth, S = d.stride();
-  const PackedBf16 keys_t = PackTransposed(k, T, D, S, q_bf16.get());    // [D, T]
-  const PackedBf16 values_t = PackTransposed(v, T, D, S, q_bf16.get());  // [D, T]
-  const PackedBf16 keys = PackRows(k, T, D, S);                          // [T, D]
-  RoundRows(q, T, S, D, d.depth_pad(), q_bf16.get());
-  RoundRows(d_o, T, S, D, d.depth_pad(), do_bf16.get());
+  const PackedBf16& keys_t = PackTransposed(k, T, D, S, s.q.get(), s.keys_t);        // [D, T]
+  const PackedBf16& values_t = PackTransposed(v, T, D, S, s.q.get(), s.values_t);  // [D, T]
+  const PackedBf16& keys = PackRows(k, T, D, S, s.keys);                           // [T, D]
+  RoundRows(q, T, S, D, d.depth_pad(), s.q.get());
+  RoundRows(d_o, T, S, D, d.depth_pad(), s.d_o.get());
   for (int64_t first = 0; first < T; first += kBlock) {
     const int64_t last = std::min(T, first + kBlock), rows = last - first, lo = d.FirstKey(first);
-    float* p = probs.data() + first * T;
-    float* ds = d_logits.data() + first * T;
-    Product(q_bf16.get() + first * d.depth_pad(), d.depth_pad(), rows, keys_t, 0, D, lo, last, p, T);
-    Product(do_bf16.get() + first * d.depth_pad(), d.depth_pad(), rows, values_t, 0, D, lo, last, ds, T);
+    float* p = s.probs.data() + first * T;
+    float* ds = s.d_logits.data() + first * T;
+    Product(s.q.get() + first * d.depth_pad(), d.depth_pad(), rows, keys_t, 0, D, lo, last, p, T);
+    Product(s.d_o.get() + first * d.depth_pad(), d.depth_pad(), rows, values_t, 0, D, lo, last, ds, T);
     for (int64_t i = first; i < last; ++i) {
       float* p_row = p + (i - first) * T;
       float* ds_row = ds + (i - first) * T;
@@ -251,22 +287,21 @@ void BackwardHead(const Dims& d, const float* q, const float* k, const float* v,
       ZeroOutside(p_row, 0, seen, i + 1, last);
       ZeroOutside(ds_row, 0, seen, i + 1, last);
     }
-    RoundRows(ds + lo, rows, T, last - lo, d.steps_pad(), block_bf16.get());
-    Product(block_bf16.get(), d.steps_pad(), rows, keys, lo, last, 0, D, dq + first * S, S);
+    RoundRows(ds + lo, rows, T, last - lo, d.steps_pad(), s.block.get());
+    Product(s.block.get(), d.steps_pad(), rows, keys, lo, last, 0, D, dq + first * S, S);
   }
   // dkᵀ = qᵀ d(logits) and dvᵀ = doᵀ p, key block by key block over the queries that see it.
-  const PackedBf16 probs_packed = PackRows(probs.data(), T, T, T);
-  const PackedBf16 d_logits_packed = PackRows(d_logits.data(), T, T, T);
-  std::vector<float> dk_t(D * T), dv_t(D * T);
-  TransposeRound(q, T, D, S, d.steps_pad(), q_bf16.get(), dk_t);  // dk_t as scratch until the products
-  TransposeRound(d_o, T, D, S, d.steps_pad(), do_bf16.get(), dk_t);
+  const PackedBf16& probs = PackRows(s.probs.data(), T, T, T, s.probs_packed);
+  const PackedBf16& d_logits = PackRows(s.d_logits.data(), T, T, T, s.d_logits_packed);
+  TransposeRound(q, T, D, S, d.steps_pad(), s.q.get(), s.dk_t);  // dk_t as scratch until the products
+  TransposeRound(d_o, T, D, S, d.steps_pad(), s.d_o.get(), s.dk_t);
   for (int64_t first = 0; first < T; first += kBlock) {
     const int64_t last = std::min(T, first + kBlock), end = d.LastQuery(last);
-    Product(q_bf16.get() + first, d.steps_pad(), D, d_logits_packed, first, end, first, last, dk_t.data(), T);
-    Product(do_bf16.get() + first, d.steps_pad(), D, probs_packed, first, end, first, last, dv_t.data(), T);
+    Product(s.q.get() + first, d.steps_pad(), D, d_logits, first, end, first, last, s.dk_t.data(), T);
+    Product(s.d_o.get() + first, d.steps_pad(), D, probs, first, end, first, last, s.dv_t.data(), T);
   }
-  Transpose(dk_t.data(), D, T, T, dk, S);
-  Transpose(dv_t.data(), D, T, T, dv, S);
+  Transpose(s.dk_t.data(), D, T, T, dk, S);
+  Transpose(s.dv_t.data(), D, T, T, dv, S);
 }
 
 #endif  // VERNE_X86_BF16
@@ -287,9 +322,6 @@ class AttentionOp : public OpKernel {
  protected:
   int64_t window_ = 0;
 };
-
-// Buffers of bfloat16 rows: `rows` rows of `width` padded elements, zeroed.
-Bf16Buffer Rows(int64_t rows, int64_t width) { return NewBf16Buffer(RoundUp(rows, 16) * width); }
 
 }  // namespace
 
@@ -325,11 +357,10 @@ class CausalAttentionOp : public AttentionOp {
     float* o_p = o->flat<float>().data();
     float* lse_p = lse->flat<float>().data();
     ForEachBlock(ctx, d.units(), [&](int64_t first, int64_t last) {
-      std::vector<float> logits(kBlock * d.steps);
-      Bf16Buffer rows = Rows(d.steps, d.depth_pad()), probs = Rows(kBlock, d.steps_pad());
+      ForwardScratch scratch(d);
       for (int64_t n = first; n < last; ++n) {
         const int64_t at = d.Offset(n);
-        ForwardHead(d, q + at, k + at, v + at, o_p + at, lse_p + n * d.steps, logits, rows, probs);
+        ForwardHead(d, q + at, k + at, v + at, o_p + at, lse_p + n * d.steps, scratch);
       }
     });
 #endif
@@ -370,14 +401,11 @@ class CausalAttentionGradOp : public AttentionOp {
     for (int i = 0; i < 6; ++i) in[i] = ctx->input(i).flat<float>().data();
     float* out[3] = {dq->flat<float>().data(), dk->flat<float>().data(), dv->flat<float>().data()};
     ForEachBlock(ctx, d.units(), [&](int64_t first, int64_t last) {
-      std::vector<float> probs(d.steps * d.steps), d_logits(d.steps * d.steps);
-      const int64_t width = std::max(d.depth_pad(), d.steps_pad());
-      Bf16Buffer q_rows = Rows(std::max(d.steps, d.depth), width), do_rows = Rows(std::max(d.steps, d.depth), width);
-      Bf16Buffer block = Rows(kBlock, d.steps_pad());
+      BackwardScratch scratch(d);
       for (int64_t n = first; n < last; ++n) {
         const int64_t at = d.Offset(n);
         BackwardHead(d, in[0] + at, in[1] + at, in[2] + at, in[3] + at, in[4] + n * d.steps, in[5] + at,
-                     out[0] + at, out[1] + at, out[2] + at, probs, d_logits, q_rows, do_rows, block);
+                     out[0] + at, out[1] + at, out[2] + at, scratch);
       }
     });
 #endif
@@ -388,3 +416,4 @@ REGISTER_KERNEL_BUILDER(Name("VerneCausalAttention").Device(DEVICE_CPU), CausalA
 REGISTER_KERNEL_BUILDER(Name("VerneCausalAttentionGrad").Device(DEVICE_CPU), CausalAttentionGradOp);
 
 }  // namespace verne
+
