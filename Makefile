@@ -17,7 +17,7 @@ VENV_TPU := .venv-tpu
 TF_TESTS := tests/test_kernels.py tests/test_native_build.py tests/test_model_fn.py tests/test_mixed_precision.py tests/test_cudnn.py \
     tests/test_zoo_layers.py tests/test_trainer.py tests/test_trainer_data.py tests/test_trainer_progress.py \
     tests/test_steps_per_execution.py tests/test_distribute.py tests/test_export.py tests/test_sampling.py \
-    tests/test_batch_splits.py
+    tests/test_batch_splits.py tests/test_native_attention.py
 
 DATA := data/shakespeare
 JOB := job/%JOB%

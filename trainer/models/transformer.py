@@ -12,7 +12,9 @@ Design (so the runner drives it exactly like a recurrent model):
   (HParams.validate), so sampling attends no distance training windows did not show. Fixed
   shapes keep one traced graph for every window.
 - Matmuls in --precision's compute dtype on float32 weights; everything between them in float32,
-  written as small functions XLA can fuse (--xla, trainer/xla.py).
+  written as small functions XLA can fuse (--xla, trainer/xla.py). In bfloat16 outside a compiled
+  step, on a CPU with bfloat16 dot products, a window's attention is verne's native op
+  (trainer/kernels/native_attention.cc: only the keys each query block sees; Block._native_attention).
 - Positional encoding: `rotary` by default (RoFormer: queries and keys rotated by their slot in
   [cache ; window], so attention sees distances only, exactly, however long a sampled stream
   runs); `learned`, a learned bias per head and relative distance 0..max_context-1 added to the
