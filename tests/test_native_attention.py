@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs the native library on a CPU with bfloat16 dot products")
 
 
-def _rounded(x: np.ndarray) -> tf.Tensor:
+def _rounded(x: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.cast(x, tf.bfloat16), tf.float32)
 
 

@@ -4,16 +4,16 @@
 //   o = softmax(q kᵀ + mask) v      per head; q (already scaled), k, v, o: [B, T, H, D] float32
 //
 // where query i sees keys j with 0 <= i - j < window. The [B, T, H, D] layout is the projection's
-// own: no transposes to heads first and back (each a pass over memory in the step). Why an op: the window's logits are [T, T]
-// per head, and TensorFlow computes all of them, the masked half included, as batched products
-// whose results then make ~10 elementwise passes (mask, max, exp, sum, divide, casts, and as many
-// backward) over [N, T, T] float32 in memory. At bench/train.py --shape gpt-small (T 256) those
-// were ~17% of the step's thread time on a 2-core AMD EPYC (bench/README.md). Here each head's
-// attention runs in 64-query blocks against only the keys the block can see (62.5% of the
-// products at T 256), with the softmax done on the block while it is in cache. The backward
-// recomputes the block's probabilities from the forward's row log-sum-exp (FlashAttention's trick:
-// nothing [N, T, T] is kept between the two), and forms dq, then dk and dv as products with the
-// probabilities and logit gradients transposed.
+// own: no transposes to heads first and back (each a pass over memory in the step). Why an op: the
+// window's logits are [T, T] per head, and TensorFlow computes all of them, the masked half
+// included, as batched products whose results then go through elementwise passes (mask, max, exp,
+// sum, divide, casts, and their gradients) over [B, H, T, T] float32 in memory. At bench/train.py
+// --shape gpt-small (T 256) those were ~17% of the step's thread time on a 2-core AMD EPYC
+// (bench/README.md). Here each head's attention runs in 64-query blocks against only the keys the
+// block can see (62.5% of the products at T 256), with the softmax done on the block while it is in
+// cache. The backward recomputes the block's probabilities from the forward's row log-sum-exp
+// (FlashAttention's trick: nothing [T, T] is kept between the two), and forms dq, then dk and dv
+// as products with the probabilities and logit gradients transposed.
 //
 // Products take bfloat16 inputs (rounded to nearest even as they are laid out) with float32 sums,
 // on bf16_products.h's AVX512-BF16 tiles; softmax and everything else in float32. Only CPUs with
@@ -90,56 +90,6 @@ inline void Product(const uint16_t* a, int64_t lda, int64_t rows, const PackedBf
   }
 }
 
-// Gives p the shape of a packed W [k, n] and, the first time, its zeroed buffer: the later heads
-// of a call reuse it (packing rewrites every value, the padding stays zero). A fresh buffer per
-// head cost a page fault per 4 KiB: the [T, T] ones are 128 KiB, past glibc's mmap threshold.
-inline PackedBf16& Shaped(PackedBf16& p, int64_t k, int64_t n) {
-  if (!p.data) {
-    p.k = k, p.n = n, p.k_pad = RoundUp(k, 32), p.blocks = RoundUp((n + 15) / 16, 2);
-    p.data = NewBf16Buffer(p.blocks * p.k_pad * 16);
-  }
-  return p;
-}
-
-// p = W = m [rows, cols] (float32, row r at m + r * stride; rows and cols multiples of 2 and 16)
-// packed as bf16_products.h lays W out (k = rows, n = cols), 16 columns of two rows at a time.
-inline VERNE_BF16 const PackedBf16& PackRows(const float* m, int64_t rows, int64_t cols, int64_t stride,
-                                             PackedBf16& p) {
-  Shaped(p, rows, cols);
-  // cvtne2ps_pbh(b, a) holds a's 16 values then b's; interleave them as (a0, b0, a1, b1, ...).
-  alignas(64) uint16_t order[32];
-  for (int t = 0; t < 16; ++t) order[2 * t] = t, order[2 * t + 1] = 16 + t;
-  const __m512i interleave = _mm512_load_si512(order);
-  for (int64_t r = 0; r < rows; r += 2) {
-    for (int64_t j = 0; j < cols; j += 16) {
-      const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(m + (r + 1) * stride + j),
-                                                        _mm512_loadu_ps(m + r * stride + j));
-      _mm512_store_si512(p.data.get() + (j / 16) * p.k_pad * 16 + (r / 2) * 32,
-                         _mm512_permutexvar_epi16(interleave, pair));
-    }
-  }
-  return p;
-}
-
-// p = W = mᵀ for m [rows, cols] (float32, row r at m + r * stride; cols even), packed as
-// above (k = cols, n = rows): each row rounded to bfloat16 as a whole, then its (2p, 2p + 1) pairs,
-// 32 bits each, copied to their places. PackBf16's element-by-element transpose took half of the
-// forward op's time.
-inline const PackedBf16& PackTransposed(const float* m, int64_t rows, int64_t cols, int64_t stride,
-                                        uint16_t* scratch, PackedBf16& p) {
-  Shaped(p, cols, rows);
-  RoundRows(m, rows, stride, cols, cols, scratch);
-  const int64_t pairs = cols / 2;
-  const auto* src = reinterpret_cast<const uint32_t*>(scratch);
-  auto* dst = reinterpret_cast<uint32_t*>(p.data.get());
-  for (int64_t r = 0; r < rows; ++r) {
-    uint32_t* block = dst + (r / 16) * p.k_pad * 8 + r % 16;
-    const uint32_t* row = src + r * pairs;
-    for (int64_t pair = 0; pair < pairs; ++pair) block[pair * 16] = row[pair];
-  }
-  return p;
-}
-
 // e^x for x <= 0 (softmax's shifted logits): 2^n e^r with n = round(x log2 e), |r| <= ln2 / 2,
 // e^r by Cephes expf's polynomial (relative error ~1e-7); below -87 it returns ~0.
 inline VERNE_BF16 __m512 Exp(__m512 x) {
@@ -158,15 +108,13 @@ inline VERNE_BF16 __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline __mmask16 Lanes(int64_t left) { return left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1); }
-
 // row[lo, hi) = exp(row - shift) in place; returns their sum (shift: the row's max in the
 // forward, its log-sum-exp in the backward, which makes the values the probabilities).
 inline VERNE_BF16 float ExpInPlace(float* row, int64_t lo, int64_t hi, float shift) {
   __m512 sum = _mm512_setzero_ps();
   const __m512 s = _mm512_set1_ps(shift);
   for (int64_t j = lo; j < hi; j += 16) {
-    const __mmask16 m = Lanes(hi - j);
+    const __mmask16 m = FirstLanes(hi - j);
     const __m512 e = Exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, row + j), s));
     _mm512_mask_storeu_ps(row + j, m, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
@@ -177,7 +125,7 @@ inline VERNE_BF16 float ExpInPlace(float* row, int64_t lo, int64_t hi, float shi
 inline VERNE_BF16 float RowMax(const float* row, int64_t lo, int64_t hi) {
   __m512 best = _mm512_set1_ps(-INFINITY);
   for (int64_t j = lo; j < hi; j += 16) {
-    best = _mm512_mask_max_ps(best, Lanes(hi - j), best, _mm512_maskz_loadu_ps(Lanes(hi - j), row + j));
+    best = _mm512_mask_max_ps(best, FirstLanes(hi - j), best, _mm512_maskz_loadu_ps(FirstLanes(hi - j), row + j));
   }
   return _mm512_reduce_max_ps(best);
 }
@@ -189,9 +137,9 @@ inline void ZeroOutside(float* row, int64_t from, int64_t lo, int64_t hi, int64_
 }
 
 // out [cols, rows] (row stride ldo) = aᵀ for a [rows, cols] (row stride lda; rows a multiple
-// of 16): each 16 values of an output row gathered from 16 rows of a at once. (Scalar copies, and
-// Eigen's assignment of a transpose, took a third of the backward op; a gather is several times
-// faster on Zen 5, where a scatter store is microcoded.)
+// of 16): each 16 values of an output row gathered from 16 rows of a at once. perf put a third of
+// the backward op's own samples in a scalar loop here, yet the gather measured no faster end to
+// end (23.6 against 23.7 ms at gpt-small's slice): the time is the strided reads, not the copies.
 inline VERNE_BF16 void Transpose(const float* a, int64_t rows, int64_t cols, int64_t lda, float* out, int64_t ldo) {
   const __m512i offsets = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                              _mm512_set1_epi32(static_cast<int>(lda)));
@@ -209,14 +157,14 @@ inline void TransposeRound(const float* a, int64_t rows, int64_t cols, int64_t l
   RoundRows(scratch.data(), cols, rows, rows, ld, out);
 }
 
-// What one thread's heads reuse, allocated once per op call and thread.
+// What one thread's heads reuse, allocated once per op call and thread. (The packed matrices are
+// allocated per head by bf16_products.h's packers: reusing them measured no faster.)
 struct ForwardScratch {
   explicit ForwardScratch(const Dims& d)
-      : logits(kBlock * d.steps), inverse(kBlock), rows(Rows(d.steps, std::max(d.depth_pad(), d.depth))),
+      : logits(kBlock * d.steps), inverse(kBlock), rows(Rows(d.steps, d.depth_pad())),
         probs(Rows(kBlock, d.steps_pad())) {}
   std::vector<float> logits, inverse;
   Bf16Buffer rows, probs;
-  PackedBf16 keys_t, values;
 };
 
 struct BackwardScratch {
@@ -227,7 +175,6 @@ struct BackwardScratch {
         block(Rows(kBlock, d.steps_pad())) {}
   std::vector<float> probs, d_logits, dk_t, dv_t;
   Bf16Buffer q, d_o, block;
-  PackedBf16 keys_t, values_t, keys, probs_packed, d_logits_packed;
 };
 
 // One head's forward: o [T, D] and the rows' log-sum-exp lse [T] from q, k, v [T, D] (rows of
@@ -237,8 +184,8 @@ struct BackwardScratch {
 void ForwardHead(const Dims& d, const float* q, const float* k, const float* v, float* o, float* lse,
                  ForwardScratch& s) {
   const int64_t T = d.steps, D = d.depth, S = d.stride();
-  const PackedBf16& keys_t = PackTransposed(k, T, D, S, s.rows.get(), s.keys_t);  // [D, T]
-  const PackedBf16& values = PackRows(v, T, D, S, s.values);                      // [T, D]
+  const PackedBf16 keys_t = PackTransposed(k, T, D, /*padded=*/true, S);  // [D, T]
+  const PackedBf16 values = PackRows(v, T, D, /*padded=*/true, S);        // [T, D]
   RoundRows(q, T, S, D, d.depth_pad(), s.rows.get());
   for (int64_t first = 0; first < T; first += kBlock) {
     const int64_t last = std::min(T, first + kBlock), rows = last - first, lo = d.FirstKey(first);
@@ -264,9 +211,9 @@ void ForwardHead(const Dims& d, const float* q, const float* k, const float* v, 
 void BackwardHead(const Dims& d, const float* q, const float* k, const float* v, const float* o, const float* lse,
                   const float* d_o, float* dq, float* dk, float* dv, BackwardScratch& s) {
   const int64_t T = d.steps, D = d.depth, S = d.stride();
-  const PackedBf16& keys_t = PackTransposed(k, T, D, S, s.q.get(), s.keys_t);        // [D, T]
-  const PackedBf16& values_t = PackTransposed(v, T, D, S, s.q.get(), s.values_t);  // [D, T]
-  const PackedBf16& keys = PackRows(k, T, D, S, s.keys);                           // [T, D]
+  const PackedBf16 keys_t = PackTransposed(k, T, D, /*padded=*/true, S);    // [D, T]
+  const PackedBf16 values_t = PackTransposed(v, T, D, /*padded=*/true, S);  // [D, T]
+  const PackedBf16 keys = PackRows(k, T, D, /*padded=*/true, S);            // [T, D]
   RoundRows(q, T, S, D, d.depth_pad(), s.q.get());
   RoundRows(d_o, T, S, D, d.depth_pad(), s.d_o.get());
   for (int64_t first = 0; first < T; first += kBlock) {
@@ -291,8 +238,8 @@ void BackwardHead(const Dims& d, const float* q, const float* k, const float* v,
     Product(s.block.get(), d.steps_pad(), rows, keys, lo, last, 0, D, dq + first * S, S);
   }
   // dkᵀ = qᵀ d(logits) and dvᵀ = doᵀ p, key block by key block over the queries that see it.
-  const PackedBf16& probs = PackRows(s.probs.data(), T, T, T, s.probs_packed);
-  const PackedBf16& d_logits = PackRows(s.d_logits.data(), T, T, T, s.d_logits_packed);
+  const PackedBf16 probs = PackRows(s.probs.data(), T, T, /*padded=*/true);
+  const PackedBf16 d_logits = PackRows(s.d_logits.data(), T, T, /*padded=*/true);
   TransposeRound(q, T, D, S, d.steps_pad(), s.q.get(), s.dk_t);  // dk_t as scratch until the products
   TransposeRound(d_o, T, D, S, d.steps_pad(), s.d_o.get(), s.dk_t);
   for (int64_t first = 0; first < T; first += kBlock) {

@@ -12,11 +12,12 @@
 //
 // XLA's legacy custom-call interface gives the call no thread pool, and XLA runs the custom calls
 // of one chain of work one after another (those of two --batch_splits slices may run at once; a
-// call that finds the helper busy runs alone). So this library keeps one helper thread, and a product's rows are split into
-// 64-row chunks that the caller and the helper take in turn: a helper slow to wake costs the
-// caller no wait. Alone, two threads ran a product 1.6x as fast as one; inside gpt-baby's step
-// the helper took 41% of the chunks yet the products ran at about one thread's rate, the second
-// core being held by XLA's pool, whose idle workers spin before they sleep (bench/README.md).
+// call that finds the helper busy runs alone). So this library keeps one helper thread, and a
+// product's rows are split into 64-row chunks that the caller and the helper take in turn: a helper
+// slow to wake costs the caller no wait. Alone, two threads ran a product 1.6x as fast as one;
+// inside gpt-baby's step the helper took 41% of the chunks yet the products ran at about one
+// thread's rate, the second core being held by XLA's pool, whose idle workers spin before they
+// sleep (bench/README.md).
 
 #include <atomic>
 #include <condition_variable>
@@ -141,99 +142,6 @@ void Float32Product(const Product& p, const float* a, const float* b, float* c) 
 }
 
 #ifdef VERNE_X86_BF16
-// 32 bfloat16 of lo[0..15] and hi[0..15] interleaved (lo0 hi0 lo1 hi1 ...): pairs along K.
-VERNE_BF16 __m512i Interleave(__m512 lo, __m512 hi) {
-  const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // [lo 0..15 | hi 0..15]
-  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
-                                         6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(order, both);
-}
-
-VERNE_BF16 __mmask16 FirstLanes(int64_t count) {
-  return count >= 16 ? __mmask16(0xffff) : count <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << count) - 1);
-}
-
-VERNE_BF16 __m512 LoadUpTo16(const float* p, int64_t count) {
-  return _mm512_maskz_loadu_ps(FirstLanes(count), p);
-}
-
-// Uninitialised where the shapes leave no padding to zero (the common case: every buffer is
-// written whole), zeroed otherwise.
-Bf16Buffer NewBuffer(int64_t elements, bool padded) {
-  if (padded) return NewBf16Buffer(elements);
-  const size_t bytes = RoundUp(std::max<int64_t>(elements, 1) * sizeof(uint16_t), 64);
-  void* memory = std::aligned_alloc(64, bytes);
-  if (memory == nullptr) throw std::bad_alloc();
-  return Bf16Buffer(static_cast<uint16_t*>(memory));
-}
-
-// W = b [k, n] (row-major), laid out as PackBf16 does, vectorised: rows k and k + 1 of a
-// 16-column block interleave into one 64-byte pair row.
-VERNE_BF16 PackedBf16 PackRows(const float* b, int64_t k, int64_t n, bool padded) {
-  PackedBf16 p;
-  p.k = k, p.n = n, p.k_pad = RoundUp(k, 32), p.blocks = RoundUp((n + 15) / 16, 2);
-  p.data = NewBuffer(p.blocks * p.k_pad * 16, padded);
-  for (int64_t r = 0; r < k; r += 2) {
-    const float* first = b + r * n;
-    for (int64_t j = 0; j < n; j += 16) {
-      const __m512 lo = LoadUpTo16(first + j, n - j);
-      const __m512 hi = r + 1 < k ? LoadUpTo16(first + n + j, n - j) : _mm512_setzero_ps();
-      _mm512_storeu_si512(p.data.get() + (j / 16) * p.k_pad * 16 + (r / 2) * 32, Interleave(lo, hi));
-    }
-  }
-  return p;
-}
-
-// rows[i] lane j becomes rows[j] lane i: a 16 x 16 transpose of 32-bit lanes (each one bfloat16
-// pair), in registers. A scatter store, the obvious alternative, is microcoded on AMD Zen: packing
-// with it took as long as the product it fed.
-VERNE_BF16 void Transpose16x16(__m512i rows[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  // u[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c.
-  for (int g = 0; g < 16; g += 4) {
-    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]);
-    u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]);
-    u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  // Column 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c].
-  for (int c = 0; c < 4; ++c) {
-    const __m512i low01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), high01 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xee);
-    const __m512i low23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
-    const __m512i high23 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xee);
-    rows[c] = _mm512_shuffle_i32x4(low01, low23, 0x88);
-    rows[4 + c] = _mm512_shuffle_i32x4(low01, low23, 0xdd);
-    rows[8 + c] = _mm512_shuffle_i32x4(high01, high23, 0x88);
-    rows[12 + c] = _mm512_shuffle_i32x4(high01, high23, 0xdd);
-  }
-}
-
-// W = bᵀ for b stored [n, k]: row j of b holds column j of W with its K pairs adjacent. For 16
-// rows of b and 32 values of K, 16 vectors of pairs, transposed: one pair row of the block each.
-VERNE_BF16 PackedBf16 PackTransposed(const float* b, int64_t n, int64_t k, bool padded) {
-  PackedBf16 p;
-  p.k = k, p.n = n, p.k_pad = RoundUp(k, 32), p.blocks = RoundUp((n + 15) / 16, 2);
-  p.data = NewBuffer(p.blocks * p.k_pad * 16, padded);
-  __m512i pairs[16];
-  for (int64_t j = 0; j < n; j += 16) {
-    uint16_t* block = p.data.get() + (j / 16) * p.k_pad * 16;
-    for (int64_t c = 0; c < k; c += 32) {
-      for (int64_t i = 0; i < 16; ++i) {
-        const float* row = b + (j + i) * k + c;
-        pairs[i] = j + i < n ? (__m512i)_mm512_cvtne2ps_pbh(LoadUpTo16(row + 16, k - c - 16), LoadUpTo16(row, k - c))
-                             : _mm512_setzero_si512();
-      }
-      Transpose16x16(pairs);
-      for (int64_t q = 0; q < 16; ++q) _mm512_storeu_si512(block + (c / 2 + q) * 32, pairs[q]);
-    }
-  }
-  return p;
-}
-
 // Rows [first, last) of A = aᵀ for a stored [k, m], rounded into out (its row 0 is A's row first,
 // row stride k_pad): rows r, r + 1 of a interleave into pairs along a's columns; 16 such vectors,
 // transposed, are 16 pairs of K for each of 16 rows of A.

@@ -118,12 +118,6 @@ def _query_key_value(y: tf.Tensor, bias: tf.Tensor, cos: tf.Tensor, sin: tf.Tens
     return tf.cast(q * scale, dtype), tf.cast(k, dtype), tf.cast(v, dtype)
 
 
-def _attend(q: tf.Tensor, k: tf.Tensor, v: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
-    """softmax(q kᵀ + mask) v: [B, H, T, Dh] from queries [B, H, T, Dh], keys and values
-    [B, H, keys, Dh] and mask [B or 1, H or 1, T, keys]."""
-    return tf.linalg.matmul(_attention_weights(tf.linalg.matmul(q, k, transpose_b=True), mask), v)
-
-
 class Block(keras.layers.Layer):
     """Pre-LN transformer block: attention over [cached keys/values ;] this window, then a 4x
     GELU MLP. Matmuls run in `compute_dtype` on float32 weights; layer norms, softmax, GELU and
@@ -202,20 +196,21 @@ class Block(keras.layers.Layer):
         norm = self.norm_attn
         projected = self._matmul(_layer_norm(x, norm.gamma, norm.beta, self.compute_dtype_), self.qkv)
         scale = 1.0 / math.sqrt(self.depth)  # on the queries, not on the [T, keys] logits
-        if cache is None and self._native_attention(x):
-            # verne's op reads and writes [B, T, H, Dh] in float32: no transposes to heads first.
+        native_attention = cache is None and self._native_attention(x)
+        if cache is None:
             cos, sin = rotation if rotation is not None else (None, None)
+            # verne's op reads and writes [B, T, H, Dh] in float32: no transposes to heads first.
             q, k, v = _query_key_value(projected, self.qkv.bias, cos, sin, self.heads, scale,
-                                       heads_first=False, dtype=tf.float32)
-            attended, new_cache = native.causal_attention_native(q, k, v, self.window), None
+                                       heads_first=not native_attention,
+                                       dtype=tf.float32 if native_attention else None)
+            new_cache = None
         else:
-            if cache is None:
-                cos, sin = rotation if rotation is not None else (None, None)
-                q, k, v = _query_key_value(projected, self.qkv.bias, cos, sin, self.heads, scale)
-                new_cache = None
-            else:
-                q, k, v, new_cache = self._with_cache(projected, cache, rotation, scale)
-            attended = tf.transpose(_attend(q, k, v, mask), [0, 2, 1, 3])  # [B, T, H, Dh]
+            q, k, v, new_cache = self._with_cache(projected, cache, rotation, scale)
+        if native_attention:
+            attended = native.causal_attention_native(q, k, v, self.window)  # [B, T, H, Dh]
+        else:
+            weights = _attention_weights(tf.linalg.matmul(q, k, transpose_b=True), mask)
+            attended = tf.transpose(tf.linalg.matmul(weights, v), [0, 2, 1, 3])  # [B, T, H, Dh]
         shape = tf.shape(x)
         attended = tf.reshape(attended, [shape[0], shape[1], self.d_model])
         x = self._add(x, self._matmul(attended, self.attn_out), self.attn_out, training)
