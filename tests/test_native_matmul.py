@@ -181,8 +181,9 @@ print(json.dumps({"outputs": outputs}))
 @NEEDS_NATIVE
 def test_steps_restored_from_the_persistent_compile_cache_compute_what_compiled_ones_did(
         tmp_path: Path) -> None:
-    # Restored from TensorFlow's cache, a step hands the call its result buffer inside an array,
-    # not the buffer itself: the second process crashed until native_matmul.cc told them apart.
+    # Restored from TensorFlow's cache, a step must compute what the compiled one did. (The call's
+    # first version, on XLA's legacy interface, received its result buffer inside an array there and
+    # crashed the second process.)
     flags = f"{cache_dirs.PERSISTENT_CACHE_FLAG}={tmp_path}"
     compiled = _run_with_the_switch(_PRODUCTS_OF_EACH_FORM, flags)
     written = sorted(path.name for path in tmp_path.iterdir())

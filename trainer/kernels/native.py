@@ -361,17 +361,34 @@ def _weight_grad(h0: tf.Tensor, outputs: tf.Tensor, d_pre: tf.Tensor, compute_dt
     return cast(dw, tf.float32)
 
 
+# XlaCallModule's version 4: StableHLO with compatibility guarantees and a platform list, which
+# TensorFlow 2.20 and 2.21 both read.
+_CALL_MODULE_VERSION = 4
+
+
+def _tensor_type(shape: list[int]) -> str:
+    return "tensor<" + "x".join(map(str, shape)) + "xf32>"
+
+
 def _xla_product(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False,
                  transpose_b: bool = False) -> tf.Tensor:
     """op(a) @ op(b) for float32 2-D a, b of static shape, as the XLA custom call
     native_matmul.cc registers: bfloat16 products, float32 sums and result. Only inside a function
     XLA compiles (tf2xla's op has no TensorFlow kernel)."""
-    from tensorflow.compiler.tf2xla.python import xla  # TensorFlow's own wrapper of XlaCustomCallV2
+    # The call is written in StableHLO for tf2xla's XlaCallModule (what jax2tf emits), not with
+    # XlaCustomCallV2: only a StableHLO custom call can ask for XLA's FFI (api_version 4), whose
+    # handlers receive XLA's intra-op thread pool (native_matmul.cc says why that matters).
+    from tensorflow.compiler.tf2xla.python import xla
 
-    (m, k), n = (reversed(a.shape) if transpose_a else a.shape), (b.shape[0] if transpose_b else b.shape[1])
-    config = f"{m},{k},{n},{int(transpose_a)},{int(transpose_b)}"
-    return xla.custom_call_v2("verne_bf16_matmul", [a, b], [tf.TensorSpec([m, n], tf.float32)],
-                              backend_config=config)[0]
+    m, n = a.shape[1 if transpose_a else 0], b.shape[0 if transpose_b else 1]
+    a_type, b_type, c_type = _tensor_type(a.shape), _tensor_type(b.shape), _tensor_type([m, n])
+    flags = f"transpose_a = {str(transpose_a).lower()}, transpose_b = {str(transpose_b).lower()}"
+    module = (f"module @verne_product {{ func.func public @main(%a: {a_type}, %b: {b_type}) -> {c_type} {{ "
+              f"%c = stablehlo.custom_call @verne_bf16_matmul(%a, %b) {{api_version = 4 : i32, "
+              f"backend_config = {{{flags}}}}} : ({a_type}, {b_type}) -> {c_type} "
+              f"return %c : {c_type} }} }}")
+    return xla.call_module([a, b], version=_CALL_MODULE_VERSION, module=module, Tout=[tf.float32],
+                           Sout=[[m, n]], platforms=["CPU"])[0]
 
 
 def xla_bf16_matmul(x: tf.Tensor, w: tf.Tensor) -> tf.Tensor:

@@ -3,121 +3,73 @@
 // Why: XLA's CPU dot gains nothing from bfloat16 (it computes bfloat16 dots no faster than
 // float32 ones), and TensorFlow's oneDNN matmuls, which do, run only outside XLA (--xla=fusion,
 // where the graph's per-op cost outweighs them on a small model). XLA does call out to named
-// "custom call" targets registered in the process; this file registers one, `verne_bf16_matmul`,
-// that runs a product on the bfloat16 kernels of bf16_products.h (AVX512-BF16, or AMX tiles on
-// CPUs that have them) with float32 inputs, outputs and sums: the inputs are rounded to bfloat16
-// as they are laid out for the kernel, so no cast op runs around it. trainer/kernels/native.py
-// emits it (tf2xla's XlaCustomCallV2) for the three products of a dense layer's step: x @ W
-// forward, dy @ Wᵀ and xᵀ @ dy backward.
+// "custom call" targets registered in the process; this file registers one with XLA's FFI,
+// `verne_bf16_matmul`, that runs a product on the bfloat16 kernels of bf16_products.h
+// (AVX512-BF16, or AMX tiles on CPUs that have them) with float32 inputs, outputs and sums: the
+// inputs are rounded to bfloat16 as they are laid out for the kernel, so no cast op runs around
+// it. trainer/kernels/native.py emits it (a StableHLO custom call inside tf2xla's XlaCallModule)
+// for the three products of a dense layer's step: x @ W forward, dy @ Wᵀ and xᵀ @ dy backward.
 //
-// XLA's legacy custom-call interface gives the call no thread pool, and XLA runs the custom calls
-// of one chain of work one after another (those of two --batch_splits slices may run at once; a
-// call that finds the helper busy runs alone). So this library keeps one helper thread, and a
-// product's rows are split into 64-row chunks that the caller and the helper take in turn: a helper
-// slow to wake costs the caller no wait. Alone, two threads ran a product 1.6x as fast as one;
-// inside gpt-baby's step the helper took 41% of the chunks yet the products ran at about one
-// thread's rate, the second core being held by XLA's pool, whose idle workers spin before they
-// sleep (bench/README.md).
+// Threads: a product's rows are split into 32-row chunks that the calling thread and XLA's own
+// intra-op pool take in turn (the FFI hands the call that pool). An earlier version, on XLA's
+// legacy custom-call interface (which gives a call no pool, hence tf2xla's XlaCustomCallV2), kept
+// a helper thread of its own: inside gpt-baby's step XLA's pool, whose idle workers spin before
+// they sleep, held the second core, and the products ran at about one thread's rate. On the pool,
+// the step took 8-12% less (bench/README.md). The caller never waits for a pool task to start,
+// only for chunks already taken, so a pool busy with other work (the other --batch_splits slice)
+// costs a product its helpers, never a deadlock.
 
+#include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <functional>
-#include <mutex>
-#include <pthread.h>
-#include <string>
+#include <memory>
 #include <thread>
 #include <utility>
 
 #include "Eigen/Core"
 #include "bf16_products.h"
-#include "xla/service/custom_call_status.h"
-#include "xla/service/custom_call_target_registry.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace xla::ffi {
+// XLA's FFI table in this process (libtensorflow_cc exports it; its own header, ffi_api.h, pulls
+// in XLA's internals).
+const XLA_FFI_Api* GetXlaFfiApi();
+}  // namespace xla::ffi
 
 namespace verne {
 namespace {
 
 // C [m, n] = op(A) @ op(B): A stored [m, k] or, with transpose_a, [k, m]; B stored [k, n] or,
-// with transpose_b, [n, k]. The call's backend_config string, "m,k,n,transpose_a,transpose_b".
+// with transpose_b, [n, k].
 struct Product {
   int64_t m = 0, k = 0, n = 0;
   bool transpose_a = false, transpose_b = false;
 };
 
-bool ParseProduct(const char* opaque, size_t length, Product* p) {
-  const std::string config(opaque, length);
-  long long m, k, n;
-  int ta, tb;
-  if (std::sscanf(config.c_str(), "%lld,%lld,%lld,%d,%d", &m, &k, &n, &ta, &tb) != 5 || m <= 0 || k <= 0 ||
-      n <= 0) {
-    return false;
-  }
-  *p = {m, k, n, ta != 0, tb != 0};
-  return true;
-}
+// work(0) .. work(chunks - 1) on the calling thread and on `helpers` tasks of XLA's pool. A task
+// may start after the caller has finished (every chunk taken): it then finds nothing to do and
+// touches only the shared counters, which it holds a reference to.
+struct Chunks {
+  std::atomic<int64_t> next{0}, done{0};
+  int64_t count = 0;
+  std::function<void(int64_t)> work;
 
-// The helper thread and the chunks it shares with a caller (see the top of the file).
-class Team {
- public:
-  Team() { std::thread([this] { Loop(); }).detach(); }
-
-  // work(0) .. work(chunks - 1), on the caller and the helper; on the caller alone while another
-  // call has the helper.
-  void Run(int64_t chunks, const std::function<void(int64_t)>& work) {
-    std::unique_lock<std::mutex> mine(call_, std::try_to_lock);
-    if (!mine.owns_lock() || chunks < 2) {
-      for (int64_t i = 0; i < chunks; ++i) work(i);
-      return;
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      work_ = &work, chunks_ = chunks, ++generation_;
-      next_.store(0, std::memory_order_relaxed);
-    }
-    wake_.notify_one();
-    Take(work, chunks);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      work_ = nullptr;  // a helper that wakes from now on finds nothing to join
-    }
-    while (inside_.load(std::memory_order_acquire) != 0) std::this_thread::yield();  // its last chunk
-  }
-
- private:
-  void Take(const std::function<void(int64_t)>& work, int64_t chunks) {
-    for (int64_t i = next_.fetch_add(1); i < chunks; i = next_.fetch_add(1)) work(i);
-  }
-
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      const std::function<void(int64_t)>* work;
-      int64_t chunks;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return work_ != nullptr && generation_ != seen; });
-        seen = generation_, work = work_, chunks = chunks_;
-        inside_.fetch_add(1, std::memory_order_relaxed);
-      }
-      Take(*work, chunks);
-      inside_.fetch_sub(1, std::memory_order_release);
+  void Take() {
+    for (int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+      work(i);
+      done.fetch_add(1, std::memory_order_acq_rel);
     }
   }
-
-  std::mutex call_, mu_;
-  std::condition_variable wake_;
-  const std::function<void(int64_t)>* work_ = nullptr;
-  int64_t chunks_ = 0;
-  uint64_t generation_ = 0;
-  std::atomic<int64_t> next_{0};
-  std::atomic<int> inside_{0};
 };
 
-Team& TheTeam() {
-  static Team* team = new Team();  // never destroyed: its thread outlives static teardown
-  return *team;
+void OnPool(xla::ffi::ThreadPool& pool, int64_t count, std::function<void(int64_t)> work) {
+  auto chunks = std::make_shared<Chunks>();
+  chunks->count = count, chunks->work = std::move(work);
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([chunks] { chunks->Take(); });
+  chunks->Take();
+  while (chunks->done.load(std::memory_order_acquire) != count) std::this_thread::yield();  // helpers' last
 }
 
 using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -164,15 +116,17 @@ VERNE_BF16 void RoundColumns(const float* a, int64_t k, int64_t m, int64_t first
   }
 }
 
-void Bf16Product(const Product& p, Isa isa, const float* a, const float* b, float* c) {
+void Bf16Product(const Product& p, Isa isa, const float* a, const float* b, float* c, xla::ffi::ThreadPool& pool) {
   // Padding (K to 32, rows to 16, blocks to an even count) must read as zero.
   const bool padded = p.k % 32 != 0 || p.n % 32 != 0 || p.m % 16 != 0;
   const PackedBf16 w = p.transpose_b ? PackTransposed(b, p.n, p.k, padded) : PackRows(b, p.k, p.n, padded);
   const Bf16Buffer rounded = NewBuffer(RoundUp(p.m, 16) * w.k_pad, padded);
   const auto times = isa == Isa::kAmx ? AmxTimes : Avx512Bf16Times;
-  // Chunks of 64 rows (whole 16-row AMX tiles): each rounds its rows of A, then multiplies them.
-  constexpr int64_t kChunk = 64;
-  TheTeam().Run((p.m + kChunk - 1) / kChunk, [&](int64_t chunk) {
+  // Chunks of 32 rows (whole 16-row AMX tiles): each rounds its rows of A, then multiplies them.
+  // gpt-baby's step took 3% less than with chunks of 64, whose products (384 rows a slice) split
+  // into too few to share.
+  constexpr int64_t kChunk = 32;
+  OnPool(pool, (p.m + kChunk - 1) / kChunk, [&](int64_t chunk) {
     const int64_t first = chunk * kChunk, last = std::min(p.m, first + kChunk);
     uint16_t* mine = rounded.get() + first * w.k_pad;
     if (p.transpose_a) {
@@ -185,54 +139,45 @@ void Bf16Product(const Product& p, Isa isa, const float* a, const float* b, floa
 }
 #endif
 
-// Whether p lies in the calling thread's stack. XLA hands a call with one (non-tuple) result its
-// buffer, but a step that TensorFlow's persistent compile cache restores hands it a one-element
-// array of result pointers instead (the thunk's tuple flag does not survive the cache: a step
-// with a 2-tuple result went wrong the other way). That array is a local of XLA's caller, on this
-// thread's stack, where no XLA buffer ever is, so the call can tell which it got.
-bool OnThisThreadsStack(const void* p) {
-  thread_local const std::pair<uintptr_t, uintptr_t> stack = [] {
-    pthread_attr_t attr;
-    void* base = nullptr;
-    size_t size = 0;
-    if (pthread_getattr_np(pthread_self(), &attr) == 0) {
-      pthread_attr_getstack(&attr, &base, &size);
-      pthread_attr_destroy(&attr);
-    }
-    const auto low = reinterpret_cast<uintptr_t>(base);
-    return std::make_pair(low, low + size);
-  }();
-  const auto address = reinterpret_cast<uintptr_t>(p);
-  return address >= stack.first && address < stack.second;
+namespace ffi = xla::ffi;
+
+// The product of a [rows, cols] and b, each read as its transpose where asked; a's and b's shapes
+// give m, k and n.
+ffi::Error Bf16Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                      ffi::ResultBuffer<ffi::F32> c, bool transpose_a, bool transpose_b) {
+  const auto a_dims = a.dimensions(), b_dims = b.dimensions(), c_dims = c->dimensions();
+  if (a_dims.size() != 2 || b_dims.size() != 2 || c_dims.size() != 2) {
+    return ffi::Error::InvalidArgument("verne_bf16_matmul takes 2-D operands");
+  }
+  Product p;
+  p.transpose_a = transpose_a, p.transpose_b = transpose_b;
+  p.m = a_dims[transpose_a ? 1 : 0], p.k = a_dims[transpose_a ? 0 : 1];
+  p.n = b_dims[transpose_b ? 0 : 1];
+  if (b_dims[transpose_b ? 1 : 0] != p.k || c_dims[0] != p.m || c_dims[1] != p.n) {
+    return ffi::Error::InvalidArgument("verne_bf16_matmul: operand and result shapes do not agree");
+  }
+  const Isa isa = Bf16Isa();
+#ifdef VERNE_X86_BF16
+  if (isa != Isa::kFloat32) {
+    Bf16Product(p, isa, a.typed_data(), b.typed_data(), c->typed_data(), pool);
+    return ffi::Error::Success();
+  }
+#endif
+  Float32Product(p, a.typed_data(), b.typed_data(), c->typed_data());
+  return ffi::Error::Success();
 }
 
 }  // namespace
 
-// XLA's status-returning custom-call signature: out, operands (a, b), backend_config, status.
-// `out` is the result's buffer, or, in a step restored from TensorFlow's persistent compile cache,
-// an array holding it (OnThisThreadsStack).
-extern "C" void verne_bf16_matmul(void* out, const void** in, const char* opaque, size_t opaque_length,
-                                  XlaCustomCallStatus* status) {
-  Product p;
-  if (!ParseProduct(opaque, opaque_length, &p)) {
-    // Only native.py emits this call, with a well-formed config; XLA's failure reporting
-    // (XlaCustomCallStatusSetFailure) is not exported by TensorFlow's libraries.
-    std::fprintf(stderr, "verne_bf16_matmul: bad backend_config (want \"m,k,n,transpose_a,transpose_b\")\n");
-    std::abort();
-  }
-  const auto* a = static_cast<const float*>(in[0]);
-  const auto* b = static_cast<const float*>(in[1]);
-  auto* c = static_cast<float*>(OnThisThreadsStack(out) ? *static_cast<void**>(out) : out);
-  const Isa isa = Bf16Isa();
-#ifdef VERNE_X86_BF16
-  if (isa != Isa::kFloat32) {
-    Bf16Product(p, isa, a, b, c);
-    return;
-  }
-#endif
-  Float32Product(p, a, b, c);
-}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Bf16MatmulHandler, Bf16Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<bool>("transpose_a")
+                                  .Attr<bool>("transpose_b"));
 
 }  // namespace verne
 
-XLA_REGISTER_CUSTOM_CALL_TARGET_WITH_SYM("verne_bf16_matmul", verne::verne_bf16_matmul, "Host");
+XLA_FFI_REGISTER_HANDLER(xla::ffi::GetXlaFfiApi(), "verne_bf16_matmul", "Host", verne::Bf16MatmulHandler);
