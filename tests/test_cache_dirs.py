@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from trainer import cache_dirs
+from trainer.hparams import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,6 +22,18 @@ def test_xla_dir_is_keyed_by_tensorflow_cpu_and_xla_flags(tmp_path: Path) -> Non
     assert cache_dirs.xla_dir(env, frozenset({"avx2", "avx512f"}), "tensorflow-2.20.0") != base
     with_flags = {**env, "XLA_FLAGS": "--xla_cpu_use_onednn=true"}
     assert cache_dirs.xla_dir(with_flags, frozenset({"avx2", "avx512f"}), "tensorflow-2.21.0") != base
+    # Two CPU generations with the same flags (AMD Zen 4 and Zen 5 virtual machines) keep apart.
+    zen4 = cache_dirs.xla_dir(env, frozenset({"avx2"}), "tensorflow-2.21.0", "AuthenticAMD 25 17")
+    assert zen4 == cache_dirs.xla_dir(env, frozenset({"avx2"}), "tensorflow-2.21.0", "AuthenticAMD 25 17")
+    assert zen4 != cache_dirs.xla_dir(env, frozenset({"avx2"}), "tensorflow-2.21.0", "AuthenticAMD 26 2")
+
+
+def test_cpu_model_reads_the_first_cpus_vendor_family_and_model(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                       "model name\t: AMD EPYC\n\nprocessor\t: 1\nvendor_id\t: GenuineIntel\n")
+    assert cpu_model(str(cpuinfo)) == "AuthenticAMD 25 17"
+    assert cpu_model(str(tmp_path / "absent")) == ""
 
 
 def test_root_follows_verne_then_xdg(tmp_path: Path) -> None:

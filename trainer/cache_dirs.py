@@ -19,7 +19,7 @@ import pathlib
 import tempfile
 from collections.abc import Mapping
 
-from trainer.hparams import cpu_flags
+from trainer.hparams import cpu_flags, cpu_model
 
 XLA_CACHE_SWITCH = "VERNE_XLA_CACHE"
 # TensorFlow's own flag: compiled XLA executables are written there (each to a temporary name,
@@ -45,15 +45,18 @@ def _tensorflow_version() -> str:
 
 
 def xla_dir(environ: Mapping[str, str] = os.environ, flags: frozenset[str] | None = None,
-            tensorflow: str | None = None) -> pathlib.Path:
-    """The XLA cache of this TensorFlow on this CPU with these XLA_FLAGS. XLA compiles for the CPU
-    it runs on, so a cache on a home directory shared by machines of different CPUs must not hand
-    one machine's code to another (an AVX-512 instruction on a CPU without it kills the process);
-    and TensorFlow's key for an entry is the computation, not the compiler options, so an entry
-    compiled under other XLA_FLAGS (another dot library, say) would be loaded as if it were this."""
+            tensorflow: str | None = None, model: str | None = None) -> pathlib.Path:
+    """The XLA cache of this TensorFlow on this CPU (its `flags` and `model`, cpu_model) with these
+    XLA_FLAGS. XLA compiles for the CPU it runs on, so a cache on a home directory shared by
+    machines of different CPUs must not hand one machine's code to another (an AVX-512 instruction
+    on a CPU without it kills the process; code tuned for another generation with the same flags
+    runs, and XLA logs an error that it "could lead to ... SIGILL" at every load: seen with an
+    AMD Zen 5's entries on a Zen 4); and TensorFlow's key for an entry is the computation, not the
+    compiler options, so an entry compiled under other XLA_FLAGS (another dot library, say) would
+    be loaded as if it were this."""
     key = hashlib.sha256()
     for part in (tensorflow or _tensorflow_version(), environ.get("XLA_FLAGS", ""),
-                 *sorted(cpu_flags() if flags is None else flags)):
+                 cpu_model() if model is None else model, *sorted(cpu_flags() if flags is None else flags)):
         key.update(part.encode() + b"\0")
     return root(environ) / "xla" / key.hexdigest()[:16]
 

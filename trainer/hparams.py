@@ -290,6 +290,24 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
     return frozenset()
 
 
+def cpu_model(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first CPU's vendor, family and model in /proc/cpuinfo ("AuthenticAMD 25 17"); "" where
+    there is none. Two CPU generations can show the same `flags` (a virtual machine's AMD EPYC
+    Zen 4 and Zen 5 did), and what is compiled for one is tuned for it: caches of compiled code are
+    keyed by both."""
+    fields = {}
+    try:
+        with open(cpuinfo, encoding="utf-8") as lines:
+            for line in lines:
+                if not line.strip():
+                    break  # the first CPU's block ends
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        return ""
+    return " ".join(fields[name] for name in ("vendor_id", "cpu family", "model") if name in fields)
+
+
 def resolve_precision(hparams: HParams, on_tpu: bool = False) -> HParams:
     """hparams with --precision=auto replaced by the concrete precision for this machine
     (`on_tpu`: the trainer runs under a TPUStrategy)."""

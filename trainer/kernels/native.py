@@ -17,7 +17,7 @@ by the op at run time, `bf16_isa()`), in float32 on CPUs without them.
 
 The library is compiled with the machine's C++ compiler against the installed TensorFlow's
 headers (`tf.sysconfig`), for this CPU (`-march=native`), into a cache directory keyed by the
-source, TensorFlow's version, the compiler, the compile commands and the CPU's flags, so a change
+source, TensorFlow's version, the compiler, the compile commands and the CPU's flags and model, so a change
 to any of them rebuilds it. Should the build for this exact CPU fail (a compiler or a header that
 does not know it), it is built once more for the newest generic x86-64 level the CPU has, then for
 the compiler's default target, and the first that builds is used; a build that fails every way is
@@ -45,7 +45,7 @@ import tempfile
 import tensorflow as tf
 
 from trainer import cache_dirs
-from trainer.hparams import cpu_flags
+from trainer.hparams import cpu_flags, cpu_model
 from trainer.kernels.lstm import cast, zeros_if_none
 
 KERNELS = pathlib.Path(__file__).parent
@@ -155,7 +155,7 @@ def library_path() -> pathlib.Path:
     sources = (path.read_bytes() for path in (*SOURCES, *HEADERS))
     for part in (*sources, tf.__version__, _compiler(), _compiler_version(),
                  *(flag for _, target in targets for flag in compile_command("", target)),
-                 *sorted(cpu_flags())):
+                 cpu_model(), *sorted(cpu_flags())):  # -march=native also tunes for the model
         key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"native_ops-{key.hexdigest()[:16]}.so"
 
