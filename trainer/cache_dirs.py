@@ -50,10 +50,10 @@ def xla_dir(environ: Mapping[str, str] = os.environ, flags: frozenset[str] | Non
     XLA_FLAGS. XLA compiles for the CPU it runs on, so a cache on a home directory shared by
     machines of different CPUs must not hand one machine's code to another (an AVX-512 instruction
     on a CPU without it kills the process; code tuned for another generation with the same flags
-    runs, and XLA logs an error that it "could lead to ... SIGILL" at every load: seen with an
-    AMD Zen 5's entries on a Zen 4); and TensorFlow's key for an entry is the computation, not the
-    compiler options, so an entry compiled under other XLA_FLAGS (another dot library, say) would
-    be loaded as if it were this."""
+    runs, but XLA logs an error that it "could lead to ... SIGILL" at each load of such an entry:
+    seen with an AMD Zen 5's entries on a Zen 4); and TensorFlow's key for an entry is the
+    computation, not the compiler options, so an entry compiled under other XLA_FLAGS (another dot
+    library, say) would be loaded as if it were this."""
     key = hashlib.sha256()
     for part in (tensorflow or _tensorflow_version(), environ.get("XLA_FLAGS", ""),
                  cpu_model() if model is None else model, *sorted(cpu_flags() if flags is None else flags)):

@@ -366,7 +366,7 @@ def _weight_grad(h0: tf.Tensor, outputs: tf.Tensor, d_pre: tf.Tensor, compute_dt
 _CALL_MODULE_VERSION = 4
 
 
-def _tensor_type(shape: list[int]) -> str:
+def _f32_tensor_type(shape: list[int]) -> str:
     return "tensor<" + "x".join(map(str, shape)) + "xf32>"
 
 
@@ -381,7 +381,7 @@ def _xla_product(a: tf.Tensor, b: tf.Tensor, transpose_a: bool = False,
     from tensorflow.compiler.tf2xla.python import xla
 
     m, n = a.shape[1 if transpose_a else 0], b.shape[0 if transpose_b else 1]
-    a_type, b_type, c_type = _tensor_type(a.shape), _tensor_type(b.shape), _tensor_type([m, n])
+    a_type, b_type, c_type = _f32_tensor_type(a.shape), _f32_tensor_type(b.shape), _f32_tensor_type([m, n])
     flags = f"transpose_a = {str(transpose_a).lower()}, transpose_b = {str(transpose_b).lower()}"
     module = (f"module @verne_product {{ func.func public @main(%a: {a_type}, %b: {b_type}) -> {c_type} {{ "
               f"%c = stablehlo.custom_call @verne_bf16_matmul(%a, %b) {{api_version = 4 : i32, "
